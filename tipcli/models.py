@@ -1,0 +1,196 @@
+"""Loading students and teachers: hub ids, local directories and ``.gguf`` files.
+
+Device and dtype are chosen automatically (CUDA when present, else CPU; bf16 on GPU,
+fp32 on CPU) and can be overridden. Tokenizers are loaded and compared before any
+model, so a vocabulary mismatch stops the run before the heavy work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tipcli.errors import TipError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars; tip draws its own on stderr."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TipError(f"--device {device} asked for, but no CUDA device is available; "
+                       "use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    import torch
+
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise TipError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from: ``path`` for transformers, plus an optional gguf file."""
+
+    name: str
+    path: str
+    gguf_file: str | None = None
+
+    @classmethod
+    def parse(cls, name: str) -> "ModelSpec":
+        p = Path(name)
+        if name.endswith(".gguf"):
+            if not p.is_file():
+                raise TipError(f"model file {name} does not exist")
+            return cls(name, str(p.parent), p.name)
+        if p.exists() and not p.is_dir():
+            raise TipError(f"model {name} is a file but not a .gguf file; give a model "
+                           "directory, a .gguf file or a hub id")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise TipError(f"model directory {name} has no config.json; give a directory "
+                           "written by save_pretrained, a .gguf file or a hub id")
+        return cls(name, name)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TIP_CACHE", Path.home() / ".cache" / "tip"))
+
+
+def _gguf_cache_path(spec: ModelSpec) -> Path:
+    f = Path(spec.path) / spec.gguf_file
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{f.stem}-{key}"
+
+
+def _load_error(kind: str, spec: ModelSpec, exc: Exception) -> TipError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TipError(f"could not load {kind} '{spec.name}': {first}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (a converted gguf's cached copy when there is one)."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    spec = ModelSpec.parse(name)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    path = spec.path
+    if spec.gguf_file:
+        cached = _gguf_cache_path(spec)
+        if (cached / "tokenizer_config.json").is_file():
+            path = str(cached)
+        else:
+            kwargs["gguf_file"] = spec.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as exc:  # transformers raises many kinds for a bad model
+        raise _load_error("tokenizer", spec, exc) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
+    """A causal LM in eval mode on ``device``. GGUF files are converted once and cached."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    spec = ModelSpec.parse(name)
+    path, kwargs = spec.path, {"trust_remote_code": trust_remote_code}
+    if spec.gguf_file:
+        path = str(_convert_gguf(spec))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except Exception as exc:
+        raise _load_error("model", spec, exc) from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _convert_gguf(spec: ModelSpec) -> Path:
+    """Dequantise a .gguf file into a plain safetensors checkpoint, once.
+
+    A model loaded with ``gguf_file=`` refuses ``save_pretrained``; rebuilding it from its
+    config and loading the (already dequantised) weights gives a normal model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_path(spec)
+    if (out / "config.json").is_file():
+        return out
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+        tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+    except ImportError as exc:
+        raise TipError(f"loading {spec.name} needs the gguf package: pip install 'tipcli[gguf]' "
+                       f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:
+        raise _load_error("model", spec, exc) from None
+    model = AutoModelForCausalLM.from_config(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def model_ref(name: str, model=None) -> dict[str, Any]:
+    """Provenance of a model for manifests: the id as given and its revision if known."""
+    revision = getattr(getattr(model, "config", None), "_commit_hash", None) if model else None
+    return {"id": name, "revision": revision}
+
+
+def real_vocab_size(tokenizer) -> int:
+    """Rows of the vocabulary the tokenizer can emit; logit columns beyond are padding."""
+    return len(tokenizer)
+
+
+def tokenizer_info(tokenizer) -> dict[str, Any]:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token")}
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode()
+    return {"fingerprint": hashlib.sha256(blob).hexdigest(), "vocab_size": len(tokenizer)}
+
+
+def check_same_vocab(student_tok, teacher_tok, student: str = "student",
+                     teacher: str = "teacher") -> None:
+    """Stop with the first differing token when two tokenizers map tokens to ids differently."""
+    s = {i: t for t, i in student_tok.get_vocab().items()}
+    t = {i: tok for tok, i in teacher_tok.get_vocab().items()}
+    for i in range(max(len(s), len(t), max(s, default=-1) + 1, max(t, default=-1) + 1)):
+        if s.get(i) != t.get(i):
+            raise TipError(f"student {student} and teacher {teacher} tokenizers differ at id {i}: "
+                           f"{s.get(i)!r} vs {t.get(i)!r}; distillation needs the same vocabulary")
+
+
+def model_vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_model_fits_vocab(model, tokenizer, name: str) -> None:
+    if model_vocab_size(model) < real_vocab_size(tokenizer):
+        raise TipError(f"model {name} has {model_vocab_size(model)} output rows but its tokenizer "
+                       f"has {real_vocab_size(tokenizer)} tokens")

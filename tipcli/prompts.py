@@ -1,0 +1,103 @@
+"""Prompts from JSONL, Parquet, CSV or a `datasets` dataset (hub name or saved directory).
+
+Each record gives either a text prompt (``prompt_field``) or chat messages
+(``messages_field``, a list of ``{"role", "content"}``). Prompts are rendered with the
+tokenizer's chat template when it has one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tipcli.errors import TipError
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TipError(f"{path} line {lineno} is not valid JSON ({exc.msg}); "
+                               "each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise TipError(f"{path} line {lineno} is not a JSON object; each line must be "
+                               'one object such as {"prompt": "..."}')
+            records.append(rec)
+    return records
+
+
+def _read_dataset(source: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(source)
+    try:
+        if p.is_file():
+            kind = {".parquet": "parquet", ".csv": "csv", ".json": "json"}.get(p.suffix)
+            if kind is None:
+                raise TipError(f"prompt file {source}: unknown format; use .jsonl, .json, "
+                               ".parquet, .csv or a datasets directory")
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+        elif p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(source, split=split)
+    except TipError:
+        raise
+    except Exception as exc:  # datasets raises many kinds
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TipError(f"could not load prompts from {source}: {msg}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise TipError(f"dataset {source} has no split '{split}' (splits: "
+                           f"{', '.join(ds)}); choose one with --split")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
+def load_prompts(source: str, prompt_field: str = "prompt", messages_field: str = "messages",
+                 split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+    """The prompt records, each checked for a usable prompt or messages field."""
+    p = Path(source)
+    looks_local = p.suffix in (".jsonl", ".json", ".parquet", ".csv") or "/" not in source
+    if looks_local and p.suffix and not p.exists():
+        raise TipError(f"prompt file {source} does not exist")
+    records = _read_jsonl(p) if p.suffix == ".jsonl" else _read_dataset(source, split)
+    if not records:
+        raise TipError(f"prompt source {source} holds no prompts")
+    for i, rec in enumerate(records):
+        if not _has_text(rec.get(prompt_field)) and not _has_messages(rec.get(messages_field)):
+            where = f"line {i + 1}" if p.suffix == ".jsonl" else f"record {i}"
+            raise TipError(f"{source} {where} has no '{prompt_field}' text nor "
+                           f"'{messages_field}' list (fields: {', '.join(rec) or 'none'}); "
+                           "name the field with --prompt-field or --messages-field")
+    return records[:limit] if limit else records
+
+
+def _has_text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _has_messages(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in v)
+
+
+def encode_prompt(tokenizer, record: dict[str, Any], prompt_field: str = "prompt",
+                  messages_field: str = "messages") -> list[int]:
+    """Token ids of one prompt, through the chat template when the tokenizer has one."""
+    messages = record.get(messages_field)
+    if not _has_messages(messages):
+        messages = [{"role": "user", "content": record[prompt_field]}]
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = enc["input_ids"] if not isinstance(enc, list) else enc
+        return [int(i) for i in ids]
+    text = "\n".join(m["content"] for m in messages)
+    return [int(i) for i in tokenizer(text)["input_ids"]]

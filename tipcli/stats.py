@@ -1,0 +1,130 @@
+"""Per-token statistics of two next-token distributions, exact and chunked.
+
+For each position the student and teacher logits (real vocabulary only, divided by
+the temperature) give ``p_s`` and ``p_t``; we compute the student and teacher
+entropies, reverse KL ``KL(p_s||p_t)``, forward KL ``KL(p_t||p_s)``, JSD with
+``m = (p_s + p_t) / 2``, the log-probs of the sampled token and the teacher's top-k.
+Logits are built from hidden states ``chunk_size`` positions at a time, so no
+(positions x V) float32 tensor for a whole batch ever exists.
+
+Shape letters: P positions, C positions in a chunk, H hidden, V vocabulary, k top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_entropy",
+              "rkl", "fkl", "jsd")
+LN2 = math.log(2.0)
+
+
+def _plogq(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log_a - log_b), with 0 where p is 0 (so -inf logs do not give nan)."""
+    return torch.where(p > 0, p * (log_a - log_b), torch.zeros_like(p)).sum(-1)
+
+
+def chunk_stats(s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor, tokens_C: torch.Tensor,
+                top_k: int = 0) -> dict[str, torch.Tensor]:
+    """Statistics of one chunk; logits already restricted to V and divided by temperature."""
+    ls = F.log_softmax(s_logits_CV.float(), dim=-1)
+    lt = F.log_softmax(t_logits_CV.float(), dim=-1)
+    ps, pt = ls.exp(), lt.exp()
+    lm = torch.logaddexp(ls, lt) - LN2
+    idx = tokens_C.long().unsqueeze(-1)
+    out = {
+        "student_logprob": ls.gather(-1, idx).squeeze(-1),
+        "teacher_logprob": lt.gather(-1, idx).squeeze(-1),
+        "student_entropy": -_plogq(ps, ls, torch.zeros_like(ls)),
+        "teacher_entropy": -_plogq(pt, lt, torch.zeros_like(lt)),
+        "rkl": _plogq(ps, ls, lt).clamp_min(0),
+        "fkl": _plogq(pt, lt, ls).clamp_min(0),
+        "jsd": (0.5 * _plogq(ps, ls, lm) + 0.5 * _plogq(pt, lt, lm)).clamp(0, LN2),
+    }
+    if top_k > 0:
+        vals, ids = lt.topk(min(top_k, lt.shape[-1]), dim=-1)
+        out["teacher_topk_ids"] = ids.to(torch.int32)
+        out["teacher_topk_logprobs"] = vals
+    return out
+
+
+def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
+    """hidden [*, H] -> logits [*, V] for ``model``: its LM head, padded columns dropped,
+    final-logit soft-capping applied where the architecture has it, divided by temperature."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)[..., :vocab_size]
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits / temperature if temperature != 1.0 else logits
+
+    return fn
+
+
+@torch.no_grad()
+def token_stats(s_hidden_PH: torch.Tensor, t_hidden_PH: torch.Tensor, tokens_P: torch.Tensor,
+                s_logits: Callable, t_logits: Callable, top_k: int = 0,
+                chunk_size: int = 1024) -> dict[str, torch.Tensor]:
+    """All statistics for P positions, computed ``chunk_size`` positions at a time (CPU out)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for a in range(0, tokens_P.shape[0], chunk_size):
+        b = a + chunk_size
+        s_chunk = s_logits(s_hidden_PH[a:b])
+        st = chunk_stats(s_chunk, t_logits(t_hidden_PH[a:b]).to(s_chunk.device),
+                         tokens_P[a:b].to(s_hidden_PH.device), top_k)
+        for k, v in st.items():
+            parts.setdefault(k, []).append(v.cpu())
+    if not parts:
+        return empty_stats(top_k)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def empty_stats(top_k: int) -> dict[str, torch.Tensor]:
+    out = {k: torch.zeros(0) for k in STAT_NAMES}
+    if top_k > 0:
+        out["teacher_topk_ids"] = torch.zeros(0, top_k, dtype=torch.int32)
+        out["teacher_topk_logprobs"] = torch.zeros(0, top_k)
+    return out
+
+
+@torch.no_grad()
+def sampled_logprobs(hidden_PH: torch.Tensor, tokens_P: torch.Tensor, logits: Callable,
+                     chunk_size: int = 1024) -> torch.Tensor:
+    """log p(token) under one model, chunked like ``token_stats`` (CPU float32 [P])."""
+    parts = []
+    for a in range(0, tokens_P.shape[0], chunk_size):
+        lp = F.log_softmax(logits(hidden_PH[a:a + chunk_size]).float(), dim=-1)
+        idx = tokens_P[a:a + chunk_size].to(lp.device).long().unsqueeze(-1)
+        parts.append(lp.gather(-1, idx).squeeze(-1).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def reference_stats(s_logits_PV: torch.Tensor, t_logits_PV: torch.Tensor,
+                    tokens_P: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The textbook definitions in float64, unchunked: the reference for tests and benchmarks."""
+    ps = torch.softmax(s_logits_PV.double(), -1)
+    pt = torch.softmax(t_logits_PV.double(), -1)
+    m = (ps + pt) / 2
+
+    def kl(p, q):
+        return (p * (p.log() - q.log())).nan_to_num(0.0).sum(-1)
+
+    idx = tokens_P.long().unsqueeze(-1)
+    return {
+        "student_logprob": ps.log().gather(-1, idx).squeeze(-1),
+        "teacher_logprob": pt.log().gather(-1, idx).squeeze(-1),
+        "student_entropy": -(ps * ps.log()).nan_to_num(0.0).sum(-1),
+        "teacher_entropy": -(pt * pt.log()).nan_to_num(0.0).sum(-1),
+        "rkl": kl(ps, pt),
+        "fkl": kl(pt, ps),
+        "jsd": 0.5 * kl(ps, m) + 0.5 * kl(pt, m),
+    }
