@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models built offline once per session, and stage directories
+made from them. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TIP_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["What is 2+3?", "Say hi.", "Count: 1 2 3", "Name a colour.", "Spell cat.",
+           "7*6=?"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(student_dir, teacher_dir): random Llama models sharing a character tokenizer,
+    with 13 padded output rows beyond the 100-token vocabulary."""
+    from tipcli.tiny import save_pair
+
+    return save_pair(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": str(i)}) + "\n"
+                            for i, p in enumerate(PROMPTS)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_rollout(tiny_pair, prompts_file, tmp_path_factory) -> Path:
+    """A rollout directory: 6 prompts x 2 samples, 24 new tokens at most, 3 shards."""
+    from tipcli.rollout import RolloutConfig, run_rollout
+
+    out = tmp_path_factory.mktemp("stages") / "rollout"
+    return run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
+                                     output=str(out), num_samples=2, max_new_tokens=24,
+                                     batch_size=2, shard_size=4, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_score(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
+    """A score directory of ``tiny_rollout`` with the teacher's top-8."""
+    from tipcli.score import ScoreConfig, run_score
+
+    out = tmp_path_factory.mktemp("stages") / "score"
+    return run_score(ScoreConfig(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+                                 output=str(out), top_k=8, batch_size=3, chunk_size=7))
