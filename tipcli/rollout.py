@@ -39,7 +39,7 @@ class RolloutConfig:
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
     trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")
-    chunk_size: int = option(1024, "Positions per chunk when computing log-probs.")
+    chunk_size: int = option(0, "Positions per chunk when computing log-probs (0 = auto).")
 
     def validate(self) -> list[str]:
         p = []
@@ -63,8 +63,8 @@ class RolloutConfig:
             p.append("--batch-size must be at least 1")
         if self.shard_size < 1 or self.shard_size % max(self.batch_size, 1):
             p.append("--shard-size must be a positive multiple of --batch-size")
-        if self.chunk_size < 1:
-            p.append("--chunk-size must be at least 1")
+        if self.chunk_size < 0:
+            p.append("--chunk-size must be >= 0 (0 = auto)")
         return p
 
 
@@ -137,7 +137,7 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: RolloutConfig, dev
     from tipcli.forward import collate, response_hidden
     from tipcli.models import model_vocab_size, real_vocab_size
     from tipcli.shards import FINISH_EOS, FINISH_LENGTH, offsets
-    from tipcli.stats import head_logits, sampled_logprobs
+    from tipcli.stats import auto_chunk, head_logits, sampled_logprobs
 
     width = max(len(p) for p in prompts)
     pad = tok.pad_token_id
@@ -172,7 +172,8 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: RolloutConfig, dev
     with torch.no_grad():
         hidden = response_hidden(model, batch, device)
         logits = head_logits(model, real_vocab_size(tok), cfg.temperature or 1.0)
-        logprob = sampled_logprobs(hidden, batch.tokens_P, logits, cfg.chunk_size)
+        logprob = sampled_logprobs(hidden, batch.tokens_P, logits,
+                                   auto_chunk(cfg.chunk_size, real_vocab_size(tok)))
     return {
         "prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int32),
         "prompt_offsets": offsets([len(p) for p in prompts]),

@@ -26,7 +26,7 @@ class ScoreConfig:
     top_k: int = option(64, "Teacher top-k ids and log-probs stored per token (0 = none).")
     temperature: float = option(1.0, "Temperature applied to both models' logits.")
     batch_size: int = option(8, "Sequences per forward pass.")
-    chunk_size: int = option(1024, "Positions whose logits exist at once.")
+    chunk_size: int = option(0, "Positions whose logits exist at once (0 = auto: about 2^24 logits).")
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
     trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")
@@ -45,8 +45,8 @@ class ScoreConfig:
             p.append("--temperature must be > 0")
         if self.batch_size < 1:
             p.append("--batch-size must be at least 1")
-        if self.chunk_size < 1:
-            p.append("--chunk-size must be at least 1")
+        if self.chunk_size < 0:
+            p.append("--chunk-size must be >= 0 (0 = auto)")
         return p
 
 
@@ -92,7 +92,7 @@ def _score_shards(cfg, rollout, writer, student, teacher, tok) -> None:
     from tipcli.models import real_vocab_size
     from tipcli.progress import progress
     from tipcli.shards import split_sequences
-    from tipcli.stats import head_logits, token_stats
+    from tipcli.stats import auto_chunk, head_logits, token_stats
 
     vocab = real_vocab_size(tok)
     s_logits = head_logits(student, vocab, cfg.temperature)
@@ -114,7 +114,7 @@ def _score_shards(cfg, rollout, writer, student, teacher, tok) -> None:
                     hs = response_hidden(student, batch, s_dev)
                     ht = response_hidden(teacher, batch, t_dev)
                     stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits, cfg.top_k,
-                                        cfg.chunk_size)
+                                        auto_chunk(cfg.chunk_size, vocab))
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
                 scored += int(batch.tokens_P.numel())

@@ -23,6 +23,15 @@ STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_
 LN2 = math.log(2.0)
 
 
+AUTO_CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is 0 (64 MB in float32)
+
+
+def auto_chunk(chunk_size: int, vocab_size: int) -> int:
+    """Positions per chunk: as given, or (0) about 2^24 logits per chunk for this vocabulary,
+    so the handful of (C x V) temporaries stays a few hundred MB whatever V is."""
+    return chunk_size if chunk_size > 0 else max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
+
+
 def _plogq(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """sum_v p (log_a - log_b), with 0 where p is 0 (so -inf logs do not give nan)."""
     return torch.where(p > 0, p * (log_a - log_b), torch.zeros_like(p)).sum(-1)

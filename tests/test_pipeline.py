@@ -1,0 +1,160 @@
+"""rollout -> score end to end: files written, pipes, resume, exactness on real models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tipcli.cli import app
+from tipcli.shards import StageDir, StageWriter
+
+runner = CliRunner()
+SCORE_TENSORS = {"prompt_ids", "prompt_offsets", "response_ids", "response_offsets",
+                 "response_mask", "rollout_logprob", "finish_reason", "prompt_index",
+                 "sample_index", "prompt_lengths", "student_logprob", "teacher_logprob",
+                 "student_entropy", "teacher_entropy", "rkl", "fkl", "jsd",
+                 "teacher_topk_ids", "teacher_topk_logprobs"}
+
+
+def _files(d: Path) -> set[str]:
+    return {p.name for p in Path(d).iterdir()}
+
+
+def _invoke(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_cli_rollout_then_score_files(tiny_pair, prompts_file, tmp_path):
+    student, teacher = tiny_pair
+    r = _invoke(["rollout", "--student", student, "--prompts", prompts_file, "-o",
+                 tmp_path / "r", "--max-new-tokens", 8, "--batch-size", 4, "--shard-size", 8,
+                 "--num-samples", 2])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "r")
+    assert _files(tmp_path / "r") == {"manifest.json", "shard-00000.safetensors",
+                                      "shard-00001.safetensors"}
+    s = _invoke(["score", tmp_path / "r", "--teacher", teacher, "-o", tmp_path / "s",
+                 "--top-k", 4])
+    assert s.exit_code == 0, s.output
+    assert s.stdout.strip().splitlines()[-1] == str(tmp_path / "s")
+    assert _files(tmp_path / "s") == _files(tmp_path / "r")
+    d = StageDir.open(tmp_path / "s", stage="score")
+    assert d.num_sequences == 12
+    shard = d.load_shard(0)
+    assert set(shard) == SCORE_TENSORS
+    assert shard["teacher_topk_ids"].shape == (shard["response_ids"].numel(), 4)
+    m = d.manifest
+    assert m["complete"] and m["parent"]["stage"] == "rollout"
+    assert m["models"]["student"]["id"] == str(student)
+    assert m["models"]["teacher"]["id"] == str(teacher)
+    assert m["config"]["top_k"] == 4 and m["tokenizer"]["vocab_size"] == 100
+
+
+def test_pipe_rollout_into_score(tiny_pair, prompts_file, tmp_path):
+    student, teacher = tiny_pair
+    tip = f"{sys.executable} -m tipcli"
+    cmd = (f"{tip} rollout --student {student} --prompts {prompts_file} -o {tmp_path}/r "
+           f"--max-new-tokens 6 | {tip} score - --teacher {teacher} -o {tmp_path}/s --top-k 2")
+    out = subprocess.run(cmd, shell=True, capture_output=True, text=True,
+                         env={**os.environ, "TIP_QUIET": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == f"{tmp_path}/s"
+    d = StageDir.open(tmp_path / "s", stage="score")
+    assert d.num_sequences == 6 and d.num_tokens > 0
+
+
+def test_score_equals_full_logits_reference(tiny_pair, tiny_score):
+    """Stored statistics equal float64 statistics from the models' full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tipcli.stats import reference_stats
+
+    models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in tiny_pair]
+    V = 100  # tokenizer size; the models have 13 padded output rows
+    assert models[0].lm_head.weight.shape[0] == V + 13
+    d = StageDir.open(tiny_score, stage="score")
+    for seq in list(d.iter_sequences())[:5]:
+        ids = torch.cat([seq["prompt_ids"], seq["response_ids"]]).long()[None]
+        Lp, Lr = seq["prompt_ids"].numel(), seq["response_ids"].numel()
+        with torch.no_grad():
+            logits = [m(ids).logits[0, Lp - 1:Lp + Lr - 1, :V] for m in models]
+        ref = reference_stats(logits[0], logits[1], seq["response_ids"])
+        for name, value in ref.items():
+            torch.testing.assert_close(seq[name].double(), value, atol=1e-5, rtol=1e-5,
+                                       msg=name)
+        top = torch.log_softmax(logits[1].double(), -1).topk(8, dim=-1)
+        assert torch.equal(seq["teacher_topk_ids"].long(), top.indices)
+        torch.testing.assert_close(seq["rollout_logprob"], seq["student_logprob"],
+                                   atol=1e-4, rtol=0)
+
+
+def test_rollout_responses_end_at_eos_and_are_deterministic(tiny_pair, prompts_file, tmp_path):
+    from tipcli.rollout import RolloutConfig, run_rollout
+
+    def run(out, seed):
+        return run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
+                                         output=str(out), max_new_tokens=40, seed=seed,
+                                         temperature=1.0, batch_size=3, shard_size=3))
+
+    a, b, c = run(tmp_path / "a", 1), run(tmp_path / "b", 1), run(tmp_path / "c", 2)
+    for name in _files(a) - {"manifest.json"}:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    seqs_a = list(StageDir.open(a).iter_sequences())
+    seqs_c = list(StageDir.open(c).iter_sequences())
+    assert any(not torch.equal(x["response_ids"], y["response_ids"])
+               for x, y in zip(seqs_a, seqs_c))
+    eos = 2
+    for s in seqs_a:
+        ids = s["response_ids"].tolist()
+        assert eos not in ids[:-1]
+        assert (ids[-1] == eos) == (int(s["finish_reason"]) == 0)
+        assert len(ids) <= 40
+        assert s["response_mask"].all()
+
+
+def test_interrupted_score_resumes_byte_identical(tiny_pair, tiny_rollout, tmp_path,
+                                                  monkeypatch):
+    from tipcli.score import ScoreConfig, run_score
+
+    def cfg(out):
+        return ScoreConfig(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+                           output=str(out), top_k=3, batch_size=2)
+
+    full = run_score(cfg(tmp_path / "full"))
+    real_write = StageWriter.write_shard
+
+    def write_then_die(self, index, tensors, **kw):
+        if index == 1:
+            raise KeyboardInterrupt  # killed while computing the second shard
+        return real_write(self, index, tensors, **kw)
+
+    monkeypatch.setattr(StageWriter, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_score(cfg(tmp_path / "cut"))
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert _files(cut) == {"manifest.json", "shard-00000.safetensors"}
+    with pytest.raises(Exception, match="incomplete"):
+        StageDir.open(cut, stage="score")
+    run_score(cfg(cut))
+    assert _files(cut) == _files(full)
+    for name in _files(full) - {"manifest.json"}:
+        assert (cut / name).read_bytes() == (full / name).read_bytes(), name
+    m_full, m_cut = (json.loads((p / "manifest.json").read_text()) for p in (full, cut))
+    for m in (m_full, m_cut):
+        m["config"].pop("output")
+    assert m_full == m_cut
+
+
+def test_rerun_with_other_settings_refuses(tiny_pair, tiny_rollout, tiny_score):
+    r = _invoke(["score", tiny_rollout, "--teacher", tiny_pair[1], "-o", tiny_score,
+                 "--top-k", 5])
+    assert r.exit_code == 2
+    assert "different score run" in r.stderr
+    assert StageDir.open(tiny_score, stage="score").manifest["config"]["top_k"] == 8

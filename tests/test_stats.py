@@ -1,0 +1,97 @@
+"""Chunked per-token statistics against the plain float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from tipcli.stats import (STAT_NAMES, chunk_stats, head_logits, reference_stats,
+                          sampled_logprobs, token_stats)
+
+
+def _random_logits(P=37, V=50, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(P, V, generator=g) * scale
+    t = torch.randn(P, V, generator=g) * scale
+    tokens = torch.randint(0, V, (P,), generator=g)
+    return s, t, tokens
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 20.0])
+def test_chunk_stats_match_reference(scale):
+    s, t, tokens = _random_logits(scale=scale)
+    got = chunk_stats(s, t, tokens)
+    ref = reference_stats(s, t, tokens)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(got[name].double(), ref[name], atol=1e-5, rtol=1e-5,
+                                   msg=name)
+
+
+def test_jsd_bounded_and_kl_nonnegative():
+    s, t, tokens = _random_logits(scale=30.0)
+    got = chunk_stats(s, t, tokens)
+    assert (got["rkl"] >= 0).all() and (got["fkl"] >= 0).all()
+    assert (got["jsd"] >= 0).all() and (got["jsd"] <= math.log(2) + 1e-6).all()
+
+
+def test_identical_distributions_give_zero_divergence():
+    s, _, tokens = _random_logits()
+    got = chunk_stats(s, s.clone(), tokens)
+    for name in ("rkl", "fkl", "jsd"):
+        assert got[name].abs().max() < 1e-6
+    torch.testing.assert_close(got["student_entropy"], got["teacher_entropy"])
+
+
+def test_topk_are_teacher_best_logprobs():
+    s, t, tokens = _random_logits()
+    got = chunk_stats(s, t, tokens, top_k=5)
+    lt = torch.log_softmax(t.double(), -1)
+    vals, ids = lt.topk(5, dim=-1)
+    assert torch.equal(got["teacher_topk_ids"].long(), ids)
+    torch.testing.assert_close(got["teacher_topk_logprobs"].double(), vals, atol=1e-6, rtol=0)
+
+
+class _Head(torch.nn.Module):
+    """A stand-in for a causal LM's output layer with padded vocabulary rows."""
+
+    def __init__(self, H, V_padded, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.lm_head = torch.nn.Linear(H, V_padded, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.copy_(torch.randn(V_padded, H, generator=g))
+            self.lm_head.weight[-7:] += 50.0  # padded rows dominate if not dropped
+        self.config = type("C", (), {})()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_stats_chunked_with_padded_vocab(chunk_size, temperature):
+    P, H, V, pad = 53, 16, 40, 7
+    g = torch.Generator().manual_seed(1)
+    hs, ht = torch.randn(P, H, generator=g), torch.randn(P, H, generator=g)
+    tokens = torch.randint(0, V, (P,), generator=g)
+    ms, mt = _Head(H, V + pad, 2), _Head(H, V + pad, 3)
+    got = token_stats(hs, ht, tokens, head_logits(ms, V, temperature),
+                      head_logits(mt, V, temperature), top_k=4, chunk_size=chunk_size)
+    with torch.no_grad():
+        ref = reference_stats(ms.lm_head(hs)[:, :V] / temperature,
+                              mt.lm_head(ht)[:, :V] / temperature, tokens)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(got[name].double(), ref[name], atol=1e-5, rtol=1e-5,
+                                   msg=name)
+    assert got["teacher_topk_ids"].max() < V
+    lp = sampled_logprobs(hs, tokens, head_logits(ms, V, temperature), chunk_size)
+    torch.testing.assert_close(lp.double(), ref["student_logprob"], atol=1e-5, rtol=1e-5)
+
+
+def test_softcapping_applied():
+    H, V = 8, 12
+    m = _Head(H, V, 0)
+    m.config.final_logit_softcapping = 2.0
+    h = torch.randn(3, H)
+    logits = head_logits(m, V)(h)
+    assert logits.abs().max() <= 2.0
