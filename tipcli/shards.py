@@ -50,6 +50,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
@@ -132,7 +138,10 @@ class StageDir:
     def manifest_sha256(self) -> str:
         return sha256_file(self.path / MANIFEST)
 
-    def load_shard(self, index: int, verify: bool = True) -> dict[str, torch.Tensor]:
+    def load_shard(self, index: int, verify: bool = True,
+                   fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors of shard ``index`` (only ``fields`` when given), checksum verified."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         entry = self.shards[index]
@@ -142,7 +151,10 @@ class StageDir:
         if verify and sha256_file(fpath) != entry["sha256"]:
             raise TipError(f"{fpath} does not match the checksum in {MANIFEST}; the file was "
                            "changed or damaged, re-run its stage")
-        return load_file(str(fpath))
+        if fields is None:
+            return load_file(str(fpath))
+        with safe_open(str(fpath), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in fields if k in f.keys()}
 
     def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self.shards)):
@@ -165,7 +177,7 @@ class StageDir:
 
 def split_sequences(shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Cut a flat shard into one dict per sequence (views, no copies)."""
-    p_off = shard["prompt_offsets"].tolist()
+    p_off = shard["prompt_offsets"].tolist() if "prompt_offsets" in shard else None
     r_off = shard["response_offsets"].tolist()
     out = []
     for i in range(len(r_off) - 1):
@@ -176,7 +188,8 @@ def split_sequences(shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tens
             if name in SEQUENCE_FIELDS:
                 seq[name] = t[i]
             elif name in PROMPT_TOKEN_FIELDS:
-                seq[name] = t[p_off[i]:p_off[i + 1]]
+                if p_off is not None:
+                    seq[name] = t[p_off[i]:p_off[i + 1]]
             else:
                 seq[name] = t[r_off[i]:r_off[i + 1]]
         out.append(seq)
@@ -297,6 +310,7 @@ class StageWriter:
         tmp = self.path / f".{name}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         final = self.path / name
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files readable by the owner only
         os.replace(tmp, final)
         r_off = tensors["response_offsets"]
         entry = {"file": name, "num_sequences": int(r_off.numel() - 1),
