@@ -1,0 +1,117 @@
+"""The embedded addition task: prompts, worked answers, batches, a short training run,
+and (slow) the real teacher/student build."""
+
+import json
+import re
+
+import pytest
+
+from tipcli.tasks import arithmetic as A
+from tipcli.verify import last_number
+
+
+def test_solve_worked_columns_with_carries():
+    assert A.solve(487, 65) == "7+5+0=12 8+6+1=15 4+0+1=5 so 552"
+    assert A.solve(99, 999) == "9+9+0=18 9+9+1=19 0+9+1=10 so 1098"
+    assert A.solve(10, 20) == "0+0+0=0 1+2+0=3 so 30"
+
+
+def test_make_prompts_deterministic_distinct_and_correct():
+    a, b = A.make_prompts(300, seed=3), A.make_prompts(300, seed=3)
+    assert a == b and a != A.make_prompts(300, seed=4)
+    assert len({r["prompt"] for r in a}) == 300
+    for r in a:
+        x, y = map(int, re.fullmatch(r"(\d{2,3})\+(\d{2,3})=", r["prompt"]).groups())
+        assert r["answer"] == str(x + y)
+        assert len(r["prompt"]) <= 20 and len(r["solution"]) <= 60
+        assert last_number(r["solution"], r["answer"])
+        assert not last_number(r["solution"], str(x + y + 1))
+
+
+def test_make_problems_excludes():
+    held = set(A.make_problems(50, seed=1))
+    assert not held & set(A.make_problems(500, seed=1, exclude=held))
+
+
+def test_write_prompts_jsonl(tmp_path):
+    path = A.write_prompts(tmp_path / "sub" / "p.jsonl", 5, seed=2)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == A.make_prompts(5, seed=2)
+
+
+def test_module_cli_writes_prompts(tmp_path, capsys):
+    A.main(["prompts", "-n", "4", "-o", str(tmp_path / "p.jsonl"), "--seed", "9"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "p.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows == A.make_prompts(4, seed=9)
+
+
+def test_encoder_matches_chat_template_encoding():
+    from tipcli.prompts import encode_prompt
+    from tipcli.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    enc = A.Encoder(tok)
+    for r in A.make_prompts(5, seed=0):
+        assert enc.prompt(r["prompt"]) == encode_prompt(tok, r)
+        p, resp = enc.example(r)
+        assert tok.decode(resp, skip_special_tokens=True) == r["solution"]
+        assert resp[-1] == tok.eos_token_id
+
+
+def test_sft_batch_labels_only_on_response():
+    from tipcli.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    enc = A.Encoder(tok)
+    recs = A.make_prompts(3, seed=0)
+    ids, mask, labels = A.sft_batch(enc, recs)
+    for b, r in enumerate(recs):
+        p, resp = enc.example(r)
+        assert labels[b].ne(-100).sum() == len(resp)
+        assert labels[b, len(p):len(p) + len(resp)].tolist() == resp
+        assert mask[b].sum() == len(p) + len(resp)
+
+
+def test_train_spec_validate():
+    assert A.TrainSpec().validate() == []
+    assert len(A.TrainSpec(hidden=30, heads=4, target=2.0, max_steps=0).validate()) == 3
+
+
+def test_short_training_lowers_loss_and_saves_loadable_pair(tmp_path):
+    """A handful of steps into tmp_path: the loss falls, and both saved models load
+    with one shared tokenizer."""
+    from tipcli.models import check_same_vocab, load_model, load_tokenizer
+
+    small = dict(hidden=32, heads=2, max_steps=20, batch_size=8, lr=1e-2, warmup=3,
+                 eval_every=20, target=1.0)
+    spec_s = A.TrainSpec("student", layers=1, seed=0, **small)
+    spec_t = A.TrainSpec("teacher", layers=2, seed=1, **small)
+    student, teacher = A.build_models(tmp_path / "arith", student=spec_s, teacher=spec_t,
+                                      valid_size=8)
+    info = json.loads((tmp_path / "arith" / "build.json").read_text())
+    for name in ("student", "teacher"):
+        losses = info[name]["losses"]
+        assert losses[-1] < 0.7 * losses[0], losses
+        assert 0.0 <= info[name]["valid_accuracy"] <= 1.0
+    check_same_vocab(load_tokenizer(str(student)), load_tokenizer(str(teacher)))
+    assert load_model(str(teacher)).config.vocab_size == 100 + A.VOCAB_PAD
+    # cached: a second call trains nothing and returns the same directories
+    mtime = (student / "model.safetensors").stat().st_mtime_ns
+    assert A.build_models(tmp_path / "arith", student=spec_s, teacher=spec_t) == (student, teacher)
+    assert (student / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_real_build_teacher_good_student_weak(tmp_path):
+    """The shipped recipe: teacher >= 0.9 and student <= 0.6 greedy accuracy on 100
+    held-out prompts (never trained on)."""
+    from tipcli.models import load_model, load_tokenizer
+
+    student, teacher = A.build_models(tmp_path / "arith")
+    test = A.held_out_prompts(100)
+    accs = {}
+    for name, d in (("student", student), ("teacher", teacher)):
+        accs[name] = A.greedy_accuracy(load_model(str(d)), load_tokenizer(str(d)), test)
+    assert accs["teacher"] >= 0.9, accs
+    assert 0.05 <= accs["student"] <= 0.6, accs
