@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["rollout", "score", "demo"]
+COMMANDS = ["rollout", "score", "select", "report", "train", "eval", "distill", "demo"]
 
 
 def test_help_lists_every_command():

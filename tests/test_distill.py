@@ -1,0 +1,80 @@
+"""`tip distill`: the on-policy loop on the tiny pair, its directories and its resume."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tipcli.distill import DistillConfig, run_distill
+from tipcli.shards import StageDir
+
+STAGES = {"prompts.jsonl", "rollout", "score", "select", "train", "eval"}
+
+
+def _cfg(tiny_pair, prompts_file, out, **kw):
+    base = dict(student=str(tiny_pair[0]), teacher=str(tiny_pair[1]), prompts=str(prompts_file),
+                output=str(out), iterations=2, num_samples=2, max_new_tokens=8, max_steps=2,
+                batch_size=4, top_k=8, lr=1e-3, eval_prompts=str(prompts_file),
+                eval_max_prompts=3, prompts_per_iteration=4, group_size=4)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_two_iterations_leave_every_stage(tiny_pair, prompts_file, tmp_path):
+    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run"))
+    assert {p.name for p in run.iterdir()} == {"manifest.json", "eval-initial", "iter-000",
+                                               "iter-001"}
+    for i in range(2):
+        d = run / f"iter-{i:03d}"
+        assert {p.name for p in d.iterdir()} == STAGES
+        assert len((d / "prompts.jsonl").read_text().splitlines()) == 4
+        for stage in ("rollout", "score", "select", "train"):
+            assert StageDir.open(d / stage, stage=stage).manifest["complete"]
+    # iteration 1 samples from the student trained in iteration 0
+    r1 = StageDir.open(run / "iter-001" / "rollout", stage="rollout")
+    assert r1.manifest["models"]["student"]["id"] == str(run / "iter-000" / "train")
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["complete"] and m["stage"] == "distill"
+    history = m["summary"]["history"]
+    assert [h["iteration"] for h in history] == ["initial", 0, 1]
+    assert all(0 <= h["accuracy"] <= 1 for h in history)
+
+
+def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, monkeypatch):
+    import tipcli.select as select_mod
+
+    cfg = _cfg(tiny_pair, prompts_file, tmp_path / "run", eval_prompts="")
+    real = select_mod.run_select
+    calls = {"n": 0}
+
+    def select_then_die(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed after iteration 1's score, before its select
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(select_mod, "run_select", select_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    monkeypatch.undo()
+    it1 = tmp_path / "run" / "iter-001"
+    assert {p.name for p in it1.iterdir()} == {"prompts.jsonl", "rollout", "score"}
+    assert not json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.safetensors")}
+    run_distill(cfg)
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after  # finished stages were not redone
+    assert StageDir.open(it1 / "train", stage="train").manifest["complete"]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+
+
+def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_path):
+    from tipcli.cli import app
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"stage": "distill", "config": {}}))
+    r = CliRunner().invoke(app, ["distill", "--student", str(tiny_pair[0]), "--teacher",
+                                 str(tiny_pair[1]), "--prompts", str(prompts_file), "-o",
+                                 str(out), "--iterations", "1"])
+    assert r.exit_code == 2 and "different run" in r.stderr
