@@ -7,19 +7,23 @@ Variants, each measured in a fresh process on the same random token batch
 (student and teacher are separate copies; for smollm2 both are SmolLM2-135M-Instruct):
 
 - ``bare``: the two bare forward passes, ``model(ids).logits`` for student and teacher.
+- ``body``: the two transformer bodies alone (no LM head), hidden states gathered.
 - ``tip``: what ``tip score`` does: both transformer bodies, hidden states gathered at
   response positions, LM heads and all statistics chunk by chunk (auto chunk size).
 - ``naive``: full logits for both models over the whole batch at once, then every
   statistic over all response positions in one go.
 
 Peak memory is the rise of resident memory (VmHWM after resetting it) over the RSS
-after the models are loaded and warmed up; time is the median of ``--repeats`` runs.
+after the models are loaded and warmed up, each variant alone in a fresh process. Time
+is the median of ``--repeats`` rounds in one process, the variants interleaved in each
+round so that a change in machine load hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,6 +77,9 @@ def run_variant(name: str, student, teacher, tok, batch):
         if name == "bare":
             student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
             teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        elif name == "body":
+            response_hidden(student, batch, "cpu")
+            response_hidden(teacher, batch, "cpu")
         elif name == "tip":
             hs = response_hidden(student, batch, "cpu")
             ht = response_hidden(teacher, batch, "cpu")
@@ -89,27 +96,43 @@ def run_variant(name: str, student, teacher, tok, batch):
             raise ValueError(name)
 
 
-def child(args) -> dict:
+def child_memory(args) -> dict:
+    """Peak memory of one variant, alone in this process."""
     import torch
 
     from memory import peak_mb, reset_peak, rss_mb
     from tipcli.models import quiet_transformers
 
     quiet_transformers()
-    torch.manual_seed(0)
     student, teacher, tok = load_pair(args.model, Path(args.workdir))
     batch = make_batch(tok, args.sequences, args.prompt_len, args.response_len, 0)
     run_variant(args.variant, student, teacher, tok, batch)  # warm-up
     base = rss_mb()
     reset_peak()
-    times = []
+    run_variant(args.variant, student, teacher, tok, batch)
+    return {"variant": args.variant, "peak_mb": peak_mb() - base,
+            "response_tokens": int(batch.tokens_P.numel()), "vocab": len(tok),
+            "threads": torch.get_num_threads()}
+
+
+def child_times(args) -> dict:
+    """Median time of every variant, interleaved round by round in this one process, so a
+    change in machine load hits all variants alike."""
+    from tipcli.models import quiet_transformers
+
+    quiet_transformers()
+    student, teacher, tok = load_pair(args.model, Path(args.workdir))
+    batch = make_batch(tok, args.sequences, args.prompt_len, args.response_len, 0)
+    variants = args.variants.split(",")
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for v in variants:
+        run_variant(v, student, teacher, tok, batch)  # warm-up
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        run_variant(args.variant, student, teacher, tok, batch)
-        times.append(time.perf_counter() - t0)
-    return {"variant": args.variant, "seconds": statistics.median(times), "times": times,
-            "peak_mb": peak_mb() - base, "response_tokens": int(batch.tokens_P.numel()),
-            "vocab": len(tok), "threads": torch.get_num_threads()}
+        for v in variants:
+            t0 = time.perf_counter()
+            run_variant(v, student, teacher, tok, batch)
+            times[v].append(time.perf_counter() - t0)
+    return {v: {"seconds": statistics.median(t), "times": t} for v, t in times.items()}
 
 
 def main() -> None:
@@ -118,25 +141,36 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--response-len", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--variants", default="bare,tip,naive")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", default="bare,body,tip,naive")
     ap.add_argument("--workdir", default="/tmp/tip-bench")
     ap.add_argument("--json", default=None)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(child(args)))
+        print(json.dumps(child_times(args) if args.variant == "times" else child_memory(args)))
         return
-    rows = []
-    for v in args.variants.split(","):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", v]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    def sub(variant: str) -> dict:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+        # large freed buffers go back to the kernel, so RSS follows live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if variant != "times" \
+            else None
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    rows = [sub(v) for v in args.variants.split(",")]
+    times = sub("times")
+    for r in rows:
+        r.update(times[r["variant"]])
     by = {r["variant"]: r for r in rows}
     result = {"model": args.model, "sequences": args.sequences, "prompt_len": args.prompt_len,
               "response_len": args.response_len, "rows": rows}
     if "bare" in by and "tip" in by:
         result["tip_over_bare"] = by["tip"]["seconds"] / by["bare"]["seconds"]
+    if "body" in by and "tip" in by:
+        result["heads_and_stats_over_bare"] = \
+            (by["tip"]["seconds"] - by["body"]["seconds"]) / by["bare"]["seconds"]
     print(f"model={args.model} vocab={rows[0]['vocab']} tokens={rows[0]['response_tokens']}")
     print("| variant | response tok/s | time (s) | peak memory rise (MB) |")
     print("| --- | ---: | ---: | ---: |")
@@ -145,6 +179,9 @@ def main() -> None:
               f"{r['seconds']:.3f} | {r['peak_mb']:.1f} |")
     if "tip_over_bare" in result:
         print(f"tip / bare forward passes: {result['tip_over_bare']:.3f}")
+    if "heads_and_stats_over_bare" in result:
+        print("(tip - bodies) / bare forward passes: "
+              f"{result['heads_and_stats_over_bare']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -95,3 +95,17 @@ def test_softcapping_applied():
     h = torch.randn(3, H)
     logits = head_logits(m, V)(h)
     assert logits.abs().max() <= 2.0
+
+
+def test_masked_logits_give_finite_stats():
+    """A -inf logit (a token a model rules out) contributes zero, not nan."""
+    s, t, tokens = _random_logits(P=9, V=20)
+    s[:, 3] = float("-inf")
+    t[:, 5] = float("-inf")
+    tokens = tokens.clamp(6, 19)
+    got = chunk_stats(s, t, tokens, top_k=3)
+    for name in ("student_entropy", "teacher_entropy", "rkl", "jsd"):
+        assert torch.isfinite(got[name]).all(), name
+    ref = reference_stats(s, t, tokens)
+    for name in ("student_entropy", "teacher_entropy", "jsd"):
+        torch.testing.assert_close(got[name].double(), ref[name], atol=1e-5, rtol=1e-5)

@@ -26,7 +26,7 @@ class ScoreConfig:
     top_k: int = option(64, "Teacher top-k ids and log-probs stored per token (0 = none).")
     temperature: float = option(1.0, "Temperature applied to both models' logits.")
     batch_size: int = option(8, "Sequences per forward pass.")
-    chunk_size: int = option(0, "Positions whose logits exist at once (0 = auto: about 2^24 logits).")
+    chunk_size: int = option(0, "Positions whose logits exist at once (0 = auto: about 2^22 logits).")
     device: str = option("auto", "Device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
     trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")

@@ -23,41 +23,55 @@ STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_
 LN2 = math.log(2.0)
 
 
-AUTO_CHUNK_ELEMENTS = 1 << 24  # logits per chunk when chunk_size is 0 (64 MB in float32)
+AUTO_CHUNK_ELEMENTS = 1 << 22  # logits per chunk when chunk_size is 0 (16 MB in float32)
 
 
 def auto_chunk(chunk_size: int, vocab_size: int) -> int:
-    """Positions per chunk: as given, or (0) about 2^24 logits per chunk for this vocabulary,
-    so the handful of (C x V) temporaries stays a few hundred MB whatever V is."""
+    """Positions per chunk: as given, or (0) about 2^22 logits per chunk for this vocabulary,
+    so the handful of (C x V) temporaries stays near 100 MB whatever V is."""
     return chunk_size if chunk_size > 0 else max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
 
 
-def _plogq(p: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_v p (log_a - log_b), with 0 where p is 0 (so -inf logs do not give nan)."""
-    return torch.where(p > 0, p * (log_a - log_b), torch.zeros_like(p)).sum(-1)
+def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum of a * b as one batched matrix product (no (C x V) temporary)."""
+    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+
+
+def _log_softmax_(logits_CV: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """log-softmax in float32, floored at -1e30; overwrites float32 logits if ``inplace``."""
+    x = logits_CV.float()
+    if x.data_ptr() == logits_CV.data_ptr() and not inplace:
+        x = x.clone()
+    x = x.contiguous()
+    return x.sub_(x.logsumexp(-1, keepdim=True)).clamp_min_(-1e30)
 
 
 def chunk_stats(s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor, tokens_C: torch.Tensor,
-                top_k: int = 0) -> dict[str, torch.Tensor]:
-    """Statistics of one chunk; logits already restricted to V and divided by temperature."""
-    ls = F.log_softmax(s_logits_CV.float(), dim=-1)
-    lt = F.log_softmax(t_logits_CV.float(), dim=-1)
+                top_k: int = 0, inplace: bool = False) -> dict[str, torch.Tensor]:
+    """Statistics of one chunk; logits already restricted to V and divided by temperature.
+
+    With ``inplace`` the logits are overwritten (for a fresh chunk used once). Every sum over the vocabulary
+    is a fused dot product and only three (C x V) buffers are allocated beyond the logits.
+    Log-probs are floored at -1e30 so a -inf logit (p = 0) adds 0 instead of nan."""
+    ls, lt = _log_softmax_(s_logits_CV, inplace), _log_softmax_(t_logits_CV, inplace)
     ps, pt = ls.exp(), lt.exp()
-    lm = torch.logaddexp(ls, lt) - LN2
     idx = tokens_C.long().unsqueeze(-1)
     out = {
         "student_logprob": ls.gather(-1, idx).squeeze(-1),
         "teacher_logprob": lt.gather(-1, idx).squeeze(-1),
-        "student_entropy": -_plogq(ps, ls, torch.zeros_like(ls)),
-        "teacher_entropy": -_plogq(pt, lt, torch.zeros_like(lt)),
-        "rkl": _plogq(ps, ls, lt).clamp_min(0),
-        "fkl": _plogq(pt, lt, ls).clamp_min(0),
-        "jsd": (0.5 * _plogq(ps, ls, lm) + 0.5 * _plogq(pt, lt, lm)).clamp(0, LN2),
+        "student_entropy": -_dot(ps, ls),
+        "teacher_entropy": -_dot(pt, lt),
     }
+    buf = torch.sub(ls, lt)
+    out["rkl"] = _dot(ps, buf).clamp_min_(0)
+    out["fkl"] = _dot(pt, buf).neg_().clamp_min_(0)
     if top_k > 0:
         vals, ids = lt.topk(min(top_k, lt.shape[-1]), dim=-1)
         out["teacher_topk_ids"] = ids.to(torch.int32)
         out["teacher_topk_logprobs"] = vals
+    lm = torch.logaddexp(ls, lt, out=buf).sub_(LN2)  # log of m = (p_s + p_t) / 2
+    jsd = _dot(ps, ls.sub_(lm)) + _dot(pt, lt.sub_(lm))
+    out["jsd"] = jsd.mul_(0.5).clamp_(0, LN2)
     return out
 
 
@@ -74,7 +88,7 @@ def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
             logits = logits * scale
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits / temperature if temperature != 1.0 else logits
+        return logits.div_(temperature) if temperature != 1.0 else logits
 
     return fn
 
@@ -89,7 +103,7 @@ def token_stats(s_hidden_PH: torch.Tensor, t_hidden_PH: torch.Tensor, tokens_P: 
         b = a + chunk_size
         s_chunk = s_logits(s_hidden_PH[a:b])
         st = chunk_stats(s_chunk, t_logits(t_hidden_PH[a:b]).to(s_chunk.device),
-                         tokens_P[a:b].to(s_hidden_PH.device), top_k)
+                         tokens_P[a:b].to(s_hidden_PH.device), top_k, inplace=True)
         for k, v in st.items():
             parts.setdefault(k, []).append(v.cpu())
     if not parts:
