@@ -78,3 +78,25 @@ def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_pat
                                  str(tiny_pair[1]), "--prompts", str(prompts_file), "-o",
                                  str(out), "--iterations", "1"])
     assert r.exit_code == 2 and "different run" in r.stderr
+
+
+def test_demo_quick_form(tiny_pair, tmp_path):
+    """The demo's quick form, on the tiny pair instead of the embedded task's models."""
+    from tipcli.demo import run_demo
+
+    run = run_demo(tmp_path / "demo", quick=True, models=tiny_pair)
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == {"train.jsonl", "heldout.jsonl",
+                                                                "distill"}
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    assert [h["iteration"] for h in history] == ["initial", 0]
+
+
+@pytest.mark.slow
+def test_demo_improves_the_embedded_student(tmp_path):
+    """The real demo: builds (or reuses) the addition models; the student gets better."""
+    from tipcli.demo import run_demo
+
+    run = run_demo(tmp_path / "demo")
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    assert history[0]["accuracy"] <= 0.6
+    assert history[-1]["accuracy"] > history[0]["accuracy"]

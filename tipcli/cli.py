@@ -331,14 +331,15 @@ def distill(
 
 @app.command()
 def demo(
-    output: str = typer.Option("runs/demo", "--output", "-o", help="Where the demo writes its stage directories."),
+    output: str = typer.Option("runs/demo", "--output", "-o", help="Where the demo writes its run."),
+    quick: bool = typer.Option(False, "--quick", help="A seconds-long version (one short iteration)."),
 ) -> None:
-    """Run the pipeline on a built-in tiny model pair and print a summary."""
+    """Distil the embedded addition task (soft-or, keep 0.5): report and accuracy before/after."""
     from tipcli.demo import run_demo
     from tipcli.progress import emit_path
 
     with user_errors():
-        path = run_demo(output)
+        path = run_demo(output, quick=quick)
     emit_path(path)
 
 

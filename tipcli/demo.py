@@ -1,6 +1,11 @@
-"""`tip demo`: rollout -> score on a built-in tiny model pair, with a summary table.
+"""`tip demo`: on-policy distillation of the embedded addition task, end to end.
 
     tip demo -o runs/demo
+
+Builds (once, cached) a teacher that adds 2-3 digit numbers with a worked scratchpad
+and a weaker student, then runs `tip distill` with Soft-OR at keep 0.5, prints the
+token-importance report of the last iteration and the student's held-out accuracy
+before and after. A second run with the same -o reuses the finished stages.
 """
 
 from __future__ import annotations
@@ -8,38 +13,52 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEMO_PROMPTS = ["What is 12+35?", "Spell 'tip' backwards.", "Name a prime number.",
-                "Count to five.", "What colour is the sky?", "Say hello.",
-                "Add 7 and 8.", "Write a short word."]
+# The settings the demo runs with; `tip distill --help` documents each one.
+DEMO_SETTINGS = dict(iterations=3, prompts_per_iteration=64, num_samples=4, max_new_tokens=40,
+                     lr=1e-4, batch_size=16, strategy="soft-or", keep=0.5, top_k=16,
+                     group_size=64, seed=0)
+TRAIN_PROMPTS, EVAL_PROMPTS = 512, 200
 
 
-def run_demo(output: str | Path) -> Path:
-    from rich.table import Table
-
-    from tipcli.progress import console
-    from tipcli.rollout import RolloutConfig, run_rollout
-    from tipcli.score import ScoreConfig, run_score
-    from tipcli.shards import StageDir
-    from tipcli.tiny import save_pair
+def run_demo(output: str | Path, quick: bool = False,
+             models: tuple[str | Path, str | Path] | None = None) -> Path:
+    """Run the demo into ``output``; ``quick`` shrinks it to seconds. ``models`` gives a
+    (student, teacher) pair to use instead of the embedded task's cached pair."""
+    from tipcli.distill import DistillConfig, run_distill
+    from tipcli.progress import Timer, console
+    from tipcli.tasks.arithmetic import build_models, held_out_prompts, write_prompts
 
     out = Path(output)
-    student, teacher = save_pair(out / "models")
-    prompts = out / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEMO_PROMPTS))
-    r = run_rollout(RolloutConfig(student=str(student), prompts=str(prompts),
-                                  output=str(out / "rollout"), num_samples=2,
-                                  max_new_tokens=32, seed=0))
-    s = run_score(ScoreConfig(rollout=str(r), teacher=str(teacher), output=str(out / "score"),
-                              top_k=8))
-    d = StageDir.open(s, stage="score")
-    table = Table(title=f"tip demo: {d.num_sequences} rollouts, {d.num_tokens} response tokens")
-    for col in ("statistic", "mean", "min", "max"):
-        table.add_column(col, justify="right" if col != "statistic" else "left")
-    import torch
+    out.mkdir(parents=True, exist_ok=True)
+    with Timer() as build:
+        student, teacher = models or build_models()
+    console.print(f"models: student {student}, teacher {teacher} ({build.seconds:.0f} s)")
+    train = write_prompts(out / "train.jsonl", TRAIN_PROMPTS, seed=1)
+    heldout = out / "heldout.jsonl"
+    n_eval = 20 if quick else EVAL_PROMPTS
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in held_out_prompts(n_eval)))
+    settings = dict(DEMO_SETTINGS)
+    if quick:
+        settings.update(iterations=1, prompts_per_iteration=8, num_samples=2, max_steps=2)
+    with Timer() as run:
+        path = run_distill(DistillConfig(student=str(student), teacher=str(teacher),
+                                         prompts=str(train), eval_prompts=str(heldout),
+                                         output=str(out / "distill"), **settings))
+    _summarise(path, settings["iterations"], run.seconds)
+    return path
 
-    cols = {k: torch.cat([sh[k] for sh in d.iter_shards()]) for k in
-            ("student_entropy", "teacher_entropy", "rkl", "fkl", "jsd", "teacher_logprob")}
-    for k, v in cols.items():
-        table.add_row(k, f"{v.mean():.4f}", f"{v.min():.4f}", f"{v.max():.4f}")
-    console.print(table)
-    return s
+
+def _summarise(run: Path, iterations: int, seconds: float) -> None:
+    from tipcli.progress import console
+    from tipcli.report import ReportConfig, run_report
+
+    last = run / f"iter-{iterations - 1:03d}" / "select"
+    console.rule(f"token importance in the last iteration ({last})")
+    run_report(ReportConfig(path=str(last)))
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    first, final = history[0], history[-1]
+    console.rule("student accuracy on held-out prompts (greedy)")
+    for label, h in (("before", first), ("after", final)):
+        lo, hi = h["interval_95"]
+        console.print(f"{label:>6}: {h['accuracy']:.3f}  (95% CI {lo:.3f}-{hi:.3f})")
+    console.print(f"distill time: {seconds:.0f} s")
