@@ -35,3 +35,29 @@ def test_python_dash_m():
     out = subprocess.run([sys.executable, "-m", "tipcli", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "rollout" in out.stdout
+
+
+def _readme_commands():
+    """Every `tip CMD ...` line in the README's code blocks, joined across backslashes."""
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    blocks = text.split("```")[1::2]
+    lines = " ".join(b.replace("\\\n", " ") for b in blocks).replace("|", "\n").splitlines()
+    for line in " \n".join(lines).split("\n"):
+        words = line.split()
+        while words and words[0] != "tip":
+            words.pop(0)
+        if len(words) > 1:
+            yield words[1], [w.split("=")[0] for w in words[2:] if w.startswith("--")]
+
+
+def test_readme_commands_and_flags_exist():
+    seen = 0
+    for cmd, flags in _readme_commands():
+        r = runner.invoke(app, [cmd, "--help"], terminal_width=400)
+        assert r.exit_code == 0, f"README uses unknown command tip {cmd}"
+        for flag in flags:
+            assert flag in r.stdout, f"README uses tip {cmd} {flag}, which does not exist"
+        seen += 1
+    assert seen >= 6
