@@ -393,10 +393,14 @@ def write_png(numbers: dict[str, Any], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    im = ax1.imshow(numbers["histogram"]["counts"], origin="lower", extent=(0, 1, 0, 1),
-                    cmap="viridis", aspect="auto")
+    counts = np.asarray(numbers["histogram"]["counts"], dtype=float)
+    # token counts span orders of magnitude (most tokens sit near h = d = 0): log colours
+    im = ax1.imshow(np.where(counts > 0, counts, np.nan), origin="lower", extent=(0, 1, 0, 1),
+                    cmap="viridis", aspect="auto", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1)))
     fig.colorbar(im, ax=ax1, label="tokens")
     tau_h, tau_d = numbers.get("median_thresholds", (0.5, 0.5))
     ax1.axvline(tau_h, color="white", ls="--")
