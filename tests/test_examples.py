@@ -1,0 +1,126 @@
+"""The shipped examples run, in their quick forms, on the tiny model pair."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This interpreter's bin directory first on PATH (for `tip` and `python`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "TIP_QUIET": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _load_compare():
+    spec = importlib.util.spec_from_file_location("compare_example", EXAMPLES / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_pipeline_quick(tiny_pair, prompts_file, tmp_path):
+    work = tmp_path / "pipeline"
+    proc = subprocess.run(["bash", str(EXAMPLES / "pipeline.sh")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env=_env(QUICK="1", WORKDIR=str(work), STUDENT=str(tiny_pair[0]),
+                                   TEACHER=str(tiny_pair[1]), PROMPTS=str(prompts_file)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(work)
+    # the given models and prompts were used: nothing built, no prompts written
+    assert sorted(p.name for p in work.iterdir()) == ["report.json", "report.png", "rollout",
+                                                      "score", "select", "train"]
+    for stage in ("rollout", "score", "select", "train"):
+        m = _manifest(work / stage)
+        assert m["stage"] == stage and m["complete"], stage
+    # each stage read the directory the previous one printed
+    assert Path(_manifest(work / "score")["parent"]["path"]).resolve() == work / "rollout"
+    assert Path(_manifest(work / "select")["parent"]["path"]).resolve() == work / "score"
+    assert Path(_manifest(work / "train")["parent"]["path"]).resolve() == work / "select"
+    assert _manifest(work / "select")["config"]["strategy"] == "soft-or"
+    assert len((work / "train" / "metrics.jsonl").read_text().splitlines()) == 2  # QUICK: 2 steps
+    assert (work / "train" / "model.safetensors").is_file()
+    assert json.loads((work / "report.json").read_text())
+
+
+def test_pipeline_fails_on_a_failing_stage(tiny_pair, tmp_path):
+    proc = subprocess.run(["bash", str(EXAMPLES / "pipeline.sh")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env=_env(QUICK="1", WORKDIR=str(tmp_path / "w"),
+                                   STUDENT=str(tiny_pair[0]), TEACHER=str(tiny_pair[1]),
+                                   PROMPTS=str(tmp_path / "missing.jsonl")))
+    assert proc.returncode != 0
+    assert not (tmp_path / "w" / "train").exists()
+
+
+def test_compare_quick(tiny_pair, prompts_file, tmp_path):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(EXAMPLES / "compare.py"), "--quick", "--workdir", str(work),
+           "--results", str(results), "--student", str(tiny_pair[0]),
+           "--teacher", str(tiny_pair[1]), "--prompts", str(prompts_file),
+           "--eval-prompts", str(prompts_file), "--num-eval", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=_env(),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    data = json.loads((results / "compare.json").read_text())
+    rows = data["rows"]
+    assert [r["name"] for r in rows] == ["all @1", "soft-or @0.5"]
+    steps = data["settings"]["max_steps"]
+    for r in rows:
+        assert len(r["runs"]) == 1 and 0 <= r["accuracy_mean"] <= 1
+        assert r["accuracy_std"] == 0.0  # one seed
+        assert r["peak_mib"] > r["train_mib"] > 0
+        run = Path(r["runs"][0]["run"])
+        # every row trains for the same, explicitly set, number of optimizer steps
+        assert len((run / "iter-000" / "train" / "metrics.jsonl").read_text().splitlines()) \
+            == steps
+        assert _manifest(run / "iter-000" / "select")["config"]["strategy"] == r["strategy"]
+    share = {r["strategy"]: r["token_share"] for r in rows}
+    assert share["all"] == 1.0
+    assert 0 < share["soft-or"] < 1.0
+    assert 0 <= data["initial_accuracy"] <= 1
+
+    table = (results / "compare.md").read_text()
+    assert "| all @1 |" in table and "| soft-or @0.5 |" in table
+    assert "starting student" in table and data["command"] in table
+    assert "| soft-or @0.5 |" in proc.stdout  # the table is printed at the end
+    png = (results / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_settings_give_every_row_the_same_steps():
+    compare = _load_compare()
+    args = compare.parse_args([])
+    assert args.max_steps == args.prompts_per_iteration * args.num_samples // args.batch_size
+    assert (args.seeds, args.iterations) == (3, 3)
+    assert [r.name for r in compare.selected_rows(args)][:2] == ["all @1", "entropy-sample @0.5"]
+    assert len(compare.selected_rows(args)) == 9
+    quick = compare.parse_args(["--quick", "--max-steps", "5"])
+    assert quick.max_steps == 5 and quick.seeds == 1
+    only = compare.parse_args(["--rows", "q3-0.1,random-0.5"])
+    assert [r.name for r in compare.selected_rows(only)] == ["q3 @0.1", "random @0.5"]
+    with pytest.raises(SystemExit):
+        compare.selected_rows(compare.parse_args(["--rows", "nope-1"]))
+
+
+def test_compare_mean_std():
+    compare = _load_compare()
+    assert compare.mean_std([0.5]) == (0.5, 0.0)
+    mean, std = compare.mean_std([0.2, 0.4, 0.6])
+    assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
