@@ -32,9 +32,13 @@ def auto_chunk(chunk_size: int, vocab_size: int) -> int:
     return chunk_size if chunk_size > 0 else max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
 
 
-def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
-    """Row-wise sum of a * b as one batched matrix product (no (C x V) temporary)."""
-    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor, scratch_CV: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum of a * b, the product written into ``scratch`` (no new allocation).
+
+    ``sum`` reduces with cascade summation, so a float32 sum over a 150k vocabulary stays
+    within 1e-5 of float64; a BLAS dot product (``bmm``) accumulates sequentially and
+    drifts by ~1e-4 there."""
+    return torch.mul(a_CV, b_CV, out=scratch_CV).sum(-1)
 
 
 def _log_softmax_(logits_CV: torch.Tensor, inplace: bool) -> torch.Tensor:
@@ -50,27 +54,29 @@ def chunk_stats(s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor, tokens_C: 
                 top_k: int = 0, inplace: bool = False) -> dict[str, torch.Tensor]:
     """Statistics of one chunk; logits already restricted to V and divided by temperature.
 
-    With ``inplace`` the logits are overwritten (for a fresh chunk used once). Every sum over the vocabulary
-    is a fused dot product and only three (C x V) buffers are allocated beyond the logits.
-    Log-probs are floored at -1e30 so a -inf logit (p = 0) adds 0 instead of nan."""
+    With ``inplace`` the logits are overwritten (for a fresh chunk used once). Four (C x V)
+    buffers are allocated beyond the logits (``ps``, ``pt``, the log-ratio and a scratch
+    product); every other step writes into one of them. Log-probs are floored at -1e30 so a
+    -inf logit (p = 0) adds 0 instead of nan."""
     ls, lt = _log_softmax_(s_logits_CV, inplace), _log_softmax_(t_logits_CV, inplace)
     ps, pt = ls.exp(), lt.exp()
+    scratch = torch.empty_like(ls)
     idx = tokens_C.long().unsqueeze(-1)
     out = {
         "student_logprob": ls.gather(-1, idx).squeeze(-1),
         "teacher_logprob": lt.gather(-1, idx).squeeze(-1),
-        "student_entropy": -_dot(ps, ls),
-        "teacher_entropy": -_dot(pt, lt),
+        "student_entropy": _dot(ps, ls, scratch).neg_(),
+        "teacher_entropy": _dot(pt, lt, scratch).neg_(),
     }
-    buf = torch.sub(ls, lt)
-    out["rkl"] = _dot(ps, buf).clamp_min_(0)
-    out["fkl"] = _dot(pt, buf).neg_().clamp_min_(0)
+    log_ratio = torch.sub(ls, lt)
+    out["rkl"] = _dot(ps, log_ratio, scratch).clamp_min_(0)
+    out["fkl"] = _dot(pt, log_ratio, scratch).neg_().clamp_min_(0)
     if top_k > 0:
         vals, ids = lt.topk(min(top_k, lt.shape[-1]), dim=-1)
         out["teacher_topk_ids"] = ids.to(torch.int32)
         out["teacher_topk_logprobs"] = vals
-    lm = torch.logaddexp(ls, lt, out=buf).sub_(LN2)  # log of m = (p_s + p_t) / 2
-    jsd = _dot(ps, ls.sub_(lm)) + _dot(pt, lt.sub_(lm))
+    lm = torch.logaddexp(ls, lt, out=log_ratio).sub_(LN2)  # log of m = (p_s + p_t) / 2
+    jsd = _dot(ps, ls.sub_(lm), scratch) + _dot(pt, lt.sub_(lm), scratch)
     out["jsd"] = jsd.mul_(0.5).clamp_(0, LN2)
     return out
 
