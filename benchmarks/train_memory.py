@@ -165,8 +165,8 @@ def measure(step, device: str) -> tuple[int, float, int]:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before, time.perf_counter() - t0, before
-    before = _status_kib("VmRSS") * KIB
-    Path("/proc/self/clear_refs").write_text("5")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS; read RSS after, so
+    before = _status_kib("VmRSS") * KIB            # memory freed meanwhile cannot make it < 0
     t0 = time.perf_counter()
     step()
     seconds = time.perf_counter() - t0

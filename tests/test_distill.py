@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tipcli.distill import DistillConfig, run_distill
@@ -66,6 +67,77 @@ def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, mon
     assert before == after  # finished stages were not redone
     assert StageDir.open(it1 / "train", stage="train").manifest["complete"]
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
+
+
+def _load_counter(monkeypatch):
+    import tipcli.models as models_mod
+
+    loads: list[str] = []
+    real = models_mod.load_model
+
+    def counting(name, *a, **kw):
+        loads.append(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(models_mod, "load_model", counting)
+    return loads
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file, tmp_path,
+                                                         monkeypatch):
+    """Each model is loaded once for the whole run, and keeping the trained student in
+    memory gives the same rollouts and weights as reloading it from its checkpoint."""
+    import tipcli.rollout as rollout_mod
+
+    loads = _load_counter(monkeypatch)
+    kept = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "kept"))
+    assert sorted(loads) == sorted([str(tiny_pair[0]), str(tiny_pair[1])])
+
+    cfg = _cfg(tiny_pair, prompts_file, tmp_path / "reloaded")
+    real, calls = rollout_mod.run_rollout, {"n": 0}
+
+    def die_at_second_rollout(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed after iteration 0 finished training
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rollout_mod, "run_rollout", die_at_second_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    monkeypatch.setattr(rollout_mod, "run_rollout", real)
+    loads.clear()
+    reloaded = run_distill(cfg)  # iteration 1 samples from iter-000/train read from disk
+    assert str(reloaded / "iter-000" / "train") in loads
+
+    for i in range(2):
+        for stage in ("rollout", "score"):
+            a = sorted((kept / f"iter-{i:03d}" / stage).glob("*.safetensors"))
+            b = sorted((reloaded / f"iter-{i:03d}" / stage).glob("*.safetensors"))
+            assert a and [p.read_bytes() for p in a] == [p.read_bytes() for p in b], (i, stage)
+    wa, wb = _weights(kept / "iter-001" / "train"), _weights(reloaded / "iter-001" / "train")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for i in range(2):
+        ea = json.loads((kept / f"iter-{i:03d}" / "eval" / "summary.json").read_text())
+        eb = json.loads((reloaded / f"iter-{i:03d}" / "eval" / "summary.json").read_text())
+        assert ea["accuracy"] == eb["accuracy"]
+
+
+def test_full_vocabulary_loss_uses_the_loaded_teacher(tiny_pair, prompts_file, tmp_path,
+                                                      monkeypatch):
+    loads = _load_counter(monkeypatch)
+    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", loss="rkl-full",
+                           eval_prompts=""))
+    assert sorted(loads) == sorted([str(tiny_pair[0]), str(tiny_pair[1])])
+    train = StageDir.open(run / "iter-001" / "train", stage="train")
+    assert train.manifest["complete"] and train.manifest["config"]["loss"] == "rkl-full"
 
 
 def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_path):

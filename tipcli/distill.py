@@ -12,8 +12,10 @@ Iteration i samples from the student trained in iteration i-1 (the first from
     RUN/iter-000/rollout/ score/ select/ train/ eval/
 
 A killed run, started again with the same command, skips the stages already complete
-and resumes the one it was in (each stage resumes itself). The teacher stays loaded for
-the whole run, the student within an iteration.
+and resumes the one it was in (each stage resumes itself). Both models stay loaded for
+the whole run: the student trained in one iteration samples the next, without a trip
+through the disk. (Where sampling runs in bf16, on GPU, training reloads the float32
+weights that the previous iteration saved, so no update is lost to rounding.)
 """
 
 from __future__ import annotations
@@ -86,9 +88,14 @@ class DistillConfig:
                                               "normalize", "group_size", "seed")}
 
     def _train_kw(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("loss", "lr", "warmup", "epochs", "max_steps",
-                                              "batch_size", "grad_accum", "seed",
-                                              "trust_remote_code")}
+        from tipcli.train import FULL_LOSSES
+
+        kw = {k: getattr(self, k) for k in ("loss", "lr", "warmup", "epochs", "max_steps",
+                                            "batch_size", "grad_accum", "seed",
+                                            "trust_remote_code")}
+        if self.loss in FULL_LOSSES:  # exact losses need the teacher during training
+            kw["teacher"] = self.teacher
+        return kw
 
 
 def iter_dir(cfg: DistillConfig, i: int) -> Path:
@@ -97,6 +104,9 @@ def iter_dir(cfg: DistillConfig, i: int) -> Path:
 
 def run_distill(cfg: DistillConfig) -> Path:
     """Run (or resume) the loop; returns the run directory."""
+    import torch
+
+    from tipcli.evaluate import SUMMARY as EVAL_SUMMARY
     from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
                                resolve_dtype)
     from tipcli.prompts import load_prompts
@@ -108,21 +118,31 @@ def run_distill(cfg: DistillConfig) -> Path:
     run = Path(cfg.output)
     _write_run_manifest(cfg, complete=False)
     device = resolve_device(cfg.device)
-    teacher = load_model(cfg.teacher, device, resolve_dtype("auto", device),
-                         cfg.trust_remote_code)
+    dtype = resolve_dtype("auto", device)
+    teacher = load_model(cfg.teacher, device, dtype, cfg.trust_remote_code)
+    student_name, student = cfg.student, None
     history = []
     if cfg.eval_prompts:
+        if not (run / "eval-initial" / EVAL_SUMMARY).is_file():
+            student = load_model(student_name, device, dtype, cfg.trust_remote_code)
         history.append({"iteration": "initial",
-                        **_evaluate(cfg, cfg.student, run / "eval-initial", device)})
-    student_name = cfg.student
+                        **_evaluate(cfg, cfg.student, run / "eval-initial", device,
+                                    student, s_tok)})
     for i in range(cfg.iterations):
-        student = load_model(student_name, device, resolve_dtype("auto", device),
-                             cfg.trust_remote_code)
-        row = _iteration(cfg, i, records, student_name, student, teacher, s_tok)
-        student_name = str(iter_dir(cfg, i) / "train")
-        del student
+        if student is None:
+            student = load_model(student_name, device, dtype, cfg.trust_remote_code)
+        select, row = _sample_score_select(cfg, i, records, student_name, student, teacher,
+                                           s_tok)
+        if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
+            student = None
+        train, student = _train(cfg, select, iter_dir(cfg, i) / "train", student, teacher)
+        if student is not None:  # the trained student stays loaded for the next iteration
+            student.to(dtype)
+        row["train_loss"] = _last_metrics(train).get("loss")
+        student_name = str(train)
         if cfg.eval_prompts:
-            row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device))
+            row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device,
+                                 student, s_tok))
         history.append(row)
     _write_run_manifest(cfg, complete=True, summary={"history": history,
                                                      "final_student": student_name})
@@ -130,7 +150,10 @@ def run_distill(cfg: DistillConfig) -> Path:
     return run
 
 
-def _iteration(cfg, i, records, student_name, student, teacher, tok) -> dict[str, Any]:
+def _sample_score_select(cfg, i, records, student_name, student, teacher,
+                         tok) -> tuple[Path, dict[str, Any]]:
+    """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
+    are kept); returns the selection directory and the iteration's summary row."""
     from tipcli.rollout import RolloutConfig, run_rollout
     from tipcli.score import ScoreConfig, run_score
     from tipcli.select import SelectConfig, run_select
@@ -152,26 +175,27 @@ def _iteration(cfg, i, records, student_name, student, teacher, tok) -> dict[str
         tokenizer=tok)
     select = run_select(SelectConfig(score=str(score), output=str(d / "select"),
                                      **cfg._select_kw()))
-    train = _train(cfg, select, d / "train")
     sd = StageDir.open(score, stage="score")
     kept = StageDir.open(select, stage="select").manifest["summary"]
-    metrics = _last_metrics(train)
-    return {"iteration": i, "rollout_tokens": sd.num_tokens,
-            "mean_rkl": _mean(sd, "rkl"), "selection": kept, "train_loss": metrics.get("loss")}
+    return select, {"iteration": i, "rollout_tokens": sd.num_tokens,
+                    "mean_rkl": _mean(sd, "rkl"), "selection": kept}
 
 
-def _train(cfg: DistillConfig, select: Path, out: Path) -> Path:
+def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher):
+    """Train (or resume, or keep a finished) iteration; returns the directory and the
+    trained student, or None where the stage had already finished."""
     from tipcli.shards import MANIFEST
-    from tipcli.train import CHECKPOINTS, TrainConfig, run_train
+    from tipcli.train import CHECKPOINTS, FULL_LOSSES, TrainConfig, train_model
 
     tcfg = TrainConfig(input=str(select), output=str(out), **cfg._train_kw(),
                        save_every=max(1, cfg.max_steps // 4) if cfg.max_steps else 0)
     mpath = out / MANIFEST
     if mpath.is_file() and json.loads(mpath.read_text()).get("complete"):
-        return out
+        return out, None
     started = mpath.is_file()
     resumable = started and any((out / CHECKPOINTS).glob("step-*"))
-    return run_train(tcfg, overwrite=started and not resumable, resume=resumable)
+    return train_model(tcfg, overwrite=started and not resumable, resume=resumable,
+                       student=student, teacher=teacher if cfg.loss in FULL_LOSSES else None)
 
 
 def _iteration_prompts(cfg, i, records, path: Path) -> Path:
@@ -187,7 +211,8 @@ def _iteration_prompts(cfg, i, records, path: Path) -> Path:
     return path
 
 
-def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str) -> dict[str, Any]:
+def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=None,
+              tok=None) -> dict[str, Any]:
     from tipcli.evaluate import SUMMARY, EvalConfig, run_eval
 
     if (out / SUMMARY).is_file():
@@ -196,7 +221,8 @@ def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str) -> dict[st
         res = run_eval(EvalConfig(model=model, prompts=cfg.eval_prompts, output=str(out),
                                   verifier=cfg.verifier, max_new_tokens=cfg.max_new_tokens,
                                   max_prompts=cfg.eval_max_prompts, seed=cfg.seed,
-                                  device=device, trust_remote_code=cfg.trust_remote_code))
+                                  device=device, trust_remote_code=cfg.trust_remote_code),
+                       model=loaded, tokenizer=tok if loaded is not None else None)
         s = res.summary()
     return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
 

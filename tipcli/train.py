@@ -357,7 +357,10 @@ class TrainState:
         self.step = int(d["step"])
 
 
-def build_trainer(cfg: TrainConfig, acc, src: Source, seqs, tok) -> Trainer:
+def build_trainer(cfg: TrainConfig, acc, src: Source, seqs, tok, student=None,
+                  teacher=None) -> Trainer:
+    """Models, optimizer and schedule. ``student`` (float32) and ``teacher`` may be given
+    already loaded (``tip distill`` keeps them between stages); else they are loaded."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
 
@@ -366,7 +369,11 @@ def build_trainer(cfg: TrainConfig, acc, src: Source, seqs, tok) -> Trainer:
     from tipcli.stats import head_logits
 
     torch.manual_seed(cfg.seed)
-    student = load_model(src.student, "cpu", torch.float32, cfg.trust_remote_code)
+    if student is None:
+        student = load_model(src.student, "cpu", torch.float32, cfg.trust_remote_code)
+    elif student.dtype != torch.float32:
+        raise ValueError("a student handed to training must hold float32 weights")
+    student.requires_grad_(True)
     check_model_fits_vocab(student, tok, src.student)
     student.train()
     if cfg.gradient_checkpointing:
@@ -386,10 +393,14 @@ def build_trainer(cfg: TrainConfig, acc, src: Source, seqs, tok) -> Trainer:
     module, optimizer = acc.prepare(module, optimizer)
     state = TrainState()
     acc.register_for_checkpointing(scheduler, state)
-    teacher = t_head = None
-    if cfg.teacher:
-        teacher = load_model(cfg.teacher, str(acc.device),
-                             resolve_dtype("auto", acc.device.type), cfg.trust_remote_code)
+    t_head = None
+    if not cfg.teacher:
+        teacher = None
+    else:
+        if teacher is None:
+            teacher = load_model(cfg.teacher, str(acc.device),
+                                 resolve_dtype("auto", acc.device.type), cfg.trust_remote_code)
+        teacher.to(acc.device)
         check_model_fits_vocab(teacher, tok, cfg.teacher)
         teacher.requires_grad_(False)
         t_head = head_logits(teacher, vocab, src.temperature)
@@ -469,6 +480,15 @@ def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
     """Train the student on the kept tokens of ``cfg.input``; returns the output directory."""
+    return train_model(cfg, overwrite, resume)[0]
+
+
+def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+                student=None, teacher=None):
+    """``run_train`` on models that may already be loaded (see ``build_trainer``).
+
+    Returns the output directory and the trained student in eval mode (None when the run
+    had already completed and nothing was trained)."""
     from tipcli.models import load_tokenizer, quiet_transformers
 
     quiet_transformers()
@@ -482,8 +502,8 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     writer = _writer(cfg, src, tok, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
     if _finished(cfg.output):  # the same run already completed: nothing to do
-        return Path(cfg.output)
-    tr = build_trainer(cfg, acc, src, seqs, tok)
+        return Path(cfg.output), None
+    tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher)
     if resume:
         _load_latest(tr)
     summary = _loop(tr)
@@ -491,7 +511,11 @@ def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -
     if writer is not None:
         writer.finish(summary)
     acc.wait_for_everyone()
-    return Path(cfg.output)
+    trained = acc.unwrap_model(tr.module).student
+    acc.free_memory()  # drop the optimizer state and accelerate's references to the model
+    trained.eval()
+    trained.requires_grad_(False)
+    return Path(cfg.output), trained
 
 
 def _finished(output: str) -> bool:
