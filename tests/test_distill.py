@@ -130,6 +130,26 @@ def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file
         assert ea["accuracy"] == eb["accuracy"]
 
 
+def test_bf16_sampling_trains_from_float32_checkpoints(tiny_pair, prompts_file, tmp_path,
+                                                      monkeypatch):
+    """Where sampling runs in bf16 (the GPU default, forced here on CPU), training never
+    starts from bf16-rounded weights: it reloads the float32 checkpoint instead."""
+    import tipcli.models as models_mod
+
+    real_dtype = models_mod.resolve_dtype
+    monkeypatch.setattr(models_mod, "resolve_dtype", lambda d, dev: torch.bfloat16
+                        if d in (None, "", "auto") else real_dtype(d, dev))
+    loads = _load_counter(monkeypatch)
+    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", eval_prompts=""))
+    student, teacher = str(tiny_pair[0]), str(tiny_pair[1])
+    # teacher and bf16 student once; training reloads float32 weights in each iteration
+    assert sorted(loads) == sorted([teacher, student, student, str(run / "iter-000" / "train")])
+    weights = _weights(run / "iter-001" / "train")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    r1 = StageDir.open(run / "iter-001" / "rollout", stage="rollout")
+    assert r1.manifest["complete"] and r1.num_tokens > 0
+
+
 def test_full_vocabulary_loss_uses_the_loaded_teacher(tiny_pair, prompts_file, tmp_path,
                                                       monkeypatch):
     loads = _load_counter(monkeypatch)
