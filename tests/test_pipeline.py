@@ -158,3 +158,77 @@ def test_rerun_with_other_settings_refuses(tiny_pair, tiny_rollout, tiny_score):
     assert r.exit_code == 2
     assert "different score run" in r.stderr
     assert StageDir.open(tiny_score, stage="score").manifest["config"]["top_k"] == 8
+
+
+def _plain_truncated_logprobs(logits_PV, tokens_P, top_k, top_p):
+    """log p(token) after top-k then top-p, written out position by position (float64)."""
+    out = []
+    for row, tok in zip(logits_PV.double(), tokens_P.tolist()):
+        kept = set(range(row.numel()))
+        if top_k > 0:
+            kth = sorted(row.tolist(), reverse=True)[top_k - 1]
+            kept = {v for v in kept if row[v] >= kth}
+        if top_p < 1.0:
+            order = sorted(kept, key=lambda v: row[v].item())  # ascending, as transformers
+            probs = torch.softmax(row[order], -1).tolist()
+            cum, dropped = 0.0, set()
+            for v, p in zip(order[:-1], probs[:-1]):  # the most likely token always stays
+                cum += p
+                if cum <= 1 - top_p:
+                    dropped.add(v)
+            kept -= dropped
+        ids = sorted(kept)
+        assert tok in kept, "a sampled token lies outside the truncated distribution"
+        out.append((row[tok] - torch.logsumexp(row[ids], -1)).item())
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(5, 1.0, 0.7), (0, 0.6, 1.0),
+                                                     (4, 0.5, 1.3)])
+def test_rollout_logprob_is_the_truncated_sampling_distribution(tiny_pair, prompts_file,
+                                                                tmp_path, top_k, top_p,
+                                                                temperature):
+    from tipcli.models import load_model
+    from tipcli.rollout import RolloutConfig, run_rollout
+
+    out = run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
+                                    output=str(tmp_path / "r"), max_new_tokens=12, seed=3,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    num_samples=2, batch_size=4, shard_size=4))
+    model, V = load_model(str(tiny_pair[0])), 100
+    raised = 0
+    for seq in StageDir.open(out).iter_sequences():
+        ids = torch.cat([seq["prompt_ids"], seq["response_ids"]]).long()[None]
+        Lp, Lr = seq["prompt_ids"].numel(), seq["response_ids"].numel()
+        with torch.no_grad():
+            logits = model(ids).logits[0, Lp - 1:Lp + Lr - 1, :V] / temperature
+        ref = _plain_truncated_logprobs(logits, seq["response_ids"], top_k, top_p)
+        torch.testing.assert_close(seq["rollout_logprob"].double(), ref, atol=1e-4, rtol=0)
+        full = torch.log_softmax(logits.double(), -1).gather(
+            -1, seq["response_ids"].long()[:, None])[:, 0]
+        raised += int((ref > full + 1e-6).sum())
+    assert raised > 0  # truncation moved mass onto the kept tokens
+
+
+def test_model_generation_defaults_do_not_change_sampling(tiny_pair, prompts_file, tmp_path):
+    """A generation_config.json with a repetition penalty or min-p (as hub models ship) is
+    not applied: rollout_logprob describes temperature / top-k / top-p sampling alone."""
+    import shutil
+
+    from tipcli.rollout import RolloutConfig, run_rollout
+
+    shifted = tmp_path / "student"
+    shutil.copytree(tiny_pair[0], shifted)
+    gen = json.loads((shifted / "generation_config.json").read_text())
+    gen.update(repetition_penalty=5.0, min_p=0.5, no_repeat_ngram_size=1)
+    (shifted / "generation_config.json").write_text(json.dumps(gen))
+
+    def run(student, out):
+        return run_rollout(RolloutConfig(student=str(student), prompts=str(prompts_file),
+                                         output=str(out), max_new_tokens=16, seed=5,
+                                         top_k=20, batch_size=3, shard_size=3))
+
+    a, b = run(tiny_pair[0], tmp_path / "a"), run(shifted, tmp_path / "b")
+    for x, y in zip(StageDir.open(a).iter_sequences(), StageDir.open(b).iter_sequences()):
+        assert torch.equal(x["response_ids"], y["response_ids"])
+        assert torch.equal(x["rollout_logprob"], y["rollout_logprob"])

@@ -5,7 +5,8 @@
 
 Batched generation with KV cache and left padding, stopping at EOS. The output holds
 prompt ids, response ids (up to and including EOS), the response mask, the sampling
-student's log-prob of each sampled token and the finish reason. Sequences are cut into
+student's log-prob of each sampled token (under the temperature / top-k / top-p
+distribution it was drawn from) and the finish reason. Sequences are cut into
 shards of ``shard_size``; each generation batch is seeded from (seed, shard, batch), so
 the same seed gives the same output on CPU and a resumed run equals an uninterrupted one.
 """
@@ -17,6 +18,12 @@ from pathlib import Path
 
 from tipcli.config import option, to_dict
 from tipcli.errors import TipError
+
+# Settings a model's generation_config may carry that would change the sampling
+# distribution behind rollout_logprob's back; tip samples from temperature, top-k and top-p
+# alone. (transformers fills a None from the model's defaults, so these are explicit.)
+NEUTRAL_GENERATION = dict(repetition_penalty=1.0, min_p=0.0, typical_p=1.0,
+                          epsilon_cutoff=0.0, eta_cutoff=0.0, no_repeat_ngram_size=0)
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,14 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     ``model``/``tokenizer`` may be passed in already loaded (the on-policy loop does)."""
     import torch
 
-    from tipcli.models import load_model, load_tokenizer, model_ref, resolve_device, \
-        resolve_dtype, tokenizer_info
+    from tipcli.models import (
+        load_model,
+        load_tokenizer,
+        model_ref,
+        resolve_device,
+        resolve_dtype,
+        tokenizer_info,
+    )
     from tipcli.progress import progress
     from tipcli.prompts import encode_prompt, load_prompts
     from tipcli.shards import StageWriter
@@ -149,7 +162,7 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: RolloutConfig, dev
     eos = _eos_ids(model, tok)
     sample = cfg.temperature > 0
     gen_kwargs = dict(do_sample=sample, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
-                      eos_token_id=eos, use_cache=True)
+                      eos_token_id=eos, use_cache=True, **NEUTRAL_GENERATION)
     padded = list(range(real_vocab_size(tok), model_vocab_size(model)))
     if padded:  # logit columns past the tokenizer's vocabulary are never sampled
         gen_kwargs["suppress_tokens"] = padded
@@ -173,7 +186,8 @@ def generate_batch(model, tok, prompts: list[list[int]], cfg: RolloutConfig, dev
         hidden = response_hidden(model, batch, device)
         logits = head_logits(model, real_vocab_size(tok), cfg.temperature or 1.0)
         logprob = sampled_logprobs(hidden, batch.tokens_P, logits,
-                                   auto_chunk(cfg.chunk_size, real_vocab_size(tok)))
+                                   auto_chunk(cfg.chunk_size, real_vocab_size(tok)),
+                                   cfg.top_k if sample else 0, cfg.top_p if sample else 1.0)
     return {
         "prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int32),
         "prompt_offsets": offsets([len(p) for p in prompts]),
