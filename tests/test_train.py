@@ -412,3 +412,21 @@ def test_memory_benchmark_quick_form(capsys):
     assert all(r["step_seconds"] > 0 and r["peak_step_bytes"] >= 0 for r in rows)
     md = bench.table(rows, "MiB")
     assert md.count("\n") == 4 and "naive (full logits)" in md and "tip, keep 0.5" in md
+
+
+def test_unusable_accelerate_launch_is_a_one_line_error(tiny_score, tmp_path):
+    """An FSDP launch on a machine without GPUs: accelerate refuses, and each process says
+    so in one line and exits with 2, instead of a traceback."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "tipcli", "train", str(tiny_score), "-o",
+           str(tmp_path / "t"), "--strategy", "all", "--max-steps", "1"]
+    if torch.cuda.is_available():
+        pytest.skip("FSDP can run here")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    ours = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(ours) == 2 and all("accelerate could not set up this launch" in ln
+                                  for ln in ours), out.stderr[-2000:]
+    assert "exitcode: 2" in out.stderr and '/tipcli/' not in out.stderr

@@ -324,7 +324,12 @@ def make_accelerator(cfg: TrainConfig):
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     if mp == "auto":
         mp = "no" if cpu else "bf16"
-    return Accelerator(cpu=cpu, mixed_precision=mp)
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mp)
+    except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TipError(f"accelerate could not set up this launch: {first} "
+                       "(check the `accelerate launch` options or `accelerate config`)") from None
 
 
 @dataclass
