@@ -185,7 +185,7 @@ def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher):
     """Train (or resume, or keep a finished) iteration; returns the directory and the
     trained student, or None where the stage had already finished."""
     from tipcli.shards import MANIFEST
-    from tipcli.train import CHECKPOINTS, FULL_LOSSES, TrainConfig, train_model
+    from tipcli.train import CHECKPOINTS, TrainConfig, train_model
 
     tcfg = TrainConfig(input=str(select), output=str(out), **cfg._train_kw(),
                        save_every=max(1, cfg.max_steps // 4) if cfg.max_steps else 0)
@@ -194,8 +194,9 @@ def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher):
         return out, None
     started = mpath.is_file()
     resumable = started and any((out / CHECKPOINTS).glob("step-*"))
+    # the teacher is used only where the loss needs it (``tcfg.teacher`` set)
     return train_model(tcfg, overwrite=started and not resumable, resume=resumable,
-                       student=student, teacher=teacher if cfg.loss in FULL_LOSSES else None)
+                       student=student, teacher=teacher)
 
 
 def _iteration_prompts(cfg, i, records, path: Path) -> Path:
@@ -222,7 +223,7 @@ def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=Non
                                   verifier=cfg.verifier, max_new_tokens=cfg.max_new_tokens,
                                   max_prompts=cfg.eval_max_prompts, seed=cfg.seed,
                                   device=device, trust_remote_code=cfg.trust_remote_code),
-                       model=loaded, tokenizer=tok if loaded is not None else None)
+                       model=loaded, tokenizer=tok)
         s = res.summary()
     return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
 

@@ -81,14 +81,8 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     ``model``/``tokenizer`` may be passed in already loaded (the on-policy loop does)."""
     import torch
 
-    from tipcli.models import (
-        load_model,
-        load_tokenizer,
-        model_ref,
-        resolve_device,
-        resolve_dtype,
-        tokenizer_info,
-    )
+    from tipcli.models import load_model, load_tokenizer, model_ref, resolve_device, \
+        resolve_dtype, tokenizer_info
     from tipcli.progress import progress
     from tipcli.prompts import encode_prompt, load_prompts
     from tipcli.shards import StageWriter

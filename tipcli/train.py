@@ -399,12 +399,12 @@ def build_trainer(cfg: TrainConfig, acc, src: Source, seqs, tok, student=None,
     state = TrainState()
     acc.register_for_checkpointing(scheduler, state)
     t_head = None
-    if not cfg.teacher:
+    if not cfg.teacher:  # only the full-vocabulary losses use a teacher in training
         teacher = None
-    else:
-        if teacher is None:
-            teacher = load_model(cfg.teacher, str(acc.device),
-                                 resolve_dtype("auto", acc.device.type), cfg.trust_remote_code)
+    elif teacher is None:
+        teacher = load_model(cfg.teacher, str(acc.device),
+                             resolve_dtype("auto", acc.device.type), cfg.trust_remote_code)
+    if teacher is not None:
         teacher.to(acc.device)
         check_model_fits_vocab(teacher, tok, cfg.teacher)
         teacher.requires_grad_(False)
