@@ -69,14 +69,15 @@ def make_batch(tok, n: int, prompt_len: int, response_len: int, seed: int):
 def run_variant(name: str, student, teacher, tok, batch):
     import torch
 
-    from tipcli.forward import response_hidden
-    from tipcli.stats import auto_chunk, chunk_stats, head_logits, token_stats
+    from tipcli.forward import head_logits, response_hidden
+    from tipcli.stats import auto_chunk, chunk_stats, token_stats
 
     V = len(tok)
     with torch.no_grad():
         if name == "bare":
-            student(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
-            teacher(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+            for model in (student, teacher):
+                _ = model(input_ids=batch.input_ids_BT,
+                          attention_mask=batch.attention_mask_BT).logits
         elif name == "body":
             response_hidden(student, batch, "cpu")
             response_hidden(teacher, batch, "cpu")
@@ -99,8 +100,8 @@ def run_variant(name: str, student, teacher, tok, batch):
 def child_memory(args) -> dict:
     """Peak memory of one variant, alone in this process."""
     import torch
-
     from memory import peak_mb, reset_peak, rss_mb
+
     from tipcli.models import quiet_transformers
 
     quiet_transformers()

@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from tipcli.importance import Settings, importance
+from tipcli.configs import Selection
+from tipcli.importance import importance
 
 
 def synthetic(num_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,7 +41,7 @@ def time_strategy(data: dict[str, torch.Tensor], strategy: str,
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
         importance(data["offsets"], data["mask"], data["entropy"], data["rkl"], data["fkl"],
-                   Settings(strategy=strategy, keep=0.5))
+                   Selection(strategy=strategy, keep=0.5))
         best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
     return best
 

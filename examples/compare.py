@@ -174,11 +174,11 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 
 def distill_config(args: argparse.Namespace, inputs: dict[str, str], row: Row, seed: int,
                    out: Path):
-    from tipcli.distill import DistillConfig
+    from tipcli.configs import DistillConfig, resolve
 
-    return DistillConfig(
-        student=inputs["student"], teacher=inputs["teacher"], prompts=inputs["prompts"],
-        output=str(out), iterations=args.iterations,
+    return resolve(
+        DistillConfig, student=inputs["student"], teacher=inputs["teacher"],
+        prompts=inputs["prompts"], output=str(out), iterations=args.iterations,
         prompts_per_iteration=args.prompts_per_iteration, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, strategy=row.strategy, keep=row.keep,
         lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -189,10 +189,10 @@ def distill_config(args: argparse.Namespace, inputs: dict[str, str], row: Row, s
 def run_one(args, inputs, row: Row, seed: int, work: Path) -> dict[str, Any]:
     """One distillation run (reused when already complete); its accuracies and shares."""
     from tipcli.distill import run_distill
+    from tipcli.shards import is_complete
 
     out = work / "runs" / f"{row.slug}-s{seed}"
-    manifest = out / "manifest.json"
-    reused = manifest.is_file() and json.loads(manifest.read_text()).get("complete", False)
+    reused = is_complete(out)
     t0 = time.perf_counter()
     run_distill(distill_config(args, inputs, row, seed, out))
     seconds = time.perf_counter() - t0
@@ -218,8 +218,9 @@ def run_one(args, inputs, row: Row, seed: int, work: Path) -> dict[str, Any]:
 MEASURE = r"""
 import gc, json, sys, time
 import accelerate, torch, transformers  # noqa: F401  imported before the baseline
+from tipcli.configs import TrainConfig, resolve
 from tipcli.models import load_model
-from tipcli.train import TrainConfig, run_train
+from tipcli.train import run_train
 
 def status_mib(key):
     with open("/proc/self/status") as f:
@@ -228,7 +229,7 @@ def status_mib(key):
                 return int(line.split()[1]) / 1024
 
 torch.set_num_threads(int(sys.argv[2]))
-cfg = TrainConfig(**json.loads(sys.argv[1]))
+cfg = resolve(TrainConfig, **json.loads(sys.argv[1]))
 load_model(cfg.student, "cpu", torch.float32)  # warm-up, dropped at once
 gc.collect()
 before = status_mib("VmRSS")
@@ -249,17 +250,16 @@ def measure_train_memory(args, run: Path, out: Path, seed: int, student: str) ->
     """Train iteration 0's selection again in a fresh process; its peak resident memory."""
     import torch
 
-    from tipcli.config import to_dict
-    from tipcli.train import TrainConfig
+    from tipcli.configs import TrainConfig, resolve, to_flat
 
     cached = out / "memory.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    cfg = TrainConfig(input=str(run / "iter-000" / "select"), output=str(out / "train"),
-                      student=student, lr=args.lr, max_steps=args.max_steps,
-                      batch_size=args.batch_size, seed=seed, device="cpu")
+    cfg = resolve(TrainConfig, input=str(run / "iter-000" / "select"),
+                  output=str(out / "train"), student=student, lr=args.lr,
+                  max_steps=args.max_steps, batch_size=args.batch_size, seed=seed, device="cpu")
     env = {**os.environ, "TIP_QUIET": "1"}
-    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(to_dict(cfg)),
+    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(to_flat(cfg)),
                            str(torch.get_num_threads())], capture_output=True, text=True,
                           env=env, cwd=REPO)
     if proc.returncode != 0:

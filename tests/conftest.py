@@ -9,8 +9,31 @@ from pathlib import Path
 
 import pytest
 
+from tipcli.configs import resolve
+
 os.environ.setdefault("TIP_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
+    """A CliRunner result that failed the way tip promises: exit ``code``, one line on
+    stderr starting with ``error:`` and holding every needle, no traceback."""
+    assert result.exit_code == code, result.output
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:"), err
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in err, err
+
 
 PROMPTS = ["What is 2+3?", "Say hi.", "Count: 1 2 3", "Name a colour.", "Spell cat.",
            "7*6=?"]
@@ -49,7 +72,7 @@ def tiny_rollout(tiny_pair, prompts_file, tmp_path_factory) -> Path:
     from tipcli.rollout import RolloutConfig, run_rollout
 
     out = tmp_path_factory.mktemp("stages") / "rollout"
-    return run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
+    return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
                                      output=str(out), num_samples=2, max_new_tokens=24,
                                      batch_size=2, shard_size=4, seed=0))
 
@@ -60,5 +83,5 @@ def tiny_score(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
     from tipcli.score import ScoreConfig, run_score
 
     out = tmp_path_factory.mktemp("stages") / "score"
-    return run_score(ScoreConfig(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+    return run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
                                  output=str(out), top_k=8, batch_size=3, chunk_size=7))

@@ -74,8 +74,11 @@ def test_sft_batch_labels_only_on_response():
 
 
 def test_train_spec_validate():
-    assert A.TrainSpec().validate() == []
-    assert len(A.TrainSpec(hidden=30, heads=4, target=2.0, max_steps=0).validate()) == 3
+    from tipcli.settings import problems
+
+    assert problems(A.TrainSpec()) == []
+    found = problems(A.TrainSpec(hidden=30, heads=4, target=2.0, max_steps=0))
+    assert len(found) == 3 and "--hidden must be a multiple of --heads" in found
 
 
 def test_short_training_lowers_loss_and_saves_loadable_pair(tmp_path):

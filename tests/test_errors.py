@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tipcli.cli import app
@@ -18,15 +19,6 @@ def _rollout(student, prompts, out):
                                "-o", str(out), "--max-new-tokens", "4"])
 
 
-def _assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error:")
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in err, err
-
 
 def _assert_not_complete(out: Path):
     m = out / MANIFEST
@@ -37,7 +29,7 @@ def test_jsonl_line_not_json(tiny_pair, tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
     r = _rollout(tiny_pair[0], p, tmp_path / "out")
-    _assert_one_line_error(r, "line 2", "not valid JSON")
+    assert_one_line_error(r, "line 2", "not valid JSON")
     _assert_not_complete(tmp_path / "out")
 
 
@@ -45,7 +37,7 @@ def test_missing_prompt_field(tiny_pair, tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text('{"prompt": "a"}\n{"question": "b"}\n')
     r = _rollout(tiny_pair[0], p, tmp_path / "out")
-    _assert_one_line_error(r, "line 2", "'prompt'", "--prompt-field", "question")
+    assert_one_line_error(r, "line 2", "'prompt'", "--prompt-field", "question")
     _assert_not_complete(tmp_path / "out")
 
 
@@ -61,19 +53,19 @@ def test_prompt_field_option(tiny_pair, tmp_path):
 def test_empty_prompt_file(tiny_pair, tmp_path):
     p = tmp_path / "p.jsonl"
     p.write_text("\n")
-    _assert_one_line_error(_rollout(tiny_pair[0], p, tmp_path / "out"), "no prompts")
+    assert_one_line_error(_rollout(tiny_pair[0], p, tmp_path / "out"), "no prompts")
     _assert_not_complete(tmp_path / "out")
 
 
 def test_missing_prompt_file(tiny_pair, tmp_path):
     r = _rollout(tiny_pair[0], tmp_path / "nope.jsonl", tmp_path / "out")
-    _assert_one_line_error(r, "nope.jsonl", "does not exist")
+    assert_one_line_error(r, "nope.jsonl", "does not exist")
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_model(tmp_path, prompts_file):
     r = _rollout(tmp_path / "no-model-here.gguf", prompts_file, tmp_path / "out")
-    _assert_one_line_error(r, "does not exist")
+    assert_one_line_error(r, "does not exist")
 
 
 def test_teacher_vocabulary_differs(tiny_pair, tiny_rollout, tmp_path):
@@ -85,7 +77,7 @@ def test_teacher_vocabulary_differs(tiny_pair, tiny_rollout, tmp_path):
     tok.save_pretrained(other)
     r = runner.invoke(app, ["score", str(tiny_rollout), "--teacher", str(other), "-o",
                             str(tmp_path / "s")])
-    _assert_one_line_error(r, "differ at id", "'q'")
+    assert_one_line_error(r, "differ at id", "'q'")
     assert not (tmp_path / "s").exists()
 
 
@@ -93,34 +85,34 @@ def test_score_needs_rollout_dir(tiny_pair, tmp_path):
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["score", str(tmp_path / "empty"), "--teacher", str(tiny_pair[1]),
                             "-o", str(tmp_path / "s")])
-    _assert_one_line_error(r, "no manifest.json")
+    assert_one_line_error(r, "no manifest.json")
 
 
 def test_score_given_score_dir(tiny_pair, tiny_score, tmp_path):
     r = runner.invoke(app, ["score", str(tiny_score), "--teacher", str(tiny_pair[1]),
                             "-o", str(tmp_path / "s")])
-    _assert_one_line_error(r, "is a score directory", "expected a rollout directory")
+    assert_one_line_error(r, "is a score directory", "expected a rollout directory")
 
 
 def test_invalid_settings_listed_together(tiny_pair, prompts_file, tmp_path):
     r = runner.invoke(app, ["rollout", "--student", str(tiny_pair[0]), "--prompts",
                             str(prompts_file), "-o", str(tmp_path / "o"), "--top-p", "0",
                             "--num-samples", "0"])
-    _assert_one_line_error(r, "--top-p", "--num-samples")
+    assert_one_line_error(r, "--top-p", "--num-samples")
 
 
 def test_output_dir_with_foreign_files(tiny_pair, prompts_file, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    _assert_one_line_error(_rollout(tiny_pair[0], prompts_file, out), "not empty")
+    assert_one_line_error(_rollout(tiny_pair[0], prompts_file, out), "not empty")
     assert (out / "precious.txt").read_text() == "keep me"
 
 
 def test_stdin_dash_without_input(tiny_pair, tmp_path):
     r = runner.invoke(app, ["score", "-", "--teacher", str(tiny_pair[1]), "-o",
                             str(tmp_path / "s")], input="")
-    _assert_one_line_error(r, "stdin")
+    assert_one_line_error(r, "stdin")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "dataset"])

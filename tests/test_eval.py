@@ -3,9 +3,11 @@
 import json
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tipcli.cli import app
+from tipcli.configs import resolve
 from tipcli.errors import ConfigError
 from tipcli.evaluate import EvalConfig, run_eval, wilson_interval
 
@@ -49,24 +51,18 @@ def test_cli_eval_files_and_summary(tiny_pair, prompts_file, tmp_path):
 def test_cli_eval_missing_answer_field_is_one_line_exit_2(tiny_pair, prompts_file, tmp_path):
     r = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file,
                  "--answer-field", "solution", "-o", tmp_path / "e"])
-    assert r.exit_code == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no 'solution' field" in lines[0] and "Traceback" not in r.output
+    assert_one_line_error(r, "no 'solution' field")
     assert not (tmp_path / "e").exists()
 
 
 def test_cli_eval_bad_verifier_is_one_line_exit_2(tiny_pair, prompts_file, tmp_path):
     r = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file,
                  "--verifier", "no_such_mod_q:f", "-o", tmp_path / "e"])
-    assert r.exit_code == 2
-    assert "could not import verifier 'no_such_mod_q:f'" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert_one_line_error(r, "could not import verifier 'no_such_mod_q:f'")
 
 
 def test_config_validate_collects_all_problems():
     with pytest.raises(ConfigError) as exc:
-        from tipcli.config import resolve
-
         resolve(EvalConfig, model="m", prompts="p", num_samples=0, temperature=-1,
                 verifier="bogus")
     assert len(exc.value.problems) == 3
@@ -79,12 +75,12 @@ def test_run_eval_in_memory_greedy_is_deterministic(tiny_pair, prompts_file, tmp
 
     model, tok = load_model(str(tiny_pair[1])), load_tokenizer(str(tiny_pair[1]))
     base = dict(model="in-memory", prompts=str(prompts_file), max_new_tokens=5)
-    a = run_eval(EvalConfig(**base, batch_size=6, seed=1), model=model, tokenizer=tok)
-    b = run_eval(EvalConfig(**base, batch_size=4, seed=2), model=model, tokenizer=tok)
+    a = run_eval(resolve(EvalConfig, **base, batch_size=6, seed=1), model=model, tokenizer=tok)
+    b = run_eval(resolve(EvalConfig, **base, batch_size=4, seed=2), model=model, tokenizer=tok)
     assert [r["response"] for r in a.rows] == [r["response"] for r in b.rows]
     assert a.output is None and a.n == 6 and 0 <= a.accuracy <= 1
     (tmp_path / "always.py").write_text("def yes(response, answer):\n    return True\n")
-    c = run_eval(EvalConfig(**base, verifier=f"{tmp_path / 'always.py'}:yes"), model=model,
+    c = run_eval(resolve(EvalConfig, **base, verifier=f"{tmp_path / 'always.py'}:yes"), model=model,
                  tokenizer=tok)
     assert c.accuracy == 1.0 and c.correct == 6
 
@@ -100,7 +96,7 @@ def test_run_eval_grades_a_model_that_knows_the_answers(tmp_path):
         path = tmp_path / f"p{shift}.jsonl"
         path.write_text("".join(json.dumps({**r, "answer": str(int(r["answer"]) + shift)}) + "\n"
                                 for r in recs))
-        res = run_eval(EvalConfig(model="memo", prompts=str(path), max_new_tokens=40,
+        res = run_eval(resolve(EvalConfig, model="memo", prompts=str(path), max_new_tokens=40,
                                   verifier="last-number"), model=model, tokenizer=tok)
         assert [r["response"] for r in res.rows] == [r["solution"] for r in recs]
         assert res.accuracy == expected

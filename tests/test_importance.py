@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from tipcli.importance import (Rows, Settings, budget, importance, normalize, parse_quadrants,
-                               row_quantile, select_mask, strategy_problem)
+from tipcli.configs import Selection
+from tipcli.importance import (Rows, budget, importance, normalize, parse_quadrants, row_quantile,
+                               select_mask, strategy_problem)
 
 TOPK = ("entropy", "divergence", "soft-or", "soft-or-bottom", "q3")
 
@@ -123,7 +124,7 @@ def test_bound_and_rank_normalisation():
 @pytest.mark.parametrize("group_size", [1, 3, 64])
 def test_h_d_thresholds_quadrants_against_reference(group_size):
     off, mask, H, D, F = make_batch(seed=group_size)
-    out = importance(off, mask, H, D, F, Settings(group_size=group_size))
+    out = importance(off, mask, H, D, F, Selection(group_size=group_size))
     h, d, tau = ref_normalize(off, mask, H, D, group_size)
     for t in range(len(mask)):
         if not mask[t]:
@@ -140,7 +141,7 @@ def test_h_d_thresholds_quadrants_against_reference(group_size):
 @pytest.mark.parametrize("strategy,scope", list(itertools.product(TOPK, ("sequence", "group"))))
 def test_topk_strategies_against_reference(strategy, scope):
     off, mask, H, D, F = make_batch(seed=7)
-    st = Settings(strategy=strategy, keep=0.3, scope=scope, group_size=4)
+    st = Selection(strategy=strategy, keep=0.3, scope=scope, group_size=4)
     out = importance(off, mask, H, D, F, st)
     h = dict(enumerate(out["h"].tolist()))
     d = dict(enumerate(out["d"].tolist()))
@@ -157,7 +158,7 @@ def test_topk_strategies_against_reference(strategy, scope):
 @pytest.mark.parametrize("wanted,keep", [("Q3", 1.0), ("Q1+Q3", 0.2), ("Q2+Q4", 0.5)])
 def test_quadrant_sets_against_reference(wanted, keep):
     off, mask, H, D, F = make_batch(seed=3, n_seq=20)
-    out = importance(off, mask, H, D, F, Settings(strategy=f"quadrant:{wanted}", keep=keep))
+    out = importance(off, mask, H, D, F, Selection(strategy=f"quadrant:{wanted}", keep=keep))
     codes = {int(q[1]) for q in wanted.split("+")}
     s = out["soft_or"].tolist()
     for toks in ref_scopes(off, mask, 64, "sequence"):
@@ -170,7 +171,7 @@ def test_quadrant_sets_against_reference(wanted, keep):
 
 def test_quadrant_q3_keeps_low_h_high_d_only():
     off, mask, H, D, F = make_batch(seed=5, n_seq=30)
-    out = importance(off, mask, H, D, F, Settings(strategy="quadrant:Q3", keep=1.0,
+    out = importance(off, mask, H, D, F, Selection(strategy="quadrant:Q3", keep=1.0,
                                                   group_size=8))
     group_T = torch.repeat_interleave(torch.arange(30), off.diff()) // 8
     sel = out["selected"]
@@ -182,7 +183,7 @@ def test_quadrant_q3_keeps_low_h_high_d_only():
 
 def test_absolute_thresholds_and_quadrant_counts_sum():
     off, mask, H, D, F = make_batch(seed=9, n_seq=25)
-    out = importance(off, mask, H, D, F, Settings(tau_h=0.2, tau_d=0.7))
+    out = importance(off, mask, H, D, F, Selection(tau_h=0.2, tau_d=0.7))
     q = out["quadrant"][mask]
     counts = [int((q == c).sum()) for c in range(1, 5)]
     assert sum(counts) == int(mask.sum())
@@ -194,10 +195,10 @@ def test_absolute_thresholds_and_quadrant_counts_sum():
 
 def test_all_and_exact_k_both_scopes():
     off, mask, H, D, F = make_batch(seed=11, n_seq=40, max_len=30)
-    assert torch.equal(importance(off, mask, H, D, F, Settings(strategy="all"))["selected"], mask)
+    assert torch.equal(importance(off, mask, H, D, F, Selection(strategy="all"))["selected"], mask)
     for strategy in ("random", "entropy-sample", "soft-or", "q3"):
         for scope in ("sequence", "group"):
-            out = importance(off, mask, H, D, F, Settings(strategy=strategy, keep=0.37,
+            out = importance(off, mask, H, D, F, Selection(strategy=strategy, keep=0.37,
                                                           scope=scope, group_size=6))
             for toks in ref_scopes(off, mask, 6, scope):
                 assert sum(bool(out["selected"][t]) for t in toks) == ref_k(len(toks), 0.37)
@@ -206,9 +207,9 @@ def test_all_and_exact_k_both_scopes():
 def test_seed_determinism_and_variation():
     off, mask, H, D, F = make_batch(seed=12, n_seq=40, max_len=30)
     for strategy in ("random", "entropy-sample"):
-        a = importance(off, mask, H, D, F, Settings(strategy=strategy, seed=4))["selected"]
-        b = importance(off, mask, H, D, F, Settings(strategy=strategy, seed=4))["selected"]
-        c = importance(off, mask, H, D, F, Settings(strategy=strategy, seed=5))["selected"]
+        a = importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
+        b = importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
+        c = importance(off, mask, H, D, F, Selection(strategy=strategy), 5)["selected"]
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -216,7 +217,7 @@ def test_ties_are_seeded_and_exact():
     off = torch.tensor([0, 10, 20])
     mask = torch.ones(20, dtype=torch.bool)
     const = torch.ones(20)
-    sel = [importance(off, mask, const, const, const, Settings(keep=0.3, seed=s))["selected"]
+    sel = [importance(off, mask, const, const, const, Selection(keep=0.3), s)["selected"]
            for s in (0, 0, 1, 2, 3)]
     assert all(int(m[:10].sum()) == 3 and int(m[10:].sum()) == 3 for m in sel)
     assert torch.equal(sel[0], sel[1])

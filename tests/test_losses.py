@@ -3,9 +3,10 @@
 
 import pytest
 import torch
+from reference import reference_token_loss
 
 from tipcli.losses import (FULL_LOSSES, LOSSES, TOPK_LOSSES, chunked_token_loss, divergence,
-                           reference_token_loss, teacher_buckets, token_loss)
+                           teacher_buckets, token_loss)
 
 K, H, V, PAD, k = 23, 12, 40, 5, 6   # kept rows, hidden, vocab, padded rows, top-k
 

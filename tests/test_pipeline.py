@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from tipcli.cli import app
+from tipcli.configs import resolve
 from tipcli.shards import StageDir, StageWriter
 
 runner = CliRunner()
@@ -71,9 +72,8 @@ def test_pipe_rollout_into_score(tiny_pair, prompts_file, tmp_path):
 
 def test_score_equals_full_logits_reference(tiny_pair, tiny_score):
     """Stored statistics equal float64 statistics from the models' full logits."""
+    from reference import reference_stats
     from transformers import AutoModelForCausalLM
-
-    from tipcli.stats import reference_stats
 
     models = [AutoModelForCausalLM.from_pretrained(p).eval() for p in tiny_pair]
     V = 100  # tokenizer size; the models have 13 padded output rows
@@ -98,9 +98,9 @@ def test_rollout_responses_end_at_eos_and_are_deterministic(tiny_pair, prompts_f
     from tipcli.rollout import RolloutConfig, run_rollout
 
     def run(out, seed):
-        return run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
-                                         output=str(out), max_new_tokens=40, seed=seed,
-                                         temperature=1.0, batch_size=3, shard_size=3))
+        return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]),
+                                   prompts=str(prompts_file), output=str(out), max_new_tokens=40,
+                                   seed=seed, temperature=1.0, batch_size=3, shard_size=3))
 
     a, b, c = run(tmp_path / "a", 1), run(tmp_path / "b", 1), run(tmp_path / "c", 2)
     for name in _files(a) - {"manifest.json"}:
@@ -123,7 +123,7 @@ def test_interrupted_score_resumes_byte_identical(tiny_pair, tiny_rollout, tmp_p
     from tipcli.score import ScoreConfig, run_score
 
     def cfg(out):
-        return ScoreConfig(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+        return resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
                            output=str(out), top_k=3, batch_size=2)
 
     full = run_score(cfg(tmp_path / "full"))
@@ -191,7 +191,7 @@ def test_rollout_logprob_is_the_truncated_sampling_distribution(tiny_pair, promp
     from tipcli.models import load_model
     from tipcli.rollout import RolloutConfig, run_rollout
 
-    out = run_rollout(RolloutConfig(student=str(tiny_pair[0]), prompts=str(prompts_file),
+    out = run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
                                     output=str(tmp_path / "r"), max_new_tokens=12, seed=3,
                                     temperature=temperature, top_k=top_k, top_p=top_p,
                                     num_samples=2, batch_size=4, shard_size=4))
@@ -224,7 +224,7 @@ def test_model_generation_defaults_do_not_change_sampling(tiny_pair, prompts_fil
     (shifted / "generation_config.json").write_text(json.dumps(gen))
 
     def run(student, out):
-        return run_rollout(RolloutConfig(student=str(student), prompts=str(prompts_file),
+        return run_rollout(resolve(RolloutConfig, student=str(student), prompts=str(prompts_file),
                                          output=str(out), max_new_tokens=16, seed=5,
                                          top_k=20, batch_size=3, shard_size=3))
 

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tipcli.cli import app
+from tipcli.configs import resolve
 from tipcli.select import SelectConfig, run_select
 from tipcli.shards import StageDir
 
@@ -16,15 +17,15 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_select(tiny_score, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "sel"
-    return run_select(SelectConfig(score=str(tiny_score), output=str(out), strategy="soft-or",
-                                   keep=0.5, group_size=5))
+    return run_select(resolve(SelectConfig, score=str(tiny_score), output=str(out),
+                              strategy="soft-or", keep=0.5, group_size=5))
 
 
 def _tokens(sel_dir, score_dir):
     """Plain Python lists per token: sequence, position, length and every field."""
     rows = []
     sel = StageDir.open(sel_dir)
-    for i, (m, s) in enumerate(zip(sel.iter_shards(), StageDir.open(score_dir).iter_shards())):
+    for _i, (m, s) in enumerate(zip(sel.iter_shards(), StageDir.open(score_dir).iter_shards())):
         off = s["response_offsets"].tolist()
         for n in range(len(off) - 1):
             for t in range(off[n], off[n + 1]):

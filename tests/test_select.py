@@ -4,10 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tipcli.cli import app
-from tipcli.importance import Settings, importance
+from tipcli.configs import Selection, resolve, to_flat
+from tipcli.errors import ConfigError
+from tipcli.importance import importance
 from tipcli.select import SELECT_TENSORS, SelectConfig, compute_selection, run_select
 from tipcli.shards import StageDir
 
@@ -17,13 +20,6 @@ runner = CliRunner()
 def _invoke(args, **kw):
     return runner.invoke(app, [str(a) for a in args], **kw)
 
-
-def _one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0]
 
 
 def test_cli_select_writes_exactly_mask_shards(tiny_score, tmp_path):
@@ -62,8 +58,8 @@ def test_select_reads_path_from_stdin(tiny_score, tmp_path):
 def test_compute_selection_groups_span_shards(tiny_score):
     """Groups of 5 sequences over shards of 4: equal to one pass over the whole directory."""
     score = StageDir.open(tiny_score, stage="score")
-    cfg = SelectConfig(score=str(tiny_score), output="-", group_size=5, keep=0.3)
-    parts = compute_selection(score, cfg)
+    cfg = resolve(SelectConfig, score=str(tiny_score), output="-", group_size=5, keep=0.3)
+    parts = compute_selection(score, cfg.selection, cfg.seed)
     assert len(parts) == len(score.shards)
     seqs = list(score.iter_sequences())
     lengths = torch.tensor([len(s["rkl"]) for s in seqs])
@@ -71,7 +67,7 @@ def test_compute_selection_groups_span_shards(tiny_score):
     cat = {k: torch.cat([s[k] for s in seqs]) for k in ("response_mask", "student_entropy",
                                                         "rkl", "fkl")}
     whole = importance(off, cat["response_mask"], cat["student_entropy"], cat["rkl"],
-                       cat["fkl"], Settings(group_size=5, keep=0.3), 100)
+                       cat["fkl"], Selection(group_size=5, keep=0.3), 0, 100)
     for name in ("selected", "h", "d", "soft_or", "quadrant"):
         assert torch.equal(torch.cat([p[name] for p in parts]), whole[name]), name
     # the second group (sequences 5..9) straddles shards 1 and 2: its minmax h reaches 1 and 0
@@ -83,8 +79,7 @@ def test_compute_selection_groups_span_shards(tiny_score):
 
 def test_exact_k_per_sequence_on_fixture(tiny_score):
     score = StageDir.open(tiny_score, stage="score")
-    parts = compute_selection(score, SelectConfig(score=str(tiny_score), output="-", keep=0.25,
-                                                  strategy="entropy-sample", seed=3))
+    parts = compute_selection(score, Selection(keep=0.25, strategy="entropy-sample"), seed=3)
     sel = torch.cat([p["selected"] for p in parts])
     a = 0
     for seq in score.iter_sequences():
@@ -94,15 +89,15 @@ def test_exact_k_per_sequence_on_fixture(tiny_score):
 
 
 def test_run_select_deterministic_and_resumes(tiny_score, tmp_path):
-    cfg = SelectConfig(score=str(tiny_score), output=str(tmp_path / "a"), strategy="random",
-                       seed=7)
+    cfg = resolve(SelectConfig, score=str(tiny_score), output=str(tmp_path / "a"),
+                  strategy="random", seed=7)
     a = StageDir.open(run_select(cfg), stage="select")
-    b = StageDir.open(run_select(SelectConfig(**{**cfg.__dict__,
+    b = StageDir.open(run_select(resolve(SelectConfig, **{**to_flat(cfg),
                                                  "output": str(tmp_path / "b")})))
     for i in range(len(a.shards)):
         assert torch.equal(a.load_shard(i)["selected"], b.load_shard(i)["selected"])
     assert run_select(cfg) == Path(cfg.output)  # complete: returns without rewriting
-    other = SelectConfig(**{**cfg.__dict__, "seed": 8})
+    other = resolve(SelectConfig, **{**to_flat(cfg), "seed": 8})
     with pytest.raises(Exception, match="different select run"):
         run_select(other)
 
@@ -110,27 +105,29 @@ def test_run_select_deterministic_and_resumes(tiny_score, tmp_path):
 @pytest.mark.parametrize("keep", ["0", "1.5", "-0.1"])
 def test_bad_keep_is_one_line_error(tiny_score, tmp_path, keep):
     r = _invoke(["select", tiny_score, "--keep", keep, "-o", tmp_path / "x"])
-    _one_line_error(r, "--keep must be in (0, 1]")
+    assert_one_line_error(r, "--keep must be in (0, 1]")
     assert not (tmp_path / "x").exists()
 
 
 def test_unknown_strategy_lists_valid_ones(tiny_score, tmp_path):
     r = _invoke(["select", tiny_score, "--strategy", "bogus", "-o", tmp_path / "x"])
-    _one_line_error(r, "unknown strategy 'bogus'")
+    assert_one_line_error(r, "unknown strategy 'bogus'")
     for name in ("soft-or", "entropy-sample", "q3", "quadrant:Q1+Q3"):
         assert name in r.stderr
 
 
 def test_rollout_dir_where_score_needed(tiny_rollout, tmp_path):
     r = _invoke(["select", tiny_rollout, "-o", tmp_path / "x"])
-    _one_line_error(r, "is a rollout directory; expected a score directory")
+    assert_one_line_error(r, "is a rollout directory; expected a score directory")
 
 
 def test_validate_collects_every_problem():
-    problems = SelectConfig(score="s", output="o", keep=2.0, strategy="nope", scope="batch",
-                            divergence="kl", group_size=0, tau_h=3.0).validate()
+    with pytest.raises(ConfigError) as exc:
+        resolve(SelectConfig, score="s", output="o", keep=2.0, strategy="nope", scope="batch",
+                divergence="kl", group_size=0, tau_h=3.0)
+    problems = exc.value.problems
     assert len(problems) == 6
-    assert "--keep must be in (0, 1]" in problems
+    assert any(p.startswith("--keep must be in (0, 1]") for p in problems)
 
 
 @pytest.mark.parametrize("cmd", ["select", "report"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tipcli.configs import resolve
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,22 +25,22 @@ def smollm2() -> str:
 
 
 def test_rollout_and_score_on_smollm2(smollm2, tmp_path):
+    from reference import reference_stats
     from transformers import AutoModelForCausalLM
 
-    from tipcli.models import _gguf_cache_path, ModelSpec
+    from tipcli.models import ModelSpec, _gguf_cache_path
     from tipcli.rollout import RolloutConfig, run_rollout
     from tipcli.score import ScoreConfig, run_score
     from tipcli.shards import StageDir
-    from tipcli.stats import reference_stats
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n" +
                        json.dumps({"messages": [{"role": "user", "content": "Name a fruit."}]})
                        + "\n")
-    r = run_rollout(RolloutConfig(student=smollm2, prompts=str(prompts), output=str(tmp_path / "r"),
-                                  max_new_tokens=12, num_samples=2, seed=0))
-    s = run_score(ScoreConfig(rollout=str(r), teacher=smollm2, output=str(tmp_path / "s"),
-                              top_k=5, chunk_size=7))
+    r = run_rollout(resolve(RolloutConfig, student=smollm2, prompts=str(prompts),
+                            output=str(tmp_path / "r"), max_new_tokens=12, num_samples=2, seed=0))
+    s = run_score(resolve(ScoreConfig, rollout=str(r), teacher=smollm2, output=str(tmp_path / "s"),
+                          top_k=5, chunk_size=7))
     d = StageDir.open(s, stage="score")
     assert d.num_sequences == 4
     seqs = list(d.iter_sequences())

@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+from reference import reference_stats
 
-from tipcli.stats import (STAT_NAMES, chunk_stats, head_logits, reference_stats,
-                          sampled_logprobs, token_stats)
+from tipcli.forward import head_logits
+from tipcli.stats import STAT_NAMES, chunk_stats, sampled_logprobs, token_stats
 
 
 def _random_logits(P=37, V=50, seed=0, scale=3.0):

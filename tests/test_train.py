@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, free_port
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tipcli.cli import app
-from tipcli.shards import StageDir, StageWriter
+from tipcli.configs import resolve
+from tipcli.errors import ConfigError
 from tipcli.losses import LOSSES
+from tipcli.shards import StageDir, StageWriter
 from tipcli.train import TrainConfig, run_train
 
 runner = CliRunner()
@@ -24,7 +27,7 @@ V = 100  # the tiny tokenizer; the tiny models have 13 padded output rows
 def _cfg(score, out, **kw) -> TrainConfig:
     base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3, batch_size=4,
                 max_steps=2, chunk_size=16)
-    return TrainConfig(**{**base, **kw})
+    return resolve(TrainConfig, **{**base, **kw})
 
 
 def _weights(out) -> dict[str, torch.Tensor]:
@@ -59,11 +62,10 @@ def test_gathered_positions_equal_masked_full_logits(tiny_pair, tiny_score, loss
     """Loss and every parameter gradient of the body -> gather -> chunked head path equal
     those of full logits for every position, masked to the kept tokens (float64, the tiny
     pair; the *-full losses with the tiny teacher's logits)."""
+    from reference import reference_token_loss
     from transformers import AutoModelForCausalLM
 
-    from tipcli.forward import body_hidden
-    from tipcli.losses import reference_token_loss
-    from tipcli.stats import head_logits
+    from tipcli.forward import body_hidden, head_logits
     from tipcli.train import distill_module, make_micro_batch
 
     seqs = list(StageDir.open(tiny_score).iter_sequences())[:5]
@@ -118,8 +120,9 @@ def test_kept_token_normalisation_is_global(tiny_score, tmp_path):
     run_train(_cfg(tiny_score, tmp_path / "a", batch_size=2, grad_accum=4, max_steps=1,
                    shuffle=False))
     m = _metrics(tmp_path / "a")[0]
-    from tipcli.train import distill_module, make_micro_batch, load_sequences, open_source
     from transformers import AutoModelForCausalLM
+
+    from tipcli.train import distill_module, load_sequences, make_micro_batch, open_source
 
     cfg = _cfg(tiny_score, tmp_path / "x")
     seqs = load_sequences(cfg, open_source(cfg))[:8]
@@ -145,6 +148,7 @@ def test_two_processes_equal_one(tiny_score, tmp_path):
     processes, and the trainer's Accelerator then runs them as MULTI_CPU over gloo."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()),
            "--dynamo_backend", "no",
            "-m", "tipcli", "train", str(tiny_score), "-o", str(tmp_path / "two"),
            "--strategy", "all", "--lr", "1e-3", "--batch-size", "2", "--max-steps", "3",
@@ -162,7 +166,7 @@ def test_two_processes_equal_one(tiny_score, tmp_path):
 
 
 def test_resume_after_a_stop_equals_no_stop(tiny_score, tmp_path, monkeypatch):
-    import tipcli.train as train
+    import tipcli.train.loop as train  # where the loop looks save_checkpoint up
 
     cfg = dict(max_steps=5, save_every=2, batch_size=4, warmup=1)
     run_train(_cfg(tiny_score, tmp_path / "full", **cfg))
@@ -199,8 +203,8 @@ def _mean_rkl(student_dir, teacher_dir, score) -> float:
     """Full-vocabulary KL(p_s || p_t) averaged over the response tokens of ``score``."""
     from transformers import AutoModelForCausalLM
 
-    from tipcli.forward import collate, response_hidden
-    from tipcli.stats import head_logits, token_stats
+    from tipcli.forward import collate, head_logits, response_hidden
+    from tipcli.stats import token_stats
 
     s, t = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (student_dir, teacher_dir))
     batch = collate(list(StageDir.open(score).iter_sequences()), 0)
@@ -273,11 +277,13 @@ def test_selection_directory_trains_on_its_tokens_only(tiny_score, tmp_path):
 
 
 def test_soft_or_on_the_fly_matches_compute_selection(tiny_score, tmp_path):
-    select = pytest.importorskip("tipcli.select")
+    from tipcli.configs import Selection
+    from tipcli.select import compute_selection
+
     out = run_train(_cfg(tiny_score, tmp_path / "t", strategy="soft-or", keep=0.5,
                          batch_size=12, max_steps=1))
-    masks = select.compute_selection(StageDir.open(tiny_score), select.SelectConfig(
-        score=str(tiny_score), output=str(tmp_path / "unused"), strategy="soft-or", keep=0.5))
+    masks = compute_selection(StageDir.open(tiny_score), Selection(strategy="soft-or", keep=0.5),
+                              seed=0)
     m = _metrics(out)[0]
     assert m["kept_tokens"] == sum(int(x["selected"].sum()) for x in masks)
     assert "unknown" not in m["kept_by_quadrant"]
@@ -304,8 +310,8 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
                            "tokenizer_config.json", "chat_template.jinja"}
     assert _files(out / "checkpoints") == {"step-000002"}
     assert _files(out / "checkpoints" / "step-000002") == {
-        "model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-        "custom_checkpoint_1.pkl", "trainer_state.json"}
+        "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+        "rng-0.safetensors", "trainer.json", "checkpoint.json"}
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "train" and m["complete"] and m["parent"]["stage"] == "score"
     assert m["config"]["max_steps"] == 3 and m["config"]["loss"] == "rkl-topk"
@@ -327,28 +333,21 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
     assert r2.exit_code == 0 and len(_metrics(out)) == 3
 
 
-def _assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    err = result.stderr.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    for n in needles:
-        assert n in err, err
-
 
 def test_error_rollout_has_no_teacher_signal(tiny_rollout, tmp_path):
     r = runner.invoke(app, ["train", str(tiny_rollout), "-o", str(tmp_path / "t")])
-    _assert_one_line_error(r, "rollout directory", "rkl-topk", "tip score")
+    assert_one_line_error(r, "rollout directory", "rkl-topk", "tip score")
     assert not (tmp_path / "t").exists()
 
 
 def test_error_topk_loss_on_score_without_topk(tiny_pair, tiny_rollout, tmp_path):
     from tipcli.score import ScoreConfig, run_score
 
-    score = run_score(ScoreConfig(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+    score = run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
                                   output=str(tmp_path / "s"), top_k=0))
     r = runner.invoke(app, ["train", str(score), "-o", str(tmp_path / "t"), "--strategy", "all",
                             "--loss", "fkl-topk"])
-    _assert_one_line_error(r, "--top-k 0", "fkl-topk")
+    assert_one_line_error(r, "--top-k 0", "fkl-topk")
     ok = runner.invoke(app, ["train", str(score), "-o", str(tmp_path / "t2"), "--strategy",
                              "all", "--loss", "rkl-sampled", "--max-steps", "1"])
     assert ok.exit_code == 0, ok.output
@@ -358,21 +357,23 @@ def test_error_selection_keeps_no_token(tiny_score, tmp_path):
     sel = _write_selection(tiny_score, tmp_path / "sel",
                            lambda sh: torch.zeros(sh["response_ids"].numel(), dtype=torch.bool))
     r = runner.invoke(app, ["train", str(sel), "-o", str(tmp_path / "t")])
-    _assert_one_line_error(r, "keeps 0 tokens")
+    assert_one_line_error(r, "keeps 0 tokens")
 
 
 def test_error_lists_every_bad_setting(tiny_score, tmp_path):
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(tmp_path / "t"), "--loss", "kl",
                             "--keep", "0", "--batch-size", "0", "--lr", "-1"])
-    _assert_one_line_error(r, "--loss must be one of", "--keep", "--batch-size", "--lr")
-    problems = TrainConfig(loss="rkl-full").validate()
+    assert_one_line_error(r, "--loss must be one of", "--keep", "--batch-size", "--lr")
+    with pytest.raises(ConfigError) as exc:
+        resolve(TrainConfig, loss="rkl-full")
+    problems = exc.value.problems
     assert any("--teacher" in p for p in problems) and len(problems) == 3
 
 
 def test_error_too_few_sequences_for_a_step(tiny_score, tmp_path):
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(tmp_path / "t"), "--strategy",
                             "all", "--batch-size", "8", "--grad-accum", "2"])
-    _assert_one_line_error(r, "fewer than one step", "--batch-size")
+    assert_one_line_error(r, "fewer than one step", "--batch-size")
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tiny_score, tmp_path):

@@ -5,8 +5,8 @@ from fractions import Fraction
 import pytest
 
 from tipcli.errors import TipError
-from tipcli.verify import (auto, boxed, exact, find_numbers, get_verifier, last_boxed,
-                           last_number, normalize_latex, parse_number)
+from tipcli.verify import (auto, boxed, exact, find_numbers, get_verifier, last_boxed, last_number,
+                           normalize_latex, parse_number)
 
 
 @pytest.mark.parametrize("text,value", [

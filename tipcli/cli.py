@@ -1,346 +1,161 @@
-"""The `tip` command line: parse flags, build a config, call one library function, render.
+"""The `tip` command line, generated from the stage configs in ``tipcli.configs``.
 
-Heavy libraries (torch, transformers) are imported inside the stage functions, so
-`tip --help` is instant. Settings resolve as defaults < --config FILE < flags. Each stage
-prints its output directory as the last line of stdout; everything else goes to stderr.
+Each command's flags are its config's settings (type, default, range, choices and help
+come from the fields); it resolves defaults < --config FILE < flags, calls one library
+function and prints that stage's output directory as the last line of stdout (everything
+else goes to stderr). Only the torch-free configs are imported here, so `tip --help` is
+instant; a stage's module is imported when its command runs.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
-from contextlib import contextmanager
-from typing import Optional
+from typing import Any
 
 import typer
+from rich.markup import escape
 
-from tipcli.config import field_help
-from tipcli.distill import DistillConfig
-from tipcli.evaluate import EvalConfig
-from tipcli.rollout import RolloutConfig
-from tipcli.score import ScoreConfig
-from tipcli.train import TrainConfig
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
-app = typer.Typer(
-    name="tip",
-    help="On-policy distillation with token-importance selection: "
-         "rollout -> score -> select -> train -> report.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from tipcli import __version__
+from tipcli.configs import STAGE_CONFIGS
+from tipcli.errors import TipError
+from tipcli.settings import help_text, leaves, resolve
 
-CONFIG_HELP = "Settings file (.json, .toml, .yaml); flags override it."
-OVERWRITE_HELP = "Replace an existing output directory instead of resuming it."
-
-
-@contextmanager
-def user_errors():
-    """Turn a TipError into one red line on stderr and exit code 2 (no traceback)."""
-    from tipcli.errors import TipError
-
-    try:
-        yield
-    except TipError as exc:
-        from tipcli.progress import console
-
-        msg = " ".join(str(exc).split())
-        console.print(f"error: {msg}", style="red", markup=False, highlight=False,
-                      soft_wrap=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-
-
-def resolve_input(path: str) -> str:
-    from tipcli.shards import read_path_arg
-
-    return str(read_path_arg(path))
-
-
-@app.command()
-def rollout(
-    student: Optional[str] = typer.Option(None, "--student", "-s", help=field_help(RolloutConfig, "student")),
-    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help=field_help(RolloutConfig, "prompts")),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(RolloutConfig, "output")),
-    num_samples: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "num_samples")),
-    temperature: Optional[float] = typer.Option(None, help=field_help(RolloutConfig, "temperature")),
-    top_p: Optional[float] = typer.Option(None, help=field_help(RolloutConfig, "top_p")),
-    top_k: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "top_k")),
-    max_new_tokens: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "max_new_tokens")),
-    seed: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "seed")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "batch_size")),
-    shard_size: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "shard_size")),
-    max_prompts: Optional[int] = typer.Option(None, help=field_help(RolloutConfig, "max_prompts")),
-    prompt_field: Optional[str] = typer.Option(None, help=field_help(RolloutConfig, "prompt_field")),
-    messages_field: Optional[str] = typer.Option(None, help=field_help(RolloutConfig, "messages_field")),
-    split: Optional[str] = typer.Option(None, help=field_help(RolloutConfig, "split")),
-    device: Optional[str] = typer.Option(None, help=field_help(RolloutConfig, "device")),
-    dtype: Optional[str] = typer.Option(None, help=field_help(RolloutConfig, "dtype")),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help=field_help(RolloutConfig, "trust_remote_code")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Sample responses from the student (a rollout directory)."""
-    from tipcli.config import resolve
-    from tipcli.progress import emit_path
-    from tipcli.rollout import run_rollout
-
-    with user_errors():
-        cfg = resolve(RolloutConfig, config, student=student, prompts=prompts, output=output,
-                      num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                      shard_size=shard_size, max_prompts=max_prompts, prompt_field=prompt_field,
-                      messages_field=messages_field, split=split, device=device, dtype=dtype,
-                      trust_remote_code=trust_remote_code)
-        path = run_rollout(cfg, overwrite=overwrite)
-    emit_path(path)
+# command: (library function as "module:function", extra flags, one-line help)
+COMMANDS = {
+    "rollout": ("tipcli.rollout:run_rollout", ("overwrite",), "Sample responses from the "
+                "student (a rollout directory)."),
+    "score": ("tipcli.score:run_score", ("overwrite",), "Score a rollout: per-token teacher "
+              "and student statistics (a score directory)."),
+    "select": ("tipcli.select:run_select", ("overwrite",), "Choose the tokens to train on: a "
+               "selection mask over a score directory."),
+    "train": ("tipcli.train:run_train", ("overwrite", "resume"), "Distil the teacher into the "
+              "student on the kept tokens (a trained model directory)."),
+    "report": ("tipcli.report:run_report_cli", (), "Token-importance report: quadrants, (h, d) "
+               "histogram, strategy coverage."),
+    "eval": ("tipcli.evaluate:run_eval_cli", (), "Generate answers and grade them: accuracy "
+             "with a 95% interval (results directory)."),
+    "distill": ("tipcli.distill:run_distill", (), "The on-policy loop: rollout -> score -> "
+                "select -> train, N times (resumable)."),
+    "demo": ("tipcli.demo:run_demo", (), "Distil the embedded addition task (soft-or, keep "
+             "0.5): report and accuracy before/after."),
+}
+EXTRAS = {
+    "config": typer.Option(None, "--config", help="Settings file (.json, .toml, .yaml; keys are "
+                           "the flag names); flags override it."),
+    "overwrite": typer.Option(False, "--overwrite", help="Replace an existing output directory "
+                              "(one tip wrote) instead of resuming it."),
+    "resume": typer.Option(False, "--resume", help="Continue an unfinished run in --output from "
+                           "its latest checkpoint."),
+}
+EXTRA_TYPES = {"config": str | None, "overwrite": bool, "resume": bool}
+PANELS = {"sampling": "Sampling", "scoring": "Scoring", "selection": "Selection",
+          "training": "Training", "optim": "Optimisation", "source": "Prompt records",
+          "grading": "Grading", "runtime": "Models and devices"}
 
 
-@app.command()
-def score(
-    rollout_dir: str = typer.Argument(..., metavar="ROLLOUT_DIR", help="Rollout directory, or - to read its path from stdin."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help=field_help(ScoreConfig, "teacher")),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(ScoreConfig, "output")),
-    student: Optional[str] = typer.Option(None, "--student", "-s", help=field_help(ScoreConfig, "student")),
-    top_k: Optional[int] = typer.Option(None, help=field_help(ScoreConfig, "top_k")),
-    temperature: Optional[float] = typer.Option(None, help=field_help(ScoreConfig, "temperature")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(ScoreConfig, "batch_size")),
-    chunk_size: Optional[int] = typer.Option(None, help=field_help(ScoreConfig, "chunk_size")),
-    device: Optional[str] = typer.Option(None, help=field_help(ScoreConfig, "device")),
-    dtype: Optional[str] = typer.Option(None, help=field_help(ScoreConfig, "dtype")),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help=field_help(ScoreConfig, "trust_remote_code")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Score a rollout: per-token teacher and student statistics (a score directory)."""
-    from tipcli.config import resolve
-    from tipcli.progress import emit_path
-    from tipcli.score import run_score
+class Group(typer.core.TyperGroup):
+    """Usage errors (unknown flag, a value of the wrong type) as one line, exit code 2."""
 
-    with user_errors():
-        cfg = resolve(ScoreConfig, config, rollout=resolve_input(rollout_dir), teacher=teacher,
-                      output=output, student=student, top_k=top_k, temperature=temperature,
-                      batch_size=batch_size, chunk_size=chunk_size, device=device, dtype=dtype,
-                      trust_remote_code=trust_remote_code)
-        path = run_score(cfg, overwrite=overwrite)
-    emit_path(path)
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            fail(f"{exc.format_message()}{where}", exc.exit_code)
+        except click_errors.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except typer.Abort:
+            fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@app.command()
-def train(
-    input_dir: str = typer.Argument(..., metavar="INPUT", help="Score or selection directory (rollout for *-full losses), or - to read its path from stdin."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(TrainConfig, "output")),
-    student: Optional[str] = typer.Option(None, "--student", "-s", help=field_help(TrainConfig, "student")),
-    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help=field_help(TrainConfig, "teacher")),
-    loss: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "loss")),
-    strategy: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "strategy")),
-    keep: Optional[float] = typer.Option(None, help=field_help(TrainConfig, "keep")),
-    scope: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "scope")),
-    divergence: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "divergence")),
-    normalize: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "normalize")),
-    group_size: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "group_size")),
-    lr: Optional[float] = typer.Option(None, help=field_help(TrainConfig, "lr")),
-    weight_decay: Optional[float] = typer.Option(None, help=field_help(TrainConfig, "weight_decay")),
-    warmup: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "warmup")),
-    epochs: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "epochs")),
-    max_steps: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "max_steps")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "batch_size")),
-    grad_accum: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "grad_accum")),
-    max_grad_norm: Optional[float] = typer.Option(None, help=field_help(TrainConfig, "max_grad_norm")),
-    chunk_size: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "chunk_size")),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing", help=field_help(TrainConfig, "gradient_checkpointing")),
-    shuffle: Optional[bool] = typer.Option(None, "--shuffle/--no-shuffle", help=field_help(TrainConfig, "shuffle")),
-    seed: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "seed")),
-    save_every: Optional[int] = typer.Option(None, help=field_help(TrainConfig, "save_every")),
-    mixed_precision: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "mixed_precision")),
-    device: Optional[str] = typer.Option(None, help=field_help(TrainConfig, "device")),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help=field_help(TrainConfig, "trust_remote_code")),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished run in --output from its latest checkpoint."),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Distil the teacher into the student on the kept tokens (a trained model directory)."""
-    from tipcli.config import resolve
-    from tipcli.progress import emit_path
-    from tipcli.train import run_train
-
-    with user_errors():
-        cfg = resolve(TrainConfig, config, input=resolve_input(input_dir), output=output,
-                      student=student, teacher=teacher, loss=loss, strategy=strategy, keep=keep,
-                      scope=scope, divergence=divergence, normalize=normalize,
-                      group_size=group_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
-                      epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                      grad_accum=grad_accum, max_grad_norm=max_grad_norm, chunk_size=chunk_size,
-                      gradient_checkpointing=gradient_checkpointing, shuffle=shuffle, seed=seed,
-                      save_every=save_every, mixed_precision=mixed_precision, device=device,
-                      trust_remote_code=trust_remote_code)
-        path = run_train(cfg, overwrite=overwrite, resume=resume)
-    emit_path(path)
+app = typer.Typer(name="tip", cls=Group, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, help="On-policy distillation with "
+                  "token-importance selection: rollout -> score -> select -> train -> report.")
 
 
-@app.command("eval")
-def eval_(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=field_help(EvalConfig, "model")),
-    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help=field_help(EvalConfig, "prompts")),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(EvalConfig, "output")),
-    verifier: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "verifier")),
-    answer_field: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "answer_field")),
-    num_samples: Optional[int] = typer.Option(None, help=field_help(EvalConfig, "num_samples")),
-    temperature: Optional[float] = typer.Option(None, help=field_help(EvalConfig, "temperature")),
-    top_p: Optional[float] = typer.Option(None, help=field_help(EvalConfig, "top_p")),
-    max_new_tokens: Optional[int] = typer.Option(None, help=field_help(EvalConfig, "max_new_tokens")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(EvalConfig, "batch_size")),
-    max_prompts: Optional[int] = typer.Option(None, help=field_help(EvalConfig, "max_prompts")),
-    seed: Optional[int] = typer.Option(None, help=field_help(EvalConfig, "seed")),
-    prompt_field: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "prompt_field")),
-    messages_field: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "messages_field")),
-    split: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "split")),
-    device: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "device")),
-    dtype: Optional[str] = typer.Option(None, help=field_help(EvalConfig, "dtype")),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help=field_help(EvalConfig, "trust_remote_code")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-) -> None:
-    """Generate answers and grade them: accuracy with a 95% interval (results directory)."""
-    from tipcli.config import resolve
-    from tipcli.evaluate import render_summary, run_eval
-    from tipcli.progress import emit_path
+def fail(message: str, code: int = 2) -> None:
+    """One red line on stderr, then exit ``code``."""
+    from tipcli.progress import console
 
-    with user_errors():
-        cfg = resolve(EvalConfig, config, model=model, prompts=prompts, output=output,
-                      verifier=verifier, answer_field=answer_field, num_samples=num_samples,
-                      temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                      batch_size=batch_size, max_prompts=max_prompts, seed=seed,
-                      prompt_field=prompt_field, messages_field=messages_field, split=split,
-                      device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        result = run_eval(cfg)
-    render_summary(cfg, result)
-    emit_path(result.output if result.output else f"{result.accuracy:.4f}")
+    console.print(f"error: {' '.join(message.split())}", style="red", markup=False,
+                  highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
-from tipcli.report import ReportConfig  # noqa: E402  (light: no torch at import)
-from tipcli.select import SelectConfig  # noqa: E402
+def _version(value: bool) -> None:
+    if value:
+        print(f"tip {__version__}")
+        raise typer.Exit()
 
 
-@app.command()
-def select(
-    score_dir: str = typer.Argument(..., metavar="SCORE_DIR", help="Score directory, or - to read its path from stdin."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(SelectConfig, "output")),
-    strategy: Optional[str] = typer.Option(None, help=field_help(SelectConfig, "strategy")),
-    keep: Optional[float] = typer.Option(None, help=field_help(SelectConfig, "keep")),
-    scope: Optional[str] = typer.Option(None, help=field_help(SelectConfig, "scope")),
-    divergence: Optional[str] = typer.Option(None, help=field_help(SelectConfig, "divergence")),
-    normalize: Optional[str] = typer.Option(None, help=field_help(SelectConfig, "normalize")),
-    group_size: Optional[int] = typer.Option(None, help=field_help(SelectConfig, "group_size")),
-    alpha: Optional[float] = typer.Option(None, help=field_help(SelectConfig, "alpha")),
-    tau_h: Optional[float] = typer.Option(None, help=field_help(SelectConfig, "tau_h")),
-    tau_d: Optional[float] = typer.Option(None, help=field_help(SelectConfig, "tau_d")),
-    seed: Optional[int] = typer.Option(None, help=field_help(SelectConfig, "seed")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-) -> None:
-    """Choose the tokens to train on: a selection mask over a score directory."""
-    from tipcli.config import resolve
-    from tipcli.progress import emit_path
-    from tipcli.select import run_select
-
-    with user_errors():
-        cfg = resolve(SelectConfig, config, score=resolve_input(score_dir), output=output,
-                      strategy=strategy, keep=keep, scope=scope, divergence=divergence,
-                      normalize=normalize, group_size=group_size, alpha=alpha, tau_h=tau_h,
-                      tau_d=tau_d, seed=seed)
-        path = run_select(cfg, overwrite=overwrite)
-    emit_path(path)
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """On-policy distillation with token-importance selection."""
 
 
-@app.command()
-def report(
-    stage_dir: str = typer.Argument(..., metavar="DIR", help="Score or selection directory, or - to read its path from stdin."),
-    json_file: Optional[str] = typer.Option(None, "--json", help=field_help(ReportConfig, "json")),
-    png: Optional[str] = typer.Option(None, "--png", help=field_help(ReportConfig, "png")),
-    export: Optional[str] = typer.Option(None, "--export", help=field_help(ReportConfig, "export")),
-    show: Optional[int] = typer.Option(None, "--show", help=field_help(ReportConfig, "show")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-) -> None:
-    """Token-importance report: quadrants, (h, d) histogram, strategy coverage."""
-    from tipcli.config import resolve
-    from tipcli.progress import emit_path
-    from tipcli.report import run_report
-
-    with user_errors():
-        cfg = resolve(ReportConfig, config, path=resolve_input(stage_dir), json=json_file,
-                      png=png, export=export, show=show)
-        run_report(cfg)
-    emit_path(cfg.path)
+def _parameter(leaf) -> inspect.Parameter:
+    base = next((a for a in getattr(leaf.type, "__args__", ()) if a is not type(None)),
+                leaf.type)
+    meta, help = leaf.meta, escape(help_text(leaf))
+    panel = PANELS.get(leaf.path[0]) if len(leaf.path) > 1 else None
+    if meta["argument"]:
+        info = typer.Argument(..., metavar=meta["argument"], help=help, show_default=False)
+    elif base is bool:  # a switch; one that is on by default can be turned off
+        names = f"{leaf.flag}/--no-{leaf.flag[2:]}" if leaf.default else leaf.flag
+        info = typer.Option(None, names, help=help, show_default=False, rich_help_panel=panel)
+    else:
+        names = [leaf.flag] + ([meta["short"]] if meta["short"] else [])
+        info = typer.Option(None, *names, help=help, show_default=False, rich_help_panel=panel)
+    annotation = str if meta["argument"] else base | None
+    return inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                             annotation=annotation)
 
 
-@app.command()
-def distill(
-    student: Optional[str] = typer.Option(None, "--student", "-s", help=field_help(DistillConfig, "student")),
-    teacher: Optional[str] = typer.Option(None, "--teacher", "-t", help=field_help(DistillConfig, "teacher")),
-    prompts: Optional[str] = typer.Option(None, "--prompts", "-p", help=field_help(DistillConfig, "prompts")),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help=field_help(DistillConfig, "output")),
-    iterations: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "iterations")),
-    prompts_per_iteration: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "prompts_per_iteration")),
-    num_samples: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "num_samples")),
-    max_new_tokens: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "max_new_tokens")),
-    temperature: Optional[float] = typer.Option(None, help=field_help(DistillConfig, "temperature")),
-    top_p: Optional[float] = typer.Option(None, help=field_help(DistillConfig, "top_p")),
-    rollout_batch_size: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "rollout_batch_size")),
-    top_k: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "top_k")),
-    strategy: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "strategy")),
-    keep: Optional[float] = typer.Option(None, help=field_help(DistillConfig, "keep")),
-    scope: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "scope")),
-    divergence: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "divergence")),
-    normalize: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "normalize")),
-    group_size: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "group_size")),
-    loss: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "loss")),
-    lr: Optional[float] = typer.Option(None, help=field_help(DistillConfig, "lr")),
-    warmup: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "warmup")),
-    epochs: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "epochs")),
-    max_steps: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "max_steps")),
-    batch_size: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "batch_size")),
-    grad_accum: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "grad_accum")),
-    eval_prompts: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "eval_prompts")),
-    eval_max_prompts: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "eval_max_prompts")),
-    verifier: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "verifier")),
-    seed: Optional[int] = typer.Option(None, help=field_help(DistillConfig, "seed")),
-    device: Optional[str] = typer.Option(None, help=field_help(DistillConfig, "device")),
-    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help=field_help(DistillConfig, "trust_remote_code")),
-    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP),
-) -> None:
-    """The on-policy loop: rollout -> score -> select -> train, N times (resumable)."""
-    from tipcli.config import resolve
-    from tipcli.distill import run_distill
-    from tipcli.progress import emit_path
+def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> None:
+    cls = STAGE_CONFIGS[name]
+    args = [leaf.name for leaf in leaves(cls) if leaf.meta["argument"]]
 
-    with user_errors():
-        cfg = resolve(DistillConfig, config, student=student, teacher=teacher, prompts=prompts,
-                      output=output, iterations=iterations,
-                      prompts_per_iteration=prompts_per_iteration, num_samples=num_samples,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      rollout_batch_size=rollout_batch_size, top_k=top_k, strategy=strategy,
-                      keep=keep, scope=scope, divergence=divergence, normalize=normalize,
-                      group_size=group_size, loss=loss, lr=lr, warmup=warmup, epochs=epochs,
-                      max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum,
-                      eval_prompts=eval_prompts, eval_max_prompts=eval_max_prompts,
-                      verifier=verifier, seed=seed, device=device,
-                      trust_remote_code=trust_remote_code)
-        path = run_distill(cfg)
-    emit_path(path)
+    def command(**kw: Any) -> None:
+        from tipcli.files import read_path_arg
+        from tipcli.progress import emit_path
+
+        run_kw = {k: kw.pop(k) for k in extras}
+        config = kw.pop("config")
+        try:
+            kw.update({a: str(read_path_arg(kw[a])) for a in args})
+            cfg = resolve(cls, config, **kw)
+            module, func = target.split(":")
+            out = getattr(importlib.import_module(module), func)(cfg, **run_kw)
+        except TipError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        emit_path(out)
+
+    params = [_parameter(leaf) for leaf in leaves(cls)]
+    params += [inspect.Parameter(e, inspect.Parameter.KEYWORD_ONLY, default=EXTRAS[e],
+                                 annotation=EXTRA_TYPES[e]) for e in ("config", *extras)]
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = help
+    app.command(name)(command)
 
 
-@app.command()
-def demo(
-    output: str = typer.Option("runs/demo", "--output", "-o", help="Where the demo writes its run."),
-    quick: bool = typer.Option(False, "--quick", help="A seconds-long version (one short iteration)."),
-) -> None:
-    """Distil the embedded addition task (soft-or, keep 0.5): report and accuracy before/after."""
-    from tipcli.demo import run_demo
-    from tipcli.progress import emit_path
-
-    with user_errors():
-        path = run_demo(output, quick=quick)
-    emit_path(path)
+for _name, (_target, _extras, _help) in COMMANDS.items():
+    _register(_name, _target, _extras, _help)
 
 
 def main() -> None:
@@ -348,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

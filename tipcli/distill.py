@@ -20,82 +20,32 @@ weights that the previous iteration saved, so no update is lost to rounding.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tipcli.config import option, to_dict
+import torch
+from rich.table import Table
+
+from tipcli.configs import (DistillConfig, EvalConfig, RolloutConfig, ScoreConfig, SelectConfig,
+                            TrainConfig, to_flat, validate)
 from tipcli.errors import TipError
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    student: str = option("", "Starting student: hub id, local directory or .gguf file.")
-    teacher: str = option("", "Teacher model: hub id, local directory or .gguf file.")
-    prompts: str = option("", "Training prompts: .jsonl, .parquet, .csv or a dataset.")
-    output: str = option("", "Run directory; every iteration's stages are kept inside.")
-    iterations: int = option(2, "On-policy iterations (rollout -> score -> select -> train).")
-    prompts_per_iteration: int = option(0, "Prompts sampled for each iteration (0 = all).")
-    num_samples: int = option(4, "Responses sampled per prompt.")
-    max_new_tokens: int = option(128, "Most tokens per response.")
-    temperature: float = option(1.0, "Sampling temperature of the rollouts.")
-    top_p: float = option(1.0, "Nucleus sampling mass of the rollouts (1 = off).")
-    rollout_batch_size: int = option(16, "Sequences generated together.")
-    top_k: int = option(64, "Teacher top-k stored by the score stage.")
-    strategy: str = option("soft-or", "Token selection strategy (as tip select).")
-    keep: float = option(0.5, "Fraction of response tokens trained on.")
-    scope: str = option("sequence", "Selection budget per 'sequence' or per 'group'.")
-    divergence: str = option("rkl", "Divergence the selection ranks by: rkl, fkl, jsd.")
-    normalize: str = option("minmax", "Selection normalisation: minmax, bound, rank.")
-    group_size: int = option(64, "Sequences per selection normalisation group.")
-    loss: str = option("rkl-topk", "Training loss (as tip train).")
-    lr: float = option(1e-5, "Peak learning rate of AdamW.")
-    warmup: int = option(0, "Warmup steps of each iteration's schedule.")
-    epochs: int = option(1, "Passes over each iteration's rollouts.")
-    max_steps: int = option(0, "Optimizer steps per iteration (0 = --epochs passes).")
-    batch_size: int = option(8, "Sequences per training micro-batch.")
-    grad_accum: int = option(1, "Micro-batches per optimizer step.")
-    eval_prompts: str = option("", "Prompts with answers to evaluate the student after each "
-                                   "iteration (empty = no evaluation).")
-    eval_max_prompts: int = option(0, "Evaluate on the first N eval prompts (0 = all).")
-    verifier: str = option("auto", "Grader for --eval-prompts (as tip eval).")
-    seed: int = option(0, "Seed of sampling, selection and training.")
-    device: str = option("auto", "Device: auto, cpu, cuda ...")
-    trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")
-
-    def validate(self) -> list[str]:
-        from tipcli.select import SelectConfig
-        from tipcli.train import TrainConfig
-
-        p = [f"--{n} is required" for n in ("student", "teacher", "prompts")
-             if not getattr(self, n)]
-        if not self.output:
-            p.append("-o/--output is required")
-        if self.iterations < 1:
-            p.append("--iterations must be at least 1")
-        if self.prompts_per_iteration < 0 or self.eval_max_prompts < 0:
-            p.append("--prompts-per-iteration and --eval-max-prompts must be >= 0")
-        # the stage configs check the options they receive
-        p += SelectConfig(score="-", output="-", **self._select_kw()).validate()
-        p += [x for x in TrainConfig(input="-", output="-", **self._train_kw()).validate()
-              if x not in p]
-        return p
-
-    def _select_kw(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("strategy", "keep", "scope", "divergence",
-                                              "normalize", "group_size", "seed")}
-
-    def _train_kw(self) -> dict[str, Any]:
-        from tipcli.train import FULL_LOSSES
-
-        kw = {k: getattr(self, k) for k in ("loss", "lr", "warmup", "epochs", "max_steps",
-                                            "batch_size", "grad_accum", "seed",
-                                            "trust_remote_code")}
-        if self.loss in FULL_LOSSES:  # exact losses need the teacher during training
-            kw["teacher"] = self.teacher
-        return kw
+from tipcli.evaluate import SUMMARY as EVAL_SUMMARY
+from tipcli.evaluate import run_eval
+from tipcli.files import write_atomic, write_json_atomic
+from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
+                           resolve_dtype)
+from tipcli.progress import console
+from tipcli.prompts import load_prompts
+from tipcli.rollout import run_rollout
+from tipcli.score import run_score
+from tipcli.select import run_select
+from tipcli.shards import MANIFEST, SCHEMA_VERSION, StageDir, is_complete, read_manifest
+from tipcli.tracking import Tracker, check_available
+from tipcli.train import METRICS, train_model
+from tipcli.train.checkpoint import checkpoint_dirs
 
 
 def iter_dir(cfg: DistillConfig, i: int) -> Path:
@@ -104,171 +54,174 @@ def iter_dir(cfg: DistillConfig, i: int) -> Path:
 
 def run_distill(cfg: DistillConfig) -> Path:
     """Run (or resume) the loop; returns the run directory."""
-    import torch
-
-    from tipcli.evaluate import SUMMARY as EVAL_SUMMARY
-    from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
-                               resolve_dtype)
-    from tipcli.prompts import load_prompts
-
-    records = load_prompts(cfg.prompts)
-    s_tok = load_tokenizer(cfg.student, cfg.trust_remote_code)
-    check_same_vocab(s_tok, load_tokenizer(cfg.teacher, cfg.trust_remote_code),
+    validate(cfg)
+    check_available(cfg.training.report_to)
+    rt = cfg.runtime
+    records = load_prompts(cfg.prompts, cfg.source)
+    s_tok = load_tokenizer(cfg.student, rt.trust_remote_code)
+    check_same_vocab(s_tok, load_tokenizer(cfg.teacher, rt.trust_remote_code),
                      cfg.student, cfg.teacher)
     run = Path(cfg.output)
     _write_run_manifest(cfg, complete=False)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype("auto", device)
-    teacher = load_model(cfg.teacher, device, dtype, cfg.trust_remote_code)
-    student_name, student = cfg.student, None
+    device = resolve_device(rt.device)
+    dtype = resolve_dtype(rt.dtype, device)
+    teacher = load_model(cfg.teacher, device, dtype, rt.trust_remote_code)
+    tracker = Tracker(cfg.training.report_to, run, "tip-distill", to_flat(cfg))
+    student_name, student, steps_before = cfg.student, None, 0
     history = []
-    if cfg.eval_prompts:
-        if not (run / "eval-initial" / EVAL_SUMMARY).is_file():
-            student = load_model(student_name, device, dtype, cfg.trust_remote_code)
-        history.append({"iteration": "initial",
-                        **_evaluate(cfg, cfg.student, run / "eval-initial", device,
-                                    student, s_tok)})
-    for i in range(cfg.iterations):
-        if student is None:
-            student = load_model(student_name, device, dtype, cfg.trust_remote_code)
-        select, row = _sample_score_select(cfg, i, records, student_name, student, teacher,
-                                           s_tok)
-        if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
-            student = None
-        train, student = _train(cfg, select, iter_dir(cfg, i) / "train", student, teacher)
-        if student is not None:  # the trained student stays loaded for the next iteration
-            student.to(dtype)
-        row["train_loss"] = _last_metrics(train).get("loss")
-        student_name = str(train)
+    try:
         if cfg.eval_prompts:
-            row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device,
-                                 student, s_tok))
-        history.append(row)
+            if not (run / "eval-initial" / EVAL_SUMMARY).is_file():
+                student = load_model(student_name, device, dtype, rt.trust_remote_code)
+            history.append({"iteration": "initial",
+                            **_evaluate(cfg, cfg.student, run / "eval-initial", device,
+                                        student, s_tok)})
+            tracker.log(_eval_metrics(history[-1]), 0)
+        for i in range(cfg.iterations):
+            if student is None:
+                student = load_model(student_name, device, dtype, rt.trust_remote_code)
+            select, row = _sample_score_select(cfg, i, records, student_name, student, teacher,
+                                               s_tok)
+            if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
+                student = None
+            train, student = _train(cfg, select, iter_dir(cfg, i) / "train", student, teacher,
+                                    lambda m, offset=steps_before: tracker.log(
+                                        m, offset + m["step"]))
+            if student is not None:  # the trained student stays loaded for the next iteration
+                student.to(dtype)
+            steps_before += _train_steps(train)
+            row["train_loss"] = _last_metrics(train).get("loss")
+            student_name = str(train)
+            if cfg.eval_prompts:
+                row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device,
+                                     student, s_tok))
+            tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"],
+                         **_eval_metrics(row)}, steps_before)
+            history.append(row)
+    finally:
+        tracker.close()
     _write_run_manifest(cfg, complete=True, summary={"history": history,
                                                      "final_student": student_name})
     _render(history)
     return run
 
 
-def _sample_score_select(cfg, i, records, student_name, student, teacher,
-                         tok) -> tuple[Path, dict[str, Any]]:
+def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    return {"eval/accuracy": row["accuracy"]} if "accuracy" in row else {}
+
+
+def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str, student,
+                         teacher, tok) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
     are kept); returns the selection directory and the iteration's summary row."""
-    from tipcli.rollout import RolloutConfig, run_rollout
-    from tipcli.score import ScoreConfig, run_score
-    from tipcli.select import SelectConfig, run_select
-    from tipcli.shards import StageDir
-
     d = iter_dir(cfg, i)
     d.mkdir(parents=True, exist_ok=True)
     prompts = _iteration_prompts(cfg, i, records, d / "prompts.jsonl")
-    rollout = run_rollout(RolloutConfig(
+    rollout = run_rollout(validate(RolloutConfig(
         student=student_name, prompts=str(prompts), output=str(d / "rollout"),
-        num_samples=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
-        batch_size=cfg.rollout_batch_size, shard_size=cfg.rollout_batch_size * 16,
-        device=cfg.device, trust_remote_code=cfg.trust_remote_code), model=student, tokenizer=tok)
-    score = run_score(ScoreConfig(
+        sampling=cfg.sampling, seed=cfg.seed * 1000 + i,
+        shard_size=cfg.sampling.batch_size * 16, runtime=cfg.runtime)),
+        model=student, tokenizer=tok)
+    score = run_score(validate(ScoreConfig(
         rollout=str(rollout), teacher=cfg.teacher, output=str(d / "score"),
-        student=student_name, top_k=cfg.top_k, device=cfg.device,
-        trust_remote_code=cfg.trust_remote_code), student=student, teacher=teacher,
-        tokenizer=tok)
-    select = run_select(SelectConfig(score=str(score), output=str(d / "select"),
-                                     **cfg._select_kw()))
+        student=student_name, scoring=cfg.scoring, runtime=cfg.runtime)),
+        student=student, teacher=teacher, tokenizer=tok)
+    select = run_select(validate(SelectConfig(score=str(score), output=str(d / "select"),
+                                              selection=cfg.selection, seed=cfg.seed)))
     sd = StageDir.open(score, stage="score")
     kept = StageDir.open(select, stage="select").manifest["summary"]
     return select, {"iteration": i, "rollout_tokens": sd.num_tokens,
                     "mean_rkl": _mean(sd, "rkl"), "selection": kept}
 
 
-def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher):
+def train_config(cfg: DistillConfig, select: Path, out: Path) -> TrainConfig:
+    """The ``tip train`` settings of one iteration: the loop's own, on its CPU or GPU."""
+    return validate(TrainConfig(
+        input=str(select), output=str(out),
+        teacher=cfg.teacher if cfg.training.loss.endswith("-full") else "",
+        training=dataclasses.replace(cfg.training, report_to="none"),  # the loop logs
+        selection=cfg.selection, optim=cfg.optim, seed=cfg.seed,
+        save_every=max(1, cfg.optim.max_steps // 4) if cfg.optim.max_steps else 0,
+        runtime=dataclasses.replace(cfg.runtime, device="cpu" if cfg.runtime.device == "cpu"
+                                    else "auto")))
+
+
+def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher, on_step):
     """Train (or resume, or keep a finished) iteration; returns the directory and the
     trained student, or None where the stage had already finished."""
-    from tipcli.shards import MANIFEST
-    from tipcli.train import CHECKPOINTS, TrainConfig, train_model
-
-    tcfg = TrainConfig(input=str(select), output=str(out), **cfg._train_kw(),
-                       save_every=max(1, cfg.max_steps // 4) if cfg.max_steps else 0)
-    mpath = out / MANIFEST
-    if mpath.is_file() and json.loads(mpath.read_text()).get("complete"):
+    tcfg = train_config(cfg, select, out)
+    if is_complete(out):
         return out, None
-    started = mpath.is_file()
-    resumable = started and any((out / CHECKPOINTS).glob("step-*"))
+    started = read_manifest(out) is not None
+    resumable = started and bool(checkpoint_dirs(out))
     # the teacher is used only where the loss needs it (``tcfg.teacher`` set)
     return train_model(tcfg, overwrite=started and not resumable, resume=resumable,
-                       student=student, teacher=teacher)
+                       student=student, teacher=teacher, on_step=on_step)
 
 
-def _iteration_prompts(cfg, i, records, path: Path) -> Path:
+def _iteration_prompts(cfg: DistillConfig, i: int, records, path: Path) -> Path:
     """This iteration's prompts (all, or a seeded sample of them), written for the record."""
     if not path.is_file():
         chosen = records
         if cfg.prompts_per_iteration and cfg.prompts_per_iteration < len(records):
             chosen = random.Random(cfg.seed * 1000 + i).sample(records,
                                                                cfg.prompts_per_iteration)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in chosen))
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in chosen))
     return path
 
 
 def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=None,
               tok=None) -> dict[str, Any]:
-    from tipcli.evaluate import SUMMARY, EvalConfig, run_eval
-
-    if (out / SUMMARY).is_file():
-        s = json.loads((out / SUMMARY).read_text())
+    if (out / EVAL_SUMMARY).is_file():
+        s = json.loads((out / EVAL_SUMMARY).read_text())
     else:
-        res = run_eval(EvalConfig(model=model, prompts=cfg.eval_prompts, output=str(out),
-                                  verifier=cfg.verifier, max_new_tokens=cfg.max_new_tokens,
-                                  max_prompts=cfg.eval_max_prompts, seed=cfg.seed,
-                                  device=device, trust_remote_code=cfg.trust_remote_code),
-                       model=loaded, tokenizer=tok)
+        # tip eval's own sampling (greedy, one answer each), at the loop's response length
+        sampling = dataclasses.replace(EvalConfig().sampling,
+                                       max_new_tokens=cfg.sampling.max_new_tokens)
+        res = run_eval(validate(EvalConfig(
+            model=model, prompts=cfg.eval_prompts, output=str(out), grading=cfg.grading,
+            sampling=sampling, seed=cfg.seed,
+            source=dataclasses.replace(cfg.source, max_prompts=cfg.eval_max_prompts),
+            runtime=dataclasses.replace(cfg.runtime, device=device))),
+            model=loaded, tokenizer=tok)
         s = res.summary()
     return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
 
 
-def _mean(d, name: str) -> float:
+def _mean(d: StageDir, name: str) -> float:
     total, n = 0.0, 0
-    for shard in d.iter_shards():
+    for shard in d.iter_shards((name,)):
         total += float(shard[name].double().sum())
         n += shard[name].numel()
     return total / max(n, 1)
 
 
 def _last_metrics(train: Path) -> dict[str, Any]:
-    from tipcli.train import METRICS
-
-    lines = (Path(train) / METRICS).read_text().splitlines() if (Path(train) / METRICS).is_file() \
-        else []
+    path = Path(train) / METRICS
+    lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1]) if lines else {}
 
 
-def _write_run_manifest(cfg: DistillConfig, complete: bool, summary: dict | None = None) -> None:
-    from tipcli.shards import MANIFEST, SCHEMA_VERSION
+def _train_steps(train: Path) -> int:
+    return int((read_manifest(train) or {}).get("summary", {}).get("steps", 0))
 
+
+def _write_run_manifest(cfg: DistillConfig, complete: bool, summary: dict | None = None) -> None:
     run = Path(cfg.output)
-    mpath = run / MANIFEST
-    if mpath.is_file():
-        old = json.loads(mpath.read_text())
-        if old.get("stage") != "distill" or old.get("config") != to_dict(cfg):
+    old = read_manifest(run)
+    if old is not None:
+        if old.get("stage") != "distill" or old.get("config") != to_flat(cfg):
             raise TipError(f"{run} holds a different run (other settings); choose another -o")
     elif run.is_dir() and any(run.iterdir()):
         raise TipError(f"output directory {run} is not empty and holds no tip manifest; "
                        "choose another -o")
     run.mkdir(parents=True, exist_ok=True)
-    data = {"schema_version": SCHEMA_VERSION, "stage": "distill", "complete": complete,
-            "config": to_dict(cfg), "shards": [], "summary": summary or {}}
-    tmp = run / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(mpath)
+    write_json_atomic(run / MANIFEST, {
+        "schema_version": SCHEMA_VERSION, "stage": "distill", "complete": complete,
+        "config": to_flat(cfg), "shards": [], "summary": summary or {}})
 
 
 def _render(history: list[dict[str, Any]]) -> None:
-    from rich.table import Table
-
-    from tipcli.progress import console
-
     table = Table(title="tip distill")
     for col in ("iteration", "rollout tokens", "mean rkl", "train loss", "accuracy (95% CI)"):
         table.add_column(col, justify="right")

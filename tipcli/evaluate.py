@@ -23,61 +23,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tipcli.config import option, to_dict
-from tipcli.errors import TipError
-from tipcli.verify import BUILTIN
+import torch
+from rich.table import Table
+
+from tipcli.configs import EvalConfig, Sampling, to_flat, validate
+from tipcli.errors import TipError, first_line
+from tipcli.files import write_atomic
+from tipcli.models import (load_model, load_tokenizer, model_ref, resolve_device, resolve_dtype,
+                           tokenizer_info)
+from tipcli.progress import console, progress
+from tipcli.prompts import encode_prompt, load_prompts
+from tipcli.rollout import generate_batch
+from tipcli.verify import get_verifier
 
 RESULTS, SUMMARY = "results.jsonl", "summary.json"
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str = option("", "Model to evaluate: hub id, local directory or .gguf file.")
-    prompts: str = option("", "Prompts with reference answers: .jsonl, .parquet, .csv, dataset.")
-    output: str = option("", "Output directory for per-prompt results (empty = write nothing).")
-    verifier: str = option("auto", "Grader: auto, exact, last-number, boxed or module:function.")
-    answer_field: str = option("answer", "Record field holding the reference answer.")
-    num_samples: int = option(1, "Responses per prompt.")
-    temperature: float = option(0.0, "Sampling temperature (0 = greedy).")
-    top_p: float = option(1.0, "Nucleus sampling mass (1 = off).")
-    max_new_tokens: int = option(256, "Most tokens per response.")
-    batch_size: int = option(32, "Sequences generated together.")
-    max_prompts: int = option(0, "Use only the first N prompts (0 = all).")
-    seed: int = option(0, "Random seed for sampling.")
-    prompt_field: str = option("prompt", "Record field holding the prompt text.")
-    messages_field: str = option("messages", "Record field holding chat messages.")
-    split: str = option("train", "Dataset split, for datasets with several.")
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:1 ...")
-    dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
-    trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")
-
-    def validate(self) -> list[str]:
-        p = []
-        if not self.model:
-            p.append("--model is required")
-        if not self.prompts:
-            p.append("--prompts is required")
-        if self.verifier not in BUILTIN and ":" not in self.verifier:
-            p.append(f"--verifier must be one of {', '.join(BUILTIN)} or module:function")
-        if self.num_samples < 1:
-            p.append("--num-samples must be at least 1")
-        if self.temperature < 0:
-            p.append("--temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            p.append("--top-p must be in (0, 1]")
-        if self.max_new_tokens < 1:
-            p.append("--max-new-tokens must be at least 1")
-        if self.batch_size < 1:
-            p.append("--batch-size must be at least 1")
-        if self.max_prompts < 0:
-            p.append("--max-prompts must be >= 0")
-        return p
 
 
 @dataclass
@@ -110,15 +74,14 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
              ) -> EvalResult:
     """Generate, grade and (when ``cfg.output`` is set) write results; see the module doc.
     Pass ``show_progress=False`` when called inside another live progress display."""
-    from tipcli.verify import get_verifier
-
-    verify = get_verifier(cfg.verifier)
+    validate(cfg)
+    verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
     model, tok = _load(cfg, model, tokenizer)
     prompt_ids = _encode(tok, records, cfg)
-    items = [(p, s) for p in range(len(records)) for s in range(cfg.num_samples)]
-    responses = generate_responses(model, tok, [prompt_ids[p] for p, _ in items], cfg,
-                                   progress_label="eval" if show_progress else None)
+    items = [(p, s) for p in range(len(records)) for s in range(cfg.sampling.num_samples)]
+    responses = generate_responses(model, tok, [prompt_ids[p] for p, _ in items], cfg.sampling,
+                                   cfg.seed, progress_label="eval" if show_progress else None)
     rows = [_row(records[p], p, s, answers[p], r, verify, cfg)
             for (p, s), r in zip(items, responses)]
     correct = sum(r["correct"] for r in rows)
@@ -130,62 +93,48 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
 
 
 def _load_records(cfg: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
-    from tipcli.prompts import load_prompts
-
-    records = load_prompts(cfg.prompts, cfg.prompt_field, cfg.messages_field, cfg.split,
-                           cfg.max_prompts or None)
-    answers = []
+    records = load_prompts(cfg.prompts, cfg.source)
+    answers, field_name = [], cfg.grading.answer_field
     for i, rec in enumerate(records):
-        if rec.get(cfg.answer_field) is None:
-            raise TipError(f"{cfg.prompts} record {i} has no '{cfg.answer_field}' field "
+        if rec.get(field_name) is None:
+            raise TipError(f"{cfg.prompts} record {i} has no '{field_name}' field "
                            f"(fields: {', '.join(rec) or 'none'}); name it with --answer-field")
-        answers.append(str(rec[cfg.answer_field]))
+        answers.append(str(rec[field_name]))
     return records, answers
 
 
 def _load(cfg: EvalConfig, model, tokenizer):
-    from tipcli.models import load_model, load_tokenizer, resolve_device, resolve_dtype
-
-    tok = tokenizer or load_tokenizer(cfg.model, cfg.trust_remote_code)
+    rt = cfg.runtime
+    tok = tokenizer or load_tokenizer(cfg.model, rt.trust_remote_code)
     if model is None:
-        device = resolve_device(cfg.device)
-        model = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device),
-                           cfg.trust_remote_code)
+        device = resolve_device(rt.device)
+        model = load_model(cfg.model, device, resolve_dtype(rt.dtype, device),
+                           rt.trust_remote_code)
     return model, tok
 
 
 def _encode(tok, records, cfg: EvalConfig) -> list[list[int]]:
-    from tipcli.prompts import encode_prompt
-
-    ids = [encode_prompt(tok, r, cfg.prompt_field, cfg.messages_field) for r in records]
+    ids = [encode_prompt(tok, r, cfg.source) for r in records]
     for i, p in enumerate(ids):
         if not p:
             raise TipError(f"prompt {i} of {cfg.prompts} encodes to no tokens")
     return ids
 
 
-def generate_responses(model, tok, prompts: list[list[int]], cfg: EvalConfig,
+def generate_responses(model, tok, prompts: list[list[int]], sampling: Sampling, seed: int,
                        progress_label: str | None = None) -> list[str]:
-    """Decoded responses to token-id prompts, generated in batches of ``cfg.batch_size``
-    with the rollout stage's `generate_batch`; each batch is seeded from (seed, batch).
-    A progress bar is drawn only when ``progress_label`` is given."""
-    import torch
-
-    from tipcli.rollout import RolloutConfig, generate_batch
-
-    rcfg = RolloutConfig(temperature=cfg.temperature, top_p=cfg.top_p,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                         seed=cfg.seed)
+    """Decoded responses to token-id prompts, generated in batches of ``batch_size`` with
+    the rollout stage's `generate_batch`; each batch is seeded from (seed, batch). A
+    progress bar is drawn only when ``progress_label`` is given."""
     device = next(model.parameters()).device
-    was_training, out = model.training, []
+    was_training, out, size = model.training, [], sampling.batch_size
     model.eval()
     with _bar(progress_label, len(prompts)) as advance:
-        for bi, start in enumerate(range(0, len(prompts), cfg.batch_size)):
-            torch.manual_seed(cfg.seed * 1_000_003 + bi)
-            batch = generate_batch(model, tok, prompts[start:start + cfg.batch_size], rcfg,
-                                   device)
+        for bi, start in enumerate(range(0, len(prompts), size)):
+            torch.manual_seed(seed * 1_000_003 + bi)
+            batch = generate_batch(model, tok, prompts[start:start + size], sampling, device)
             out.extend(_decode(tok, batch))
-            advance(len(prompts[start:start + cfg.batch_size]), int(batch["response_mask"].sum()))
+            advance(len(prompts[start:start + size]), int(batch["response_mask"].sum()))
     model.train(was_training)
     return out
 
@@ -196,8 +145,6 @@ def _bar(label: str | None, total: int):
     if label is None:
         yield lambda n, t: None
         return
-    from tipcli.progress import progress
-
     with progress() as bar:
         task = bar.add_task(label, total=total, tokens=0)
 
@@ -213,53 +160,53 @@ def _decode(tok, batch) -> list[str]:
 
 
 def _prompt_text(rec: dict[str, Any], cfg: EvalConfig) -> str:
-    text = rec.get(cfg.prompt_field)
+    text = rec.get(cfg.source.prompt_field)
     if isinstance(text, str) and text:
         return text
-    return str(rec[cfg.messages_field][-1]["content"])
+    return str(rec[cfg.source.messages_field][-1]["content"])
 
 
 def _row(rec, p: int, s: int, answer: str, response: str, verify, cfg: EvalConfig):
     try:
         ok = bool(verify(response, answer))
     except Exception as exc:  # a user verifier failing is the user's to fix
-        raise TipError(f"verifier '{cfg.verifier}' raised {type(exc).__name__} on prompt {p}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise TipError(f"verifier '{cfg.grading.verifier}' raised {type(exc).__name__} on "
+                       f"prompt {p}: {first_line(exc)}") from None
     return {"prompt_index": p, "sample_index": s, "prompt": _prompt_text(rec, cfg),
             "answer": answer, "response": response, "correct": ok}
 
 
 def _write(cfg: EvalConfig, result: EvalResult, model, tok) -> Path:
-    from tipcli.models import model_ref, tokenizer_info
-
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
-    summary = {**result.summary(), "num_prompts": result.n // cfg.num_samples,
-               "config": to_dict(cfg), "model": model_ref(cfg.model, model),
+    summary = {**result.summary(), "num_prompts": result.n // cfg.sampling.num_samples,
+               "config": to_flat(cfg), "model": model_ref(cfg.model, model),
                "tokenizer": tokenizer_info(tok)}
-    for name, text in ((RESULTS, lines), (SUMMARY, json.dumps(summary, indent=2) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_atomic(out / RESULTS, lines)
+    write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return out
 
 
 def render_summary(cfg: EvalConfig, result: EvalResult) -> None:
     """Accuracy and its 95% interval as a rich table on stderr."""
-    from rich.table import Table
-
-    from tipcli.progress import console
-
     lo, hi = result.interval
     table = Table(title="eval", title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     for key, value in (("model", cfg.model), ("prompts", cfg.prompts),
-                       ("verifier", cfg.verifier),
-                       ("responses", f"{result.n} ({cfg.num_samples} per prompt)"),
+                       ("verifier", cfg.grading.verifier),
+                       ("responses", f"{result.n} ({cfg.sampling.num_samples} per prompt)"),
                        ("correct", f"{result.correct}/{result.n}"),
                        ("accuracy", f"{result.accuracy:.3f}"),
                        ("95% interval (Wilson)", f"[{lo:.3f}, {hi:.3f}]")):
         table.add_row(key, value)
     console.print(table)
+
+
+def run_eval_cli(cfg: EvalConfig) -> str:
+    """``run_eval`` for the command line: the summary table, then the line to print (the
+    results directory, or the accuracy when nothing is written)."""
+    result = run_eval(cfg)
+    render_summary(cfg, result)
+    return str(result.output) if result.output else f"{result.accuracy:.4f}"

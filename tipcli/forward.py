@@ -1,15 +1,19 @@
-"""Model inputs from stored sequences, and the transformer body without the LM head.
+"""Model inputs from stored sequences; the transformer body and the LM head, apart.
 
 Sequences are right-padded prompt + response. The hidden state at position j predicts
 token j + 1, so response token i of a sequence with prompt length L is predicted by the
-hidden state at L + i - 1. Shape letters: B batch, T tokens, H hidden, P positions.
+hidden state at L + i - 1. Every stage runs the body once and applies the head to the
+positions it needs, a chunk at a time (``head_logits``), so no (B x T x V) logits tensor
+is ever built. Shape letters: B batch, T tokens, H hidden, P positions, V vocabulary.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -54,3 +58,30 @@ def response_hidden(model, batch: Batch, device) -> torch.Tensor:
     """Hidden states [P, H] at the positions that predict each response token."""
     hidden = body_hidden(model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device))
     return hidden[batch.rows_P.to(device), batch.cols_P.to(device)]
+
+
+def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
+    """hidden [*, H] -> logits [*, V] for ``model``: its LM head restricted to the real
+    vocabulary (padded rows are cut from the weight, so neither the logits nor, in
+    training, their gradient ever has the padded columns), the final-logit soft-capping
+    or scale of architectures that have one, divided by ``temperature``."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    scale = getattr(model.config, "logit_scale", None)
+    linear = type(head) is torch.nn.Linear
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        if linear:
+            bias = None if head.bias is None else head.bias[:vocab_size]
+            logits = F.linear(hidden, head.weight[:vocab_size], bias)
+        else:
+            logits = head(hidden)[..., :vocab_size]
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        if temperature == 1.0:
+            return logits
+        return logits / temperature if logits.requires_grad else logits.div_(temperature)
+
+    return fn

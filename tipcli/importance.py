@@ -7,7 +7,7 @@ sequences). Shape letters: T tokens, C candidate tokens (``response_mask`` true)
 sequences, G normalisation groups, R rows of a segment (a sequence or a group), L the
 padded row width, K kept tokens.
 
-Conventions (see DESIGN.md):
+Conventions (see docs/selection.md):
 
 - A *group* is ``group_size`` consecutive sequences (``group_T = seq_T // group_size``);
   group statistics use the group's candidate tokens only.
@@ -28,16 +28,13 @@ Conventions (see DESIGN.md):
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-DIVERGENCES = ("rkl", "fkl", "jsd")
-NORMALIZERS = ("minmax", "bound", "rank")
-SCOPES = ("sequence", "group")
-TOPK_STRATEGIES = ("random", "entropy", "entropy-sample", "divergence", "soft-or",
-                   "soft-or-bottom", "q3")
-QUADRANT_NAMES = ("Q1", "Q2", "Q3", "Q4")
+from tipcli.configs import NORMALIZERS, Selection, parse_quadrants, strategy_problem
+
 CLIP_QUANTILE = 0.98
 KEEP_EPS = 1e-9
 
@@ -54,13 +51,13 @@ class Rows:
     count_R: torch.Tensor    # int64 [R] candidates per row
 
     @classmethod
-    def build(cls, row_C: torch.Tensor, num_rows: int) -> "Rows":
+    def build(cls, row_C: torch.Tensor, num_rows: int) -> Rows:
         """Rows from the (non-decreasing) row of every candidate."""
         count_R = torch.bincount(row_C, minlength=num_rows)
         return cls.from_offsets(torch.cat([count_R.new_zeros(1), count_R.cumsum(0)]), row_C)
 
     @classmethod
-    def from_offsets(cls, off_R1: torch.Tensor, row_C: torch.Tensor | None = None) -> "Rows":
+    def from_offsets(cls, off_R1: torch.Tensor, row_C: torch.Tensor | None = None) -> Rows:
         """Rows from candidate offsets [R+1] (row r is ``off_R1[r]:off_R1[r+1]``)."""
         count_R = off_R1.diff()
         if row_C is None:
@@ -229,29 +226,6 @@ def quadrant(h: torch.Tensor, d: torch.Tensor, tau_h: torch.Tensor,
 # ----------------------------------------------------------------------------- selection
 
 
-def parse_quadrants(strategy: str) -> set[int] | None:
-    """{1, 3} for ``quadrant:Q1+Q3``; None for other strategies; ValueError when malformed."""
-    if not strategy.startswith("quadrant:"):
-        return None
-    names = [p.strip().upper() for p in strategy.split(":", 1)[1].split("+")]
-    if not names or any(n not in QUADRANT_NAMES for n in names):
-        raise ValueError(f"bad quadrant set in {strategy!r}; write e.g. quadrant:Q1+Q3")
-    return {QUADRANT_NAMES.index(n) + 1 for n in names}
-
-
-def strategy_problem(strategy: str) -> str | None:
-    """None when ``strategy`` is valid, else a message listing the valid ones."""
-    if strategy == "all" or strategy in TOPK_STRATEGIES:
-        return None
-    try:
-        if parse_quadrants(strategy) is not None:
-            return None
-    except ValueError as exc:
-        return str(exc)
-    return (f"unknown strategy '{strategy}'; valid: all, {', '.join(TOPK_STRATEGIES)}, "
-            "quadrant:Q1+Q3 (any + of Q1..Q4)")
-
-
 def budget(count_R: torch.Tensor, keep: float) -> torch.Tensor:
     """K per scope: max(1, floor(keep * m + 1e-9)) for m > 0, else 0."""
     k_R = torch.floor(count_R.double() * keep + KEEP_EPS).long().clamp(min=1)
@@ -348,24 +322,8 @@ def select_mask(strategy: str, keep: float, h_C, d_C, s_C, quad_C, fkl_C, scope:
 # ----------------------------------------------------------------------------- whole pass
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What importance() needs; mirrors the select stage's flags."""
-
-    strategy: str = "soft-or"
-    keep: float = 0.5
-    scope: str = "sequence"
-    divergence: str = "rkl"
-    normalize: str = "minmax"
-    group_size: int = 64
-    alpha: float = 1.0
-    tau_h: float | None = None
-    tau_d: float | None = None
-    seed: int = 0
-
-
 def importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.Tensor,
-               div_T: torch.Tensor, fkl_T: torch.Tensor, st: Settings,
+               div_T: torch.Tensor, fkl_T: torch.Tensor, st: Selection, seed: int = 0,
                vocab_size: int = 0) -> dict[str, torch.Tensor]:
     """Per-token h, d, soft_or, quadrant and selected (all [T]) plus per-group tau_h, tau_d [G].
 
@@ -388,7 +346,7 @@ def importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.
     def select(quad_C):
         scope = seqs if st.scope == "sequence" else groups
         return select_mask(st.strategy, st.keep, h_C, d_C, s_C, quad_C, pick(fkl_T), scope,
-                           st.alpha, st.seed)
+                           st.alpha, seed)
 
     if parse_quadrants(st.strategy) is None:  # the mask does not need the quadrants
         sel_C, (tau_h_G, tau_d_G, quad_C) = both(lambda: select(None), quadrants)
@@ -416,8 +374,6 @@ def layout(offsets_N1: torch.Tensor, cand_T: torch.Tensor, group_size: int) -> t
 def both(fa, fb):
     """(fa(), fb()) computed on two threads: torch releases the GIL inside its ops, and
     kthvalue / topk run on one core, so independent halves overlap."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1) as pool:
         a = pool.submit(fa)
         b = fb()

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # torch is imported inside the functions: `tip --help` stays instant
-    import torch
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-TOPK_LOSSES = ("rkl-topk", "fkl-topk", "jsd-topk")
-FULL_LOSSES = ("rkl-full", "fkl-full", "jsd-full")
-LOSSES = (*TOPK_LOSSES, "rkl-sampled", *FULL_LOSSES)
+from tipcli.configs import FULL_LOSSES, LOSSES, TOPK_LOSSES
+
 LN2 = math.log(2.0)
 TAIL_FLOOR = 1e-12
 LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
@@ -51,22 +50,16 @@ def loss_targets(loss: str) -> tuple[str, ...]:
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision inputs; float32 and float64 stay as they are."""
-    import torch
-
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _plogq(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """sum p (log_p - log_q) over the last dim, 0 where p is 0."""
-    import torch
-
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
 def divergence(kind: str, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
     """``kind`` in rkl, fkl, jsd between student ``q`` and teacher ``r`` (log-probs, last dim)."""
-    import torch
-
     q, r = log_q.exp(), log_r.exp()
     if kind == "rkl":
         return _plogq(q, log_q, log_r)
@@ -76,76 +69,57 @@ def divergence(kind: str, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Ten
     return 0.5 * _plogq(q, log_q, log_m) + 0.5 * _plogq(r, log_r, log_m)
 
 
+class _BucketLogProbs(torch.autograd.Function):
+    """x [C, V], ids [C, k] -> [x_id - lse(x), log(sum of e^x off the ids) - lse(x)].
+
+    Backward, with p = softmax(x), G the sum of all output grads, g_t the tail's grad
+    (0 where the tail is floored) and p_rest the mass off the ids: grad_v =
+    p_v (g_t / p_rest - G) off the ids and g_j - p_v G on id j, computed in place in
+    the saved exp buffer (so one graph cannot run backward twice)."""
+
+    @staticmethod
+    def forward(ctx, x_CV, ids_Ck):
+        m_C1 = x_CV.max(-1, keepdim=True).values
+        e_CV = (x_CV - m_C1).exp_()
+        s_C1 = e_CV.sum(-1, keepdim=True)
+        e_Ck = e_CV.gather(-1, ids_Ck)
+        e_CV.scatter_(-1, ids_Ck, 0.0)
+        rest_C1 = e_CV.sum(-1, keepdim=True)
+        log_tail = rest_C1.log() - s_C1.log()
+        floored = log_tail < LOG_TAIL_FLOOR
+        lse_C1 = m_C1 + s_C1.log()
+        out = torch.cat([x_CV.gather(-1, ids_Ck) - lse_C1,
+                         log_tail.clamp_min(LOG_TAIL_FLOOR)], -1)
+        ctx.save_for_backward(e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored)
+        ctx.used = False
+        return out
+
+    @staticmethod
+    def backward(ctx, g_Ck1):
+        if ctx.used:
+            raise RuntimeError("student_buckets: backward ran twice over one graph")
+        ctx.used = True
+        e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored = ctx.saved_tensors
+        g_t = g_Ck1[:, -1:].masked_fill(floored, 0.0)
+        total = g_Ck1[:, :-1].sum(-1, keepdim=True) + g_t
+        grad_CV = e_CV.mul_(g_t / rest_C1.clamp_min(torch.finfo(e_CV.dtype).tiny)
+                            - total / s_C1)
+        grad_CV.scatter_(-1, ids_Ck, g_Ck1[:, :-1] - e_Ck / s_C1 * total)
+        return grad_CV, None
+
+
 def student_buckets(s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor) -> torch.Tensor:
     """Student log-probs [C, k+1] on the k ids and the tail (all other tokens), floored.
 
     One (C x V) buffer in forward and none more in backward (see ``_BucketLogProbs``); the
     tail is a sum over the other ids, not ``1 - sum``, so it keeps its precision when the
     k ids hold nearly all of the mass."""
-    return _bucket_fn().apply(_wide(s_logits_CV), ids_Ck.long())
-
-
-_BUCKETS = None
-
-
-def _bucket_fn():
-    """The autograd Function behind ``student_buckets`` (built on first use: torch is
-    imported lazily)."""
-    global _BUCKETS
-    if _BUCKETS is None:
-        _BUCKETS = _make_bucket_fn()
-    return _BUCKETS
-
-
-def _make_bucket_fn():
-    import torch
-
-    class _BucketLogProbs(torch.autograd.Function):
-        """x [C, V], ids [C, k] -> [x_id - lse(x), log(sum of e^x off the ids) - lse(x)].
-
-        Backward, with p = softmax(x), G the sum of all output grads, g_t the tail's grad
-        (0 where the tail is floored) and p_rest the mass off the ids: grad_v =
-        p_v (g_t / p_rest - G) off the ids and g_j - p_v G on id j, computed in place in
-        the saved exp buffer (so one graph cannot run backward twice)."""
-
-        @staticmethod
-        def forward(ctx, x_CV, ids_Ck):
-            m_C1 = x_CV.max(-1, keepdim=True).values
-            e_CV = (x_CV - m_C1).exp_()
-            s_C1 = e_CV.sum(-1, keepdim=True)
-            e_Ck = e_CV.gather(-1, ids_Ck)
-            e_CV.scatter_(-1, ids_Ck, 0.0)
-            rest_C1 = e_CV.sum(-1, keepdim=True)
-            log_tail = rest_C1.log() - s_C1.log()
-            floored = log_tail < LOG_TAIL_FLOOR
-            lse_C1 = m_C1 + s_C1.log()
-            out = torch.cat([x_CV.gather(-1, ids_Ck) - lse_C1,
-                             log_tail.clamp_min(LOG_TAIL_FLOOR)], -1)
-            ctx.save_for_backward(e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored)
-            ctx.used = False
-            return out
-
-        @staticmethod
-        def backward(ctx, g_Ck1):
-            if ctx.used:
-                raise RuntimeError("student_buckets: backward ran twice over one graph")
-            ctx.used = True
-            e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored = ctx.saved_tensors
-            g_t = g_Ck1[:, -1:].masked_fill(floored, 0.0)
-            total = g_Ck1[:, :-1].sum(-1, keepdim=True) + g_t
-            grad_CV = e_CV.mul_(g_t / rest_C1.clamp_min(torch.finfo(e_CV.dtype).tiny)
-                                - total / s_C1)
-            grad_CV.scatter_(-1, ids_Ck, g_Ck1[:, :-1] - e_Ck / s_C1 * total)
-            return grad_CV, None
-
-    return _BucketLogProbs
+    return _BucketLogProbs.apply(_wide(s_logits_CV), ids_Ck.long())
 
 
 def teacher_buckets(logprobs_Ck: torch.Tensor) -> torch.Tensor:
     """Teacher log-probs [C, k+1] in float64: the stored top-k and log(1 - their mass),
     floored (float64 keeps a tail of 1e-9 that float32 would round to 0)."""
-    import torch
-
     lp = logprobs_Ck.double()
     tail = (-torch.expm1(lp.logsumexp(-1, keepdim=True))).clamp_min(TAIL_FLOOR).log()
     return torch.cat([lp, tail], dim=-1)
@@ -160,9 +134,6 @@ def topk_loss(kind: str, s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor,
 def sampled_loss(s_logits_CV: torch.Tensor, tokens_C: torch.Tensor, teacher_lp_C: torch.Tensor,
                  rollout_lp_C: torch.Tensor) -> torch.Tensor:
     """Importance-weighted policy-gradient reverse KL on the sampled token."""
-    import torch
-    import torch.nn.functional as F
-
     lp_C = F.log_softmax(_wide(s_logits_CV), -1).gather(-1, tokens_C.long()[:, None])[:, 0]
     advantage = -(lp_C - teacher_lp_C.to(lp_C.dtype)).detach()
     weight = torch.exp(lp_C - rollout_lp_C.to(lp_C.dtype))
@@ -170,8 +141,6 @@ def sampled_loss(s_logits_CV: torch.Tensor, tokens_C: torch.Tensor, teacher_lp_C
 
 
 def full_loss(kind: str, s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
-
     return divergence(kind, F.log_softmax(_wide(s_logits_CV), -1),
                       F.log_softmax(_wide(t_logits_CV), -1))
 
@@ -201,10 +170,6 @@ def chunked_token_loss(loss: str, hidden_KH: torch.Tensor, head: Callable,
 
     Each chunk runs under ``torch.utils.checkpoint``: only its hidden states are kept for
     backward, where its logits (and the teacher's, under no_grad) are rebuilt."""
-    import torch
-
-    from torch.utils.checkpoint import checkpoint
-
     names = sorted(targets)
 
     def one_chunk(h_CH, th_CH, *values):
@@ -224,41 +189,3 @@ def chunked_token_loss(loss: str, hidden_KH: torch.Tensor, head: Callable,
     if not parts:
         return hidden_KH.new_zeros(0, dtype=torch.float32)
     return torch.cat(parts)
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def reference_token_loss(loss: str, s_logits_KV: torch.Tensor, targets: dict[str, torch.Tensor],
-                         t_logits_KV: torch.Tensor | None = None) -> torch.Tensor:
-    """The textbook formulas on full logits, in the logits' dtype (float64 in tests): the
-    reference the chunked path is held against."""
-    import torch
-
-    ls = torch.log_softmax(s_logits_KV, -1)
-    ps = ls.exp()
-    kind = loss.split("-")[0]
-    if loss in TOPK_LOSSES:
-        ids = targets["teacher_topk_ids"].long()
-        lt = targets["teacher_topk_logprobs"].to(ls.dtype)
-        q_k = ps.gather(-1, ids)
-        q = torch.cat([q_k, (1 - q_k.sum(-1, keepdim=True))], -1)
-        r = torch.cat([lt.exp(), 1 - lt.exp().sum(-1, keepdim=True)], -1)
-        return _reference_divergence(kind, q, r)
-    if loss == "rkl-sampled":
-        lp = ls.gather(-1, targets["response_ids"].long()[:, None])[:, 0]
-        w = torch.exp(lp - targets["rollout_logprob"].to(lp.dtype))
-        return w * (lp - targets["teacher_logprob"].to(lp.dtype)).detach()
-    return _reference_divergence(kind, ps, torch.softmax(t_logits_KV.to(ls.dtype), -1))
-
-
-def _reference_divergence(kind: str, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    def kl(a, b):
-        return (a * (a.log() - b.log())).sum(-1)
-
-    if kind == "rkl":
-        return kl(q, r)
-    if kind == "fkl":
-        return kl(r, q)
-    m = (q + r) / 2
-    return 0.5 * kl(q, m) + 0.5 * kl(r, m)

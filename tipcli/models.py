@@ -14,22 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tipcli.errors import TipError
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from tipcli.configs import DTYPES
+from tipcli.errors import TipError, first_line
+from tipcli.files import atomic_dir
 
 
 def quiet_transformers() -> None:
     """Silence transformers' own progress bars; tip draws its own on stderr."""
-    from transformers.utils import logging
-
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 
 
 def resolve_device(device: str | None) -> str:
-    import torch
-
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -39,8 +39,6 @@ def resolve_device(device: str | None) -> str:
 
 
 def resolve_dtype(dtype: str | None, device: str):
-    import torch
-
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if dtype not in DTYPES:
@@ -57,7 +55,7 @@ class ModelSpec:
     gguf_file: str | None = None
 
     @classmethod
-    def parse(cls, name: str) -> "ModelSpec":
+    def parse(cls, name: str) -> ModelSpec:
         p = Path(name)
         if name.endswith(".gguf"):
             if not p.is_file():
@@ -84,14 +82,11 @@ def _gguf_cache_path(spec: ModelSpec) -> Path:
 
 
 def _load_error(kind: str, spec: ModelSpec, exc: Exception) -> TipError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return TipError(f"could not load {kind} '{spec.name}': {first}")
+    return TipError(f"could not load {kind} '{spec.name}': {first_line(exc)}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model (a converted gguf's cached copy when there is one)."""
-    from transformers import AutoTokenizer
-
     quiet_transformers()
     spec = ModelSpec.parse(name)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -113,8 +108,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
     """A causal LM in eval mode on ``device``. GGUF files are converted once and cached."""
-    from transformers import AutoModelForCausalLM
-
     quiet_transformers()
     spec = ModelSpec.parse(name)
     path, kwargs = spec.path, {"trust_remote_code": trust_remote_code}
@@ -135,8 +128,6 @@ def _convert_gguf(spec: ModelSpec) -> Path:
     A model loaded with ``gguf_file=`` refuses ``save_pretrained``; rebuilding it from its
     config and loading the (already dequantised) weights gives a normal model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = _gguf_cache_path(spec)
     if (out / "config.json").is_file():
         return out
@@ -145,15 +136,14 @@ def _convert_gguf(spec: ModelSpec) -> Path:
         tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
     except ImportError as exc:
         raise TipError(f"loading {spec.name} needs the gguf package: pip install 'tipcli[gguf]' "
-                       f"({str(exc).splitlines()[0]})") from None
+                       f"({first_line(exc)})") from None
     except Exception as exc:
         raise _load_error("model", spec, exc) from None
     model = AutoModelForCausalLM.from_config(loaded.config)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -173,6 +163,13 @@ def tokenizer_info(tokenizer) -> dict[str, Any]:
     special = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token")}
     blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False).encode()
     return {"fingerprint": hashlib.sha256(blob).hexdigest(), "vocab_size": len(tokenizer)}
+
+
+def check_tokenizer_matches(tok, manifest: dict[str, Any], model: str, path) -> None:
+    """Stop when ``tok`` is not the tokenizer that wrote the stage directory ``path``."""
+    if tokenizer_info(tok)["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
+        raise TipError(f"student {model} tokenizer differs from the one that wrote {path}; "
+                       "pass that directory's student with --student")
 
 
 def check_same_vocab(student_tok, teacher_tok, student: str = "student",

@@ -11,30 +11,36 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tipcli.errors import TipError
+import datasets
+
+from tipcli.configs import PromptSource
+from tipcli.errors import TipError, first_line
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TipError(f"{path} line {lineno} is not valid JSON ({exc.msg}); "
-                               "each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise TipError(f"{path} line {lineno} is not a JSON object; each line must be "
-                               'one object such as {"prompt": "..."}')
-            records.append(rec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise TipError(f"{path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#x}); "
+                       "save the file as UTF-8") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TipError(f"{path} line {lineno} is not valid JSON ({exc.msg}); "
+                           "each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise TipError(f"{path} line {lineno} is not a JSON object; each line must be "
+                           'one object such as {"prompt": "..."}')
+        records.append(rec)
     return records
 
 
 def _read_dataset(source: str, split: str) -> list[dict[str, Any]]:
-    import datasets
-
     datasets.disable_progress_bars()
     p = Path(source)
     try:
@@ -51,8 +57,7 @@ def _read_dataset(source: str, split: str) -> list[dict[str, Any]]:
     except TipError:
         raise
     except Exception as exc:  # datasets raises many kinds
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TipError(f"could not load prompts from {source}: {msg}") from None
+        raise TipError(f"could not load prompts from {source}: {first_line(exc)}") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise TipError(f"dataset {source} has no split '{split}' (splits: "
@@ -61,14 +66,15 @@ def _read_dataset(source: str, split: str) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def load_prompts(source: str, prompt_field: str = "prompt", messages_field: str = "messages",
-                 split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
-    """The prompt records, each checked for a usable prompt or messages field."""
+def load_prompts(source: str, fields: PromptSource = PromptSource()) -> list[dict[str, Any]]:
+    """The prompt records (the first ``fields.max_prompts`` when set), each checked for a
+    usable prompt or messages field."""
+    prompt_field, messages_field = fields.prompt_field, fields.messages_field
     p = Path(source)
     looks_local = p.suffix in (".jsonl", ".json", ".parquet", ".csv") or "/" not in source
     if looks_local and p.suffix and not p.exists():
         raise TipError(f"prompt file {source} does not exist")
-    records = _read_jsonl(p) if p.suffix == ".jsonl" else _read_dataset(source, split)
+    records = _read_jsonl(p) if p.suffix == ".jsonl" else _read_dataset(source, fields.split)
     if not records:
         raise TipError(f"prompt source {source} holds no prompts")
     for i, rec in enumerate(records):
@@ -77,7 +83,7 @@ def load_prompts(source: str, prompt_field: str = "prompt", messages_field: str 
             raise TipError(f"{source} {where} has no '{prompt_field}' text nor "
                            f"'{messages_field}' list (fields: {', '.join(rec) or 'none'}); "
                            "name the field with --prompt-field or --messages-field")
-    return records[:limit] if limit else records
+    return records[:fields.max_prompts] if fields.max_prompts else records
 
 
 def _has_text(v: Any) -> bool:
@@ -89,12 +95,12 @@ def _has_messages(v: Any) -> bool:
         isinstance(m, dict) and "role" in m and "content" in m for m in v)
 
 
-def encode_prompt(tokenizer, record: dict[str, Any], prompt_field: str = "prompt",
-                  messages_field: str = "messages") -> list[int]:
+def encode_prompt(tokenizer, record: dict[str, Any], fields: PromptSource = PromptSource()
+                  ) -> list[int]:
     """Token ids of one prompt, through the chat template when the tokenizer has one."""
-    messages = record.get(messages_field)
+    messages = record.get(fields.messages_field)
     if not _has_messages(messages):
-        messages = [{"role": "user", "content": record[prompt_field]}]
+        messages = [{"role": "user", "content": record[fields.prompt_field]}]
     if getattr(tokenizer, "chat_template", None):
         enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = enc["input_ids"] if not isinstance(enc, list) else enc

@@ -11,43 +11,18 @@ started again, resumes after its last complete shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from tipcli.config import option, to_dict
+import torch
 
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    rollout: str = option("", "Rollout directory to score.")
-    teacher: str = option("", "Teacher model: hub id, local directory or .gguf file.")
-    output: str = option("", "Output directory.")
-    student: str = option("", "Student model (default: the rollout's student).")
-    top_k: int = option(64, "Teacher top-k ids and log-probs stored per token (0 = none).")
-    temperature: float = option(1.0, "Temperature applied to both models' logits.")
-    batch_size: int = option(8, "Sequences per forward pass.")
-    chunk_size: int = option(0, "Positions whose logits exist at once (0 = auto: about 2^22 logits).")
-    device: str = option("auto", "Device: auto, cpu, cuda, cuda:1 ...")
-    dtype: str = option("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16.")
-    trust_remote_code: bool = option(False, "Allow model code from the hub (only if you trust it).")
-
-    def validate(self) -> list[str]:
-        p = []
-        if not self.rollout:
-            p.append("a rollout directory is required")
-        if not self.teacher:
-            p.append("--teacher is required")
-        if not self.output:
-            p.append("-o/--output is required")
-        if self.top_k < 0:
-            p.append("--top-k must be >= 0")
-        if self.temperature <= 0:
-            p.append("--temperature must be > 0")
-        if self.batch_size < 1:
-            p.append("--batch-size must be at least 1")
-        if self.chunk_size < 0:
-            p.append("--chunk-size must be >= 0 (0 = auto)")
-        return p
+from tipcli.configs import ScoreConfig, to_flat, validate
+from tipcli.forward import collate, head_logits, response_hidden
+from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
+                           load_model, load_tokenizer, model_ref, real_vocab_size, resolve_device,
+                           resolve_dtype, tokenizer_info)
+from tipcli.progress import progress
+from tipcli.shards import StageDir, StageWriter, split_sequences
+from tipcli.stats import auto_chunk, token_stats
 
 
 def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=None,
@@ -55,27 +30,23 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     """Score a rollout directory and write a score directory; returns its path.
 
     Already loaded ``student``/``teacher``/``tokenizer`` may be passed in."""
-    from tipcli.models import (check_model_fits_vocab, check_same_vocab, load_model,
-                               load_tokenizer, model_ref, resolve_device, resolve_dtype,
-                               tokenizer_info)
-    from tipcli.shards import StageDir, StageWriter
-    from tipcli.errors import TipError
-
+    validate(cfg)
+    rt = cfg.runtime
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
-    s_tok = tokenizer or load_tokenizer(student_name, cfg.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, cfg.trust_remote_code) if teacher is None else s_tok
+    s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)
+    t_tok = load_tokenizer(cfg.teacher, rt.trust_remote_code) if teacher is None else s_tok
     check_same_vocab(s_tok, t_tok, student_name, cfg.teacher)
-    if tokenizer_info(s_tok)["fingerprint"] != rollout.manifest["tokenizer"]["fingerprint"]:
-        raise TipError(f"student {student_name} tokenizer differs from the one that wrote "
-                       f"{cfg.rollout}; pass the rollout's student with --student")
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    student = student or load_model(student_name, device, dtype, cfg.trust_remote_code)
-    teacher = teacher or load_model(cfg.teacher, device, dtype, cfg.trust_remote_code)
+    check_tokenizer_matches(s_tok, rollout.manifest, student_name, cfg.rollout)
+    device = resolve_device(rt.device)
+    dtype = resolve_dtype(rt.dtype, device)
+    student = student or load_model(student_name, device, dtype, rt.trust_remote_code)
+    teacher = teacher or load_model(cfg.teacher, device, dtype, rt.trust_remote_code)
     for m, name in ((student, student_name), (teacher, cfg.teacher)):
         check_model_fits_vocab(m, s_tok, name)
-    resolved = {**to_dict(cfg), "student": student_name}
+    # what is stored: the student actually used, and no more top-k columns than tokens
+    resolved = {**to_flat(cfg), "student": student_name,
+                "top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
     writer = StageWriter(cfg.output, "score", resolved,
                          {"student": model_ref(student_name, student),
                           "teacher": model_ref(cfg.teacher, teacher)},
@@ -85,18 +56,12 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     return writer.finish()
 
 
-def _score_shards(cfg, rollout, writer, student, teacher, tok) -> None:
-    import torch
-
-    from tipcli.forward import collate, response_hidden
-    from tipcli.models import real_vocab_size
-    from tipcli.progress import progress
-    from tipcli.shards import split_sequences
-    from tipcli.stats import auto_chunk, head_logits, token_stats
-
+def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok) -> None:
+    sc = cfg.scoring
     vocab = real_vocab_size(tok)
-    s_logits = head_logits(student, vocab, cfg.temperature)
-    t_logits = head_logits(teacher, vocab, cfg.temperature)
+    top_k = min(sc.top_k, vocab)
+    s_logits = head_logits(student, vocab, sc.temperature)
+    t_logits = head_logits(teacher, vocab, sc.temperature)
     s_dev = next(student.parameters()).device
     t_dev = next(teacher.parameters()).device
     done_tokens = sum(s["num_tokens"] for s in rollout.shards[:writer.num_done])
@@ -108,13 +73,13 @@ def _score_shards(cfg, rollout, writer, student, teacher, tok) -> None:
             shard = rollout.load_shard(si)
             seqs = split_sequences(shard)
             parts: dict[str, list[torch.Tensor]] = {}
-            for a in range(0, len(seqs), cfg.batch_size):
-                batch = collate(seqs[a:a + cfg.batch_size], tok.pad_token_id)
+            for a in range(0, len(seqs), sc.batch_size):
+                batch = collate(seqs[a:a + sc.batch_size], tok.pad_token_id)
                 with torch.no_grad():
                     hs = response_hidden(student, batch, s_dev)
                     ht = response_hidden(teacher, batch, t_dev)
-                    stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits, cfg.top_k,
-                                        auto_chunk(cfg.chunk_size, vocab))
+                    stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits, top_k,
+                                        auto_chunk(sc.chunk_size, vocab))
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
                 scored += int(batch.tokens_P.numel())

@@ -12,23 +12,24 @@ Reading::
     d = StageDir.open("runs/score", stage="score")
     for seq in d.iter_sequences():
         seq["rkl"]            # float32 [m], one value per response token
-    for batch in d.iter_batches(8):
-        ...                   # lists of 8 sequences
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tipcli import __version__
 from tipcli.errors import TipError
+from tipcli.files import sha256_file, umask, write_json_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,44 +40,28 @@ SEQUENCE_FIELDS = {"prompt_offsets", "response_offsets", "prompt_index", "sample
 PROMPT_TOKEN_FIELDS = {"prompt_ids"}
 
 FINISH_EOS, FINISH_LENGTH = 0, 1
-FINISH_NAMES = {FINISH_EOS: "eos", FINISH_LENGTH: "length"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of a directory tip wrote, or None when there is none (no checks)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        return None
+    try:
+        data = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
-def read_path_arg(value: str | Path) -> Path:
-    """A stage input: a path, or ``-`` to read the path from stdin (last non-empty line)."""
-    if str(value) != "-":
-        return Path(value)
-    import sys
-
-    lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
-    if not lines:
-        raise TipError("input '-' given but nothing arrived on stdin; pipe in a stage's output "
-                       "directory, e.g. `tip rollout ... | tip score - ...`")
-    return Path(lines[-1])
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a stage run that finished."""
+    m = read_manifest(path)
+    return bool(m and m.get("complete") is True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -90,8 +75,7 @@ class StageDir:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | Path, stage: str | tuple[str, ...] | None = None,
-             allow_incomplete: bool = False) -> "StageDir":
+    def open(cls, path: str | Path, stage: str | tuple[str, ...] | None = None) -> StageDir:
         path = Path(path)
         stages = (stage,) if isinstance(stage, str) else stage
         want = f"a {' or '.join(stages)} directory" if stages else "a stage directory"
@@ -110,7 +94,7 @@ class StageDir:
                            f"{SCHEMA_VERSION}")
         if stages and manifest.get("stage") not in stages:
             raise TipError(f"{path} is a {manifest.get('stage')} directory; expected {want}")
-        if not manifest.get("complete") and not allow_incomplete:
+        if not manifest.get("complete"):
             raise TipError(f"{path} is incomplete (its {manifest.get('stage')} run did not "
                            "finish); run that stage again to resume it")
         return cls(path, manifest)
@@ -138,17 +122,26 @@ class StageDir:
     def manifest_sha256(self) -> str:
         return sha256_file(self.path / MANIFEST)
 
-    def load_shard(self, index: int, verify: bool = True,
+    def open_parent(self, stage: str) -> StageDir:
+        """The directory this one was made from, refused if it changed since."""
+        parent = self.manifest.get("parent") or {}
+        if not parent.get("path"):
+            raise TipError(f"{self.path} records no {stage} directory it was made from; "
+                           f"run tip {self.stage} again")
+        d = StageDir.open(parent["path"], stage=stage)
+        if d.manifest_sha256() != parent.get("manifest_sha256"):
+            raise TipError(f"{d.path} was rewritten after {self.path} was made from it; run "
+                           f"tip {self.stage} again on it (with --overwrite, or another -o)")
+        return d
+
+    def load_shard(self, index: int,
                    fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Tensors of shard ``index`` (only ``fields`` when given), checksum verified."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         entry = self.shards[index]
         fpath = self.path / entry["file"]
         if not fpath.is_file():
             raise TipError(f"{fpath} is missing; the directory is damaged, re-run its stage")
-        if verify and sha256_file(fpath) != entry["sha256"]:
+        if sha256_file(fpath) != entry["sha256"]:
             raise TipError(f"{fpath} does not match the checksum in {MANIFEST}; the file was "
                            "changed or damaged, re-run its stage")
         if fields is None:
@@ -156,23 +149,14 @@ class StageDir:
         with safe_open(str(fpath), framework="pt") as f:
             return {k: f.get_tensor(k) for k in fields if k in f.keys()}
 
-    def iter_shards(self) -> Iterator[dict[str, torch.Tensor]]:
+    def iter_shards(self, fields: tuple[str, ...] | None = None
+                    ) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(len(self.shards)):
-            yield self.load_shard(i)
+            yield self.load_shard(i, fields)
 
     def iter_sequences(self) -> Iterator[dict[str, torch.Tensor]]:
         for shard in self.iter_shards():
             yield from split_sequences(shard)
-
-    def iter_batches(self, batch_size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-        batch: list[dict[str, torch.Tensor]] = []
-        for seq in self.iter_sequences():
-            batch.append(seq)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
 
 
 def split_sequences(shard: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -265,8 +249,8 @@ class StageWriter:
     @staticmethod
     def _resume_key(m: dict[str, Any]) -> tuple:
         parent = m.get("parent") or {}
-        return (m.get("schema_version"), m.get("stage"), json.dumps(m.get("config"), sort_keys=True),
-                parent.get("manifest_sha256"))
+        return (m.get("schema_version"), m.get("stage"),
+                json.dumps(m.get("config"), sort_keys=True), parent.get("manifest_sha256"))
 
     def _valid_shards(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The leading shards whose files exist with the recorded checksum."""
@@ -279,8 +263,6 @@ class StageWriter:
         return good
 
     def _clear(self) -> None:
-        import shutil
-
         for child in self.path.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
@@ -288,7 +270,7 @@ class StageWriter:
                 child.unlink()
 
     def _save(self) -> None:
-        _write_json_atomic(self.path / MANIFEST, self.manifest)
+        write_json_atomic(self.path / MANIFEST, self.manifest)
 
     @property
     def complete(self) -> bool:
@@ -302,15 +284,13 @@ class StageWriter:
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor],
                     **entry_extra: Any) -> dict[str, Any]:
         """Write shard ``index`` (must be the next one) atomically and record it."""
-        from safetensors.torch import save_file
-
         if index != self.num_done:
             raise RuntimeError(f"shard {index} written out of order (next is {self.num_done})")
         name = shard_name(index)
         tmp = self.path / f".{name}.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         final = self.path / name
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates files readable by the owner only
+        os.chmod(tmp, 0o666 & ~umask())  # safetensors creates files readable by the owner only
         os.replace(tmp, final)
         r_off = tensors["response_offsets"]
         entry = {"file": name, "num_sequences": int(r_off.numel() - 1),

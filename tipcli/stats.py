@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_entropy",
               "rkl", "fkl", "jsd")
@@ -81,24 +82,6 @@ def chunk_stats(s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor, tokens_C: 
     return out
 
 
-def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
-    """hidden [*, H] -> logits [*, V] for ``model``: its LM head, padded columns dropped,
-    final-logit soft-capping applied where the architecture has it, divided by temperature."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    scale = getattr(model.config, "logit_scale", None)
-
-    def fn(hidden: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)[..., :vocab_size]
-        if scale is not None:
-            logits = logits * scale
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.div_(temperature) if temperature != 1.0 else logits
-
-    return fn
-
-
 @torch.no_grad()
 def token_stats(s_hidden_PH: torch.Tensor, t_hidden_PH: torch.Tensor, tokens_P: torch.Tensor,
                 s_logits: Callable, t_logits: Callable, top_k: int = 0,
@@ -128,8 +111,6 @@ def empty_stats(top_k: int) -> dict[str, torch.Tensor]:
 def truncate_logits(logits_CV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Mask to -inf what top-k and then top-p sampling leave out, with transformers' own
     warpers in the order ``generate`` applies them (after the temperature)."""
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
     if top_k > 0:
         logits_CV = TopKLogitsWarper(top_k=top_k)(None, logits_CV)
     if top_p < 1.0:
@@ -155,25 +136,3 @@ def sampled_logprobs(hidden_PH: torch.Tensor, tokens_P: torch.Tensor, logits: Ca
         lp = F.log_softmax(x, dim=-1)
         parts.append(lp.gather(-1, idx).squeeze(-1).cpu())
     return torch.cat(parts) if parts else torch.zeros(0)
-
-
-def reference_stats(s_logits_PV: torch.Tensor, t_logits_PV: torch.Tensor,
-                    tokens_P: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The textbook definitions in float64, unchunked: the reference for tests and benchmarks."""
-    ps = torch.softmax(s_logits_PV.double(), -1)
-    pt = torch.softmax(t_logits_PV.double(), -1)
-    m = (ps + pt) / 2
-
-    def kl(p, q):
-        return (p * (p.log() - q.log())).nan_to_num(0.0).sum(-1)
-
-    idx = tokens_P.long().unsqueeze(-1)
-    return {
-        "student_logprob": ps.log().gather(-1, idx).squeeze(-1),
-        "teacher_logprob": pt.log().gather(-1, idx).squeeze(-1),
-        "student_entropy": -(ps * ps.log()).nan_to_num(0.0).sum(-1),
-        "teacher_entropy": -(pt * pt.log()).nan_to_num(0.0).sum(-1),
-        "rkl": kl(ps, pt),
-        "fkl": kl(pt, ps),
-        "jsd": 0.5 * kl(ps, m) + 0.5 * kl(pt, m),
-    }

@@ -9,6 +9,12 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tipcli.models import quiet_transformers
+
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['content'] }}\n"
@@ -17,9 +23,6 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['conte
 
 def build_tokenizer(chars: str = CHARS):
     """A character-level fast tokenizer with <pad>, <s>, </s>, <unk> and a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(chars)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
@@ -33,9 +36,6 @@ def build_tokenizer(chars: str = CHARS):
 def build_model(tokenizer, hidden: int = 32, layers: int = 2, heads: int = 4,
                 vocab_pad: int = 0, seed: int = 0):
     """A random Llama-architecture causal LM; ``vocab_pad`` extra (unused) output rows."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer) + vocab_pad, hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=layers,
@@ -53,8 +53,6 @@ def build_model(tokenizer, hidden: int = 32, layers: int = 2, heads: int = 4,
 
 def save_pair(out: str | Path, seed: int = 0, vocab_pad: int = 13) -> tuple[Path, Path]:
     """Write a tiny student and a (wider, deeper) tiny teacher under ``out``."""
-    from tipcli.models import quiet_transformers
-
     quiet_transformers()
     out = Path(out)
     tok = build_tokenizer()

@@ -25,14 +25,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
 
-from tipcli.errors import TipError
+from tipcli.configs import VERIFIERS
+from tipcli.errors import TipError, first_line
 
 Verifier = Callable[[str, str], bool]
-BUILTIN = ("auto", "exact", "last-number", "boxed")
 
 _NUMBER = re.compile(
     r"(?:(?<![\w)\]}])[-+\u2212])?"          # a sign, unless it follows a word or bracket
@@ -150,7 +150,7 @@ def get_verifier(name: str) -> Verifier:
     if name in builtin:
         return builtin[name]
     if ":" not in name:
-        raise TipError(f"unknown verifier '{name}'; use one of {', '.join(BUILTIN)} or "
+        raise TipError(f"unknown verifier '{name}'; use one of {', '.join(VERIFIERS)} or "
                        "module:function")
     module_name, _, func_name = name.rpartition(":")
     module = _import(module_name, name)
@@ -171,6 +171,5 @@ def _import(module_name: str, spec_text: str):
             return module
         return importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise TipError(f"could not import verifier '{spec_text}': {type(exc).__name__}"
-                       f"{': ' + first if first else ''}") from None
+        raise TipError(f"could not import verifier '{spec_text}': {type(exc).__name__}: "
+                       f"{first_line(exc)}") from None

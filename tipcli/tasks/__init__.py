@@ -4,7 +4,5 @@ response format, and a teacher/student pair trained here.
     python -m tipcli.tasks.arithmetic build
     python -m tipcli.tasks.arithmetic prompts -n 200 -o arith.jsonl
 
-``arithmetic`` (multi-digit addition with a worked scratchpad) is the default task.
+``arithmetic``: multi-digit addition with a worked scratchpad (the demo's task).
 """
-
-DEFAULT_TASK = "arithmetic"

@@ -32,14 +32,26 @@ jobs share the cores. Greedy accuracy on ``held_out_prompts(100)`` (graded by `t
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tipcli.config import option, to_dict
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tipcli.configs import Sampling
+from tipcli.evaluate import generate_responses
+from tipcli.files import atomic_dir, write_atomic
+from tipcli.models import cache_dir, quiet_transformers
+from tipcli.progress import progress
+from tipcli.settings import setting, to_flat, validate
+from tipcli.tiny import build_tokenizer
+from tipcli.verify import last_number
 
 PLACEHOLDER = "\x00"
 VOCAB_PAD = 28  # output rows past the 100-token vocabulary (128 in all), as real checkpoints pad
@@ -99,7 +111,7 @@ def write_prompts(path: str | Path, n: int, seed: int = 0) -> Path:
     """Write ``make_prompts(n, seed)`` as JSONL (one record a line); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in make_prompts(n, seed)))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in make_prompts(n, seed)))
     return path
 
 
@@ -129,8 +141,6 @@ class Encoder:
 def sft_batch(enc: Encoder, records: list[dict[str, str]]):
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on
     response tokens and EOS)."""
-    import torch
-
     pairs = [enc.example(r) for r in records]
     width = max(len(p) + len(r) for p, r in pairs)
     ids_BT = torch.full((len(pairs), width), enc.pad, dtype=torch.long)
@@ -150,28 +160,21 @@ def sft_batch(enc: Encoder, records: list[dict[str, str]]):
 class TrainSpec:
     """Size and schedule of one model trained from scratch on worked examples."""
 
-    name: str = option("teacher", "Directory name of the model.")
-    hidden: int = option(128, "Hidden size.")
-    layers: int = option(4, "Transformer layers.")
-    heads: int = option(4, "Attention heads.")
-    max_steps: int = option(3000, "Most optimizer steps.")
-    batch_size: int = option(64, "Worked examples per step.")
-    lr: float = option(3e-3, "Peak AdamW learning rate (linear warmup, cosine decay).")
-    warmup: int = option(100, "Warmup steps.")
-    eval_every: int = option(100, "Steps between validation checks.")
-    target: float = option(0.95, "Stop once greedy validation accuracy reaches this.")
-    seed: int = option(0, "Seed of the initial weights and the training examples.")
+    name: str = setting("teacher", "Directory name of the model.", required=True)
+    hidden: int = setting(128, "Hidden size.", ge=1)
+    layers: int = setting(4, "Transformer layers.", ge=1)
+    heads: int = setting(4, "Attention heads.", ge=1)
+    max_steps: int = setting(3000, "Most optimizer steps.", ge=1)
+    batch_size: int = setting(64, "Worked examples per step.", ge=1)
+    lr: float = setting(3e-3, "Peak AdamW learning rate (linear warmup, cosine decay).", gt=0)
+    warmup: int = setting(100, "Warmup steps.", ge=0)
+    eval_every: int = setting(100, "Steps between validation checks.", ge=1)
+    target: float = setting(0.95, "Stop once greedy validation accuracy reaches this.", ge=0,
+                            le=1)
+    seed: int = setting(0, "Seed of the initial weights and the training examples.")
 
-    def validate(self) -> list[str]:
-        p = []
-        for name in ("hidden", "layers", "heads", "max_steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                p.append(f"{name} must be at least 1")
-        if self.hidden % max(self.heads, 1):
-            p.append("hidden must be a multiple of heads")
-        if not 0 <= self.target <= 1:
-            p.append("target must be in [0, 1]")
-        return p
+    def rules(self) -> list[str]:
+        return ["--hidden must be a multiple of --heads"] if self.hidden % self.heads else []
 
 
 TEACHER = TrainSpec("teacher", hidden=128, layers=4, heads=4, max_steps=3000, target=0.95,
@@ -182,9 +185,6 @@ STUDENT = TrainSpec("student", hidden=64, layers=2, heads=4, max_steps=1500, lr=
 
 def new_model(tok, spec: TrainSpec):
     """A randomly initialised Llama sized by ``spec`` (vocab padded by ``VOCAB_PAD``)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(spec.seed)
     config = LlamaConfig(vocab_size=len(tok) + VOCAB_PAD, hidden_size=spec.hidden,
                          intermediate_size=2 * spec.hidden, num_hidden_layers=spec.layers,
@@ -196,8 +196,6 @@ def new_model(tok, spec: TrainSpec):
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
-    import math
-
     if step < spec.warmup:
         return spec.lr * (step + 1) / spec.warmup
     frac = (step - spec.warmup) / max(1, spec.max_steps - spec.warmup)
@@ -206,14 +204,10 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
 
 def greedy_accuracy(model, tok, records: list[dict[str, str]], batch_size: int = 128) -> float:
     """Share of ``records`` whose greedy response's last number equals the answer."""
-    from tipcli.evaluate import EvalConfig, generate_responses
-    from tipcli.verify import last_number
-
     model.eval()
     prompts = [Encoder(tok).prompt(r["prompt"]) for r in records]
-    cfg = EvalConfig(model="<in memory>", prompts="<in memory>", temperature=0.0,
-                     max_new_tokens=48, batch_size=batch_size)
-    responses = generate_responses(model, tok, prompts, cfg)
+    greedy = Sampling(temperature=0.0, max_new_tokens=48, batch_size=batch_size)
+    responses = generate_responses(model, tok, prompts, greedy, seed=0)
     return sum(last_number(s, r["answer"]) for s, r in zip(responses, records)) / len(records)
 
 
@@ -222,8 +216,7 @@ def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[
     """Train a new model on fresh worked examples until it reaches ``spec.target`` greedy
     accuracy on ``valid`` (checked every ``eval_every`` steps) or ``spec.max_steps``.
     ``advance(steps, description, total=None)`` reports progress."""
-    import torch
-
+    validate(spec)
     model, enc = new_model(tok, spec), Encoder(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
@@ -245,7 +238,7 @@ def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[
                 break
     if advance:
         advance(0, f"{spec.name} (valid acc {acc:.2f}, {step} steps)", step)
-    info = {"steps": step, "valid_accuracy": acc, "losses": losses, "spec": to_dict(spec)}
+    info = {"steps": step, "valid_accuracy": acc, "losses": losses, "spec": to_flat(spec)}
     return model.eval(), info
 
 
@@ -257,8 +250,6 @@ def _fresh_pair(rng: random.Random, exclude: set[tuple[int, int]]) -> tuple[int,
 
 
 def _sft_step(model, opt, batch, lr: float) -> float:
-    import torch
-
     model.train()
     ids_BT, mask_BT, labels_BT = batch
     for group in opt.param_groups:
@@ -274,8 +265,6 @@ def _sft_step(model, opt, batch, lr: float) -> float:
 # ---------------------------------------------------------------- build and cache
 
 def default_dir() -> Path:
-    from tipcli.models import cache_dir
-
     return cache_dir() / "arith"
 
 
@@ -284,9 +273,6 @@ def build_models(out_dir: str | Path | None = None, force: bool = False,
                  valid_size: int = 200) -> tuple[Path, Path]:
     """Train (once) and save the task's teacher and student; returns (student_dir,
     teacher_dir). An existing build under ``out_dir`` is reused unless ``force``."""
-    from tipcli.models import quiet_transformers
-    from tipcli.tiny import build_tokenizer
-
     out = Path(out_dir) if out_dir else default_dir()
     dirs = (out / student.name, out / teacher.name)
     if not force and all((d / "config.json").is_file() for d in dirs):
@@ -302,7 +288,7 @@ def build_models(out_dir: str | Path | None = None, force: bool = False,
             model, info[spec.name] = train(tok, spec, valid, exclude, advance_for(spec))
             _save(model, tok, d)
     info["seconds"] = round(time.perf_counter() - start, 1)
-    (out / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_atomic(out / "build.json", json.dumps(info, indent=2) + "\n")
     return dirs
 
 
@@ -313,23 +299,15 @@ def _pair(rec: dict[str, str]) -> tuple[int, int]:
 
 def _save(model, tok, path: Path) -> None:
     """save_pretrained into a temporary directory, then rename into place."""
-    import os
-    import shutil
-
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
 
 
 class _progress:
     """One rich progress row per trained model; ``advance_for(spec)`` gives its callback."""
 
     def __enter__(self):
-        from tipcli.progress import progress
-
         self.bar = progress().__enter__()
         return self.advance_for
 
@@ -349,8 +327,6 @@ class _progress:
 
 def main(argv: list[str] | None = None) -> None:
     """``build`` the models or write ``prompts``; prints the output path(s) on stdout."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m tipcli.tasks.arithmetic",
                                      description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,0 +1,353 @@
+"""Every setting of every stage, declared once, and the names the stages share.
+
+    from tipcli.configs import SelectConfig, resolve
+    cfg = resolve(SelectConfig, score="runs/score", output="runs/select", keep=0.2)
+
+Small groups (``Runtime``, ``Sampling``, ``PromptSource``, ``Scoring``, ``Selection``,
+``Optim``, ``Training``, ``Grading``) are shared by the stages that need them; each stage
+config composes them with its own paths. The CLI is generated from these classes, so a
+field's type, default, range, choices and help are its flag. Torch-free: ``tip --help``
+imports this module and nothing heavy. The machinery is in ``tipcli.settings``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tipcli.settings import from_flat, group, resolve, setting, to_flat, validate
+
+__all__ = ["from_flat", "resolve", "to_flat", "validate"]
+
+# ----------------------------------------------------------------------------- names
+
+DIVERGENCES = ("rkl", "fkl", "jsd")
+NORMALIZERS = ("minmax", "bound", "rank")
+SCOPES = ("sequence", "group")
+TOPK_STRATEGIES = ("random", "entropy", "entropy-sample", "divergence", "soft-or",
+                   "soft-or-bottom", "q3")
+STRATEGIES = ("all", *TOPK_STRATEGIES)  # and quadrant sets, quadrant:Q1+Q3
+QUADRANTS = ("Q1", "Q2", "Q3", "Q4")    # codes 1..4 in shards
+QUADRANT_LABELS = {"Q1": "high h, high d", "Q2": "high h, low d", "Q3": "low h, high d",
+                   "Q4": "low h, low d"}
+TOPK_LOSSES = ("rkl-topk", "fkl-topk", "jsd-topk")
+FULL_LOSSES = ("rkl-full", "fkl-full", "jsd-full")
+LOSSES = (*TOPK_LOSSES, "rkl-sampled", *FULL_LOSSES)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16")
+TRACKERS = ("none", "tensorboard", "wandb", "trackio")
+VERIFIERS = ("auto", "exact", "last-number", "boxed")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu|npu)(:\d+)?")
+
+
+def parse_quadrants(strategy: str) -> set[int] | None:
+    """{1, 3} for ``quadrant:Q1+Q3``; None for other strategies; ValueError when malformed."""
+    if not strategy.startswith("quadrant:"):
+        return None
+    names = [p.strip().upper() for p in strategy.split(":", 1)[1].split("+")]
+    if not names or any(n not in QUADRANTS for n in names):
+        raise ValueError(f"bad quadrant set in '{strategy}'; write e.g. quadrant:Q1+Q3")
+    return {QUADRANTS.index(n) + 1 for n in names}
+
+
+def strategy_problem(strategy: str) -> str | None:
+    """None when ``strategy`` is valid, else a message listing the valid ones."""
+    if strategy in STRATEGIES:
+        return None
+    try:
+        if parse_quadrants(strategy) is not None:
+            return None
+    except ValueError as exc:
+        return str(exc)
+    return (f"unknown strategy '{strategy}'; valid: {', '.join(STRATEGIES)}, "
+            "quadrant:Q1+Q3 (any + of Q1..Q4)")
+
+
+def _device_problem(device: str) -> str | None:
+    if DEVICE_PATTERN.fullmatch(device):
+        return None
+    return f"--device must be auto, cpu, cuda or cuda:N (got '{device}')"
+
+
+def _verifier_problem(name: str) -> str | None:
+    if name in VERIFIERS or ":" in name:
+        return None
+    return f"--verifier must be one of {', '.join(VERIFIERS)} or module:function (got '{name}')"
+
+
+def _model(help: str, short: str | None = None, required: bool = True):
+    return setting("", help + (" Hub id, local directory or .gguf file." if required else ""),
+                   required=required, short=short)
+
+
+def _output(help: str = "Output directory.", required: bool = True):
+    return setting("", help, required=required, short="-o")
+
+
+def _seed(help: str):
+    return setting(0, help)
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how models run."""
+
+    device: str = setting("auto", "Device: auto (CUDA when present), cpu, cuda, cuda:1 ...",
+                          check=_device_problem)
+    dtype: str = setting("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU).", choices=DTYPES)
+    trust_remote_code: bool = setting(False, "Allow model code from the hub (only if you "
+                                             "trust it).")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Which records of a prompt source are used, and where their prompt is."""
+
+    prompt_field: str = setting("prompt", "Record field holding the prompt text.")
+    messages_field: str = setting("messages", "Record field holding chat messages.")
+    split: str = setting("train", "Dataset split, for datasets with several.")
+    max_prompts: int = setting(0, "Use only the first N prompts (0 = all).", ge=0)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled."""
+
+    num_samples: int = setting(1, "Responses sampled per prompt.", ge=1)
+    temperature: float = setting(1.0, "Sampling temperature (0 = greedy).", ge=0)
+    top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).", gt=0, le=1)
+    top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0)
+    max_new_tokens: int = setting(256, "Most tokens per response.", ge=1)
+    batch_size: int = setting(8, "Sequences generated together.", ge=1)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the score stage computes per-token statistics."""
+
+    top_k: int = setting(64, "Teacher top-k ids and log-probs stored per token (0 = none).",
+                         ge=0)
+    temperature: float = setting(1.0, "Temperature applied to both models' logits.", gt=0)
+    batch_size: int = setting(8, "Sequences per scoring forward pass.", ge=1)
+    chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about 2^22 "
+                                 "logits).", ge=0)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which response tokens are trained on (docs/selection.md)."""
+
+    strategy: str = setting("soft-or", "all, random, entropy, entropy-sample, divergence, "
+                            "soft-or, soft-or-bottom, q3, or quadrant:Q1+Q3 (any + of Q1..Q4).",
+                            check=strategy_problem)
+    keep: float = setting(0.5, "Fraction of response tokens kept (quadrant sets: at most this "
+                               "many; ignored by all).", gt=0, le=1)
+    scope: str = setting("sequence", "Budget per sequence, or per normalisation group.",
+                         choices=SCOPES)
+    divergence: str = setting("rkl", "Divergence behind d.", choices=DIVERGENCES)
+    normalize: str = setting("minmax", "minmax (the paper's: 98th-percentile entropy clip), "
+                             "bound or rank.", choices=NORMALIZERS)
+    group_size: int = setting(64, "Consecutive sequences per normalisation group.", ge=1)
+    alpha: float = setting(1.0, "entropy-sample: keep probability proportional to h^alpha.",
+                           ge=0)
+    tau_h: float | None = setting(None, "Absolute threshold on h (default: group median).",
+                                     ge=0, le=1)
+    tau_d: float | None = setting(None, "Absolute threshold on d (default: group median).",
+                                     ge=0, le=1)
+
+
+@dataclass(frozen=True)
+class Optim:
+    """AdamW, its schedule and the batches of a step."""
+
+    lr: float = setting(1e-6, "Peak learning rate of AdamW.", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0)
+    warmup: int = setting(0, "Linear warmup steps before the cosine decay.", ge=0)
+    epochs: int = setting(1, "Passes over the data (ignored when --max-steps is set).", ge=1)
+    max_steps: int = setting(0, "Optimizer steps to run (0 = --epochs passes).", ge=0)
+    batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1)
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.", ge=1)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = no clipping).", ge=0)
+    shuffle: bool = setting(True, "Shuffle sequences each epoch (seeded).")
+
+
+@dataclass(frozen=True)
+class Training:
+    """The distillation loss and how a training step runs."""
+
+    loss: str = setting("rkl-topk", "Loss on the kept tokens (docs/training.md).", choices=LOSSES)
+    chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1)
+    gradient_checkpointing: bool = setting(False, "Recompute the body's activations in "
+                                                  "backward.")
+    mixed_precision: str = setting("auto", "auto (bf16 on GPU, none on CPU), no, bf16.",
+                                   choices=MIXED_PRECISION)
+    report_to: str = setting("none", "Also log metrics to tensorboard, wandb or trackio "
+                             "(files under the output directory).", choices=TRACKERS)
+
+
+@dataclass(frozen=True)
+class Grading:
+    """How responses are graded against reference answers."""
+
+    verifier: str = setting("auto", f"Grader: {', '.join(VERIFIERS)} or module:function.",
+                            check=_verifier_problem)
+    answer_field: str = setting("answer", "Record field holding the reference answer.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """`tip rollout`: the student samples responses to prompts."""
+
+    student: str = _model("Student model:", short="-s")
+    prompts: str = setting("", "Prompts: .jsonl, .parquet, .csv, a saved dataset or a hub name.",
+                           required=True, short="-p")
+    output: str = _output()
+    sampling: Sampling = group(Sampling)
+    seed: int = _seed("Random seed; the same seed gives the same rollouts on CPU.")
+    shard_size: int = setting(256, "Sequences per output shard (a multiple of --batch-size).",
+                              ge=1)
+    chunk_size: int = setting(0, "Positions per chunk when computing log-probs (0 = auto).",
+                              ge=0)
+    source: PromptSource = group(PromptSource)
+    runtime: Runtime = group(Runtime)
+
+    def rules(self) -> list[str]:
+        if self.shard_size % self.sampling.batch_size:
+            return ["--shard-size must be a multiple of --batch-size"]
+        return []
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`tip score`: teacher and student statistics for every response token."""
+
+    rollout: str = setting("", "Rollout directory, or - to read its path from stdin.",
+                           required=True, argument="ROLLOUT_DIR")
+    teacher: str = _model("Teacher model:", short="-t")
+    output: str = _output()
+    student: str = _model("Student model (default: the rollout's student).", short="-s",
+                          required=False)
+    scoring: Scoring = group(Scoring)
+    runtime: Runtime = group(Runtime)
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """`tip select`: choose the response tokens to train on."""
+
+    score: str = setting("", "Score directory, or - to read its path from stdin.",
+                         required=True, argument="SCORE_DIR")
+    output: str = _output()
+    selection: Selection = group(Selection)
+    seed: int = _seed("Seed for sampling and tie-breaking (same seed = same mask).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`tip train`: distil the teacher into the student on the kept tokens."""
+
+    input: str = setting("", "Score or selection directory (rollout for *-full losses), or - "
+                             "to read its path from stdin.", required=True, argument="INPUT")
+    output: str = _output("Output directory: the trained model, metrics and checkpoints.")
+    student: str = _model("Student model to train (default: the input's student).",
+                          short="-s", required=False)
+    teacher: str = _model("Teacher model, loaded during training for the *-full losses.",
+                          short="-t", required=False)
+    training: Training = group(Training)
+    selection: Selection = group(Selection)
+    optim: Optim = group(Optim)
+    seed: int = _seed("Seed of data order, selection and initialisation.")
+    save_every: int = setting(0, "Save a resumable checkpoint every N steps (0 = never).", ge=0)
+    runtime: Runtime = group(Runtime)
+
+    def rules(self) -> list[str]:
+        p = []
+        if self.training.loss in FULL_LOSSES and not self.teacher:
+            p.append(f"--loss {self.training.loss} needs --teacher")
+        if self.runtime.device not in ("auto", "cpu", "cuda"):
+            p.append("--device must be auto, cpu or cuda for tip train (accelerate places "
+                     "each process on its own device)")
+        return p
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`tip eval`: generate answers to prompts and grade them."""
+
+    model: str = _model("Model to evaluate:", short="-m")
+    prompts: str = setting("", "Prompts with reference answers: .jsonl, .parquet, .csv, dataset.",
+                           required=True, short="-p")
+    output: str = _output("Output directory for per-prompt results (empty = write nothing).",
+                          required=False)
+    grading: Grading = group(Grading)
+    sampling: Sampling = group(Sampling, temperature=0.0, batch_size=32)
+    seed: int = _seed("Random seed for sampling.")
+    source: PromptSource = group(PromptSource)
+    runtime: Runtime = group(Runtime)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """`tip report`: what the token-importance signals look like in a directory."""
+
+    path: str = setting("", "Score or selection directory, or - to read its path from stdin.",
+                        required=True, argument="DIR")
+    json: str = setting("", "Write every number shown to this JSON file.")
+    png: str = setting("", "Write the (h, d) heat map and coverage curves to this PNG file.")
+    export: str = setting("", "Write one row per response to this .jsonl or .parquet file.",
+                          check=lambda p: None if p.endswith((".jsonl", ".parquet")) else
+                          "--export must end in .jsonl or .parquet")
+    show: int = setting(0, "Print N responses, tokens coloured by quadrant, selected underlined.",
+                        ge=0)
+    selection: Selection = group(Selection)
+    seed: int = _seed("Seed of the sampled strategies.")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`tip distill`: the on-policy loop, rollout -> score -> select -> train, N times."""
+
+    student: str = _model("Starting student:", short="-s")
+    teacher: str = _model("Teacher model:", short="-t")
+    prompts: str = setting("", "Training prompts: .jsonl, .parquet, .csv or a dataset.",
+                           required=True, short="-p")
+    output: str = _output("Run directory; every iteration's stages are kept inside.")
+    iterations: int = setting(2, "On-policy iterations (rollout -> score -> select -> train).",
+                              ge=1)
+    prompts_per_iteration: int = setting(0, "Prompts sampled for each iteration (0 = all).",
+                                         ge=0)
+    sampling: Sampling = group(Sampling, rename={"top_k": "sample_top_k",
+                                                 "batch_size": "rollout_batch_size"},
+                               num_samples=4, max_new_tokens=128, batch_size=16)
+    scoring: Scoring = group(Scoring, rename={"temperature": "score_temperature",
+                                              "batch_size": "score_batch_size",
+                                              "chunk_size": "score_chunk_size"})
+    selection: Selection = group(Selection)
+    training: Training = group(Training)
+    optim: Optim = group(Optim, lr=1e-5, batch_size=8)
+    eval_prompts: str = setting("", "Prompts with answers to evaluate the student after each "
+                                    "iteration (empty = no evaluation).")
+    eval_max_prompts: int = setting(0, "Evaluate on the first N eval prompts (0 = all).", ge=0)
+    grading: Grading = group(Grading)
+    seed: int = _seed("Seed of sampling, selection and training.")
+    source: PromptSource = group(PromptSource)
+    runtime: Runtime = group(Runtime)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`tip demo`: distil the embedded addition task end to end."""
+
+    output: str = setting("runs/demo", "Where the demo writes its run.", short="-o")
+    quick: bool = setting(False, "A seconds-long version (one short iteration).")
+
+
+STAGE_CONFIGS = {"rollout": RolloutConfig, "score": ScoreConfig, "select": SelectConfig,
+                 "train": TrainConfig, "eval": EvalConfig, "report": ReportConfig,
+                 "distill": DistillConfig, "demo": DemoConfig}

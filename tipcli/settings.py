@@ -1,0 +1,301 @@
+"""How a setting is declared, layered and checked; the stage configs are in ``configs``.
+
+A stage config is a frozen dataclass. Each field is a *setting* (type, default, range,
+choices and one line of help, written once) or a *group*: a smaller config shared by
+several stages (``Sampling``, ``Selection``, ...). Seen from outside, a config is flat:
+every setting has one name (its field name, or the name its group gives it in that stage),
+which is its flag (``--max-new-tokens``), its key in a settings file and in a stage's
+manifest. ``resolve`` layers defaults < settings file < given values, checks every value
+and raises one ``ConfigError`` listing all problems. Torch-free: the CLI imports this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tipcli.errors import ConfigError, TipError, first_line
+
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, required: bool = False, short: str | None = None,
+            argument: str | None = None, check: Callable[[Any], str | None] | None = None
+            ) -> Any:
+    """A config field. ``ge``/``gt``/``le``/``lt`` bound numbers (floats must also be
+    finite), ``choices`` lists the valid strings, ``check`` returns a problem or None,
+    ``required`` refuses an empty string. ``short`` is a one-letter flag; ``argument``
+    makes it the command's positional argument (its metavar), which accepts ``-`` for a
+    path read from stdin."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, required=required,
+                short=short, argument=argument, check=check)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def group(cls: type, rename: dict[str, str] | None = None, **defaults: Any) -> Any:
+    """A field holding a shared group of settings, with this stage's own defaults and, where
+    two groups of a stage would clash, other names for some of its settings."""
+    return dataclasses.field(default_factory=functools.partial(cls, **defaults),
+                             metadata={"group": cls, "rename": rename or {},
+                                       "defaults": defaults})
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One setting as the outside sees it: its flat name and where it lives."""
+
+    name: str                 # flat name: flag without dashes, settings-file key
+    path: tuple[str, ...]     # attribute path inside the config
+    type: Any                 # int, float, str, bool, or Optional of one
+    default: Any
+    meta: dict[str, Any]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the flag, or the positional argument."""
+        arg = self.meta.get("argument")
+        return arg if arg else self.flag
+
+    @property
+    def help(self) -> str:
+        return self.meta["help"]
+
+
+@functools.cache
+def leaves(cls: type) -> tuple[Leaf, ...]:
+    """Every setting of ``cls``, groups flattened, in declaration order."""
+    out: list[Leaf] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "group" in f.metadata:
+            sub_cls, rename, defaults = (f.metadata[k] for k in ("group", "rename", "defaults"))
+            for leaf in leaves(sub_cls):
+                name = leaf.path[0]
+                out.append(Leaf(rename.get(name, leaf.name), (f.name, *leaf.path), leaf.type,
+                                defaults.get(name, leaf.default), leaf.meta))
+        else:
+            out.append(Leaf(f.name, (f.name,), hints[f.name], f.default, dict(f.metadata)))
+    names = [leaf.name for leaf in out]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise TypeError(f"{cls.__name__}: settings {clash} are declared twice; rename them")
+    return tuple(out)
+
+
+def leaf_map(cls: type) -> dict[str, Leaf]:
+    return {leaf.name: leaf for leaf in leaves(cls)}
+
+
+# ----------------------------------------------------------------------------- values
+
+
+def _base(tp: Any) -> tuple[Any, bool]:
+    """(the type inside Optional, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def coerce(leaf: Leaf, value: Any) -> tuple[Any, str | None]:
+    """(the value as the setting's type, or a problem). Booleans are not numbers, numbers
+    are not strings: a settings file is read as strictly as a flag."""
+    base, optional = _base(leaf.type)
+    if value is None:
+        return (None, None) if optional else (value, f"{leaf.label} must be "
+                                                     f"{TYPE_NAMES[base]} (got null)")
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[base]
+    if not ok:
+        return value, f"{leaf.label} must be {TYPE_NAMES[base]} (got {json.dumps(value)})"
+    return (float(value) if base is float else value), None
+
+
+def check_leaf(leaf: Leaf, value: Any) -> str | None:
+    """The first problem with ``value`` for ``leaf``, or None."""
+    value, problem = coerce(leaf, value)
+    if problem or value is None:
+        return problem
+    m = leaf.meta
+    if m["required"] and value == "":
+        return f"{leaf.label} is required"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{leaf.label} must be a finite number (got {value})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not _in_range(m, value):
+        return f"{leaf.label} must be {range_text(m)} (got {value:g})"
+    if m["choices"] and value not in m["choices"]:
+        return f"{leaf.label} must be one of {', '.join(m['choices'])} (got '{value}')"
+    if m["check"] and value != "":
+        return m["check"](value)
+    return None
+
+
+def _in_range(m: dict[str, Any], v: float) -> bool:
+    return not ((m["ge"] is not None and v < m["ge"]) or (m["gt"] is not None and v <= m["gt"])
+                or (m["le"] is not None and v > m["le"]) or (m["lt"] is not None and v >= m["lt"]))
+
+
+def range_text(m: dict[str, Any]) -> str:
+    lo, hi = (m["ge"], "[") if m["ge"] is not None else (m["gt"], "(")
+    up, close = (m["le"], "]") if m["le"] is not None else (m["lt"], ")")
+    if lo is not None and up is not None:
+        return f"in {hi}{lo:g}, {up:g}{close}"
+    if lo is not None:
+        return f"at least {lo:g}" if hi == "[" else f"> {lo:g}"
+    return f"at most {up:g}" if close == "]" else f"< {up:g}"
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def from_flat(cls: type[C], values: dict[str, Any]) -> C:
+    """``cls`` from flat names; missing settings take this stage's defaults. Unchecked."""
+    kwargs: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for leaf in leaves(cls):
+        if leaf.name not in values:
+            continue
+        if len(leaf.path) == 1:
+            kwargs[leaf.path[0]] = values[leaf.name]
+        else:
+            groups.setdefault(leaf.path[0], {})[leaf.path[1]] = values[leaf.name]
+    for f in dataclasses.fields(cls):
+        if f.name in groups:
+            kwargs[f.name] = f.metadata["group"](**{**f.metadata["defaults"], **groups[f.name]})
+    return cls(**kwargs)
+
+
+def to_flat(cfg: Any) -> dict[str, Any]:
+    """Every setting of ``cfg`` by flat name, JSON-ready: the form stored in manifests,
+    which is also a valid settings file."""
+    out = {}
+    for leaf in leaves(type(cfg)):
+        v = cfg
+        for attr in leaf.path:
+            v = getattr(v, attr)
+        out[leaf.name] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def problems(cfg: Any) -> list[str]:
+    """Every problem with ``cfg``: each setting's own checks, then each class's ``rules()``
+    for rules between settings (groups first; a rule that cannot be checked because a
+    setting it reads is invalid is skipped: that setting's own problem is reported)."""
+    out = [p for leaf, v in zip(leaves(type(cfg)), to_flat(cfg).values())
+           if (p := check_leaf(leaf, v))]
+    holders = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "group" in f.metadata]
+    for holder in (*holders, cfg):
+        try:
+            found = holder.rules() if hasattr(holder, "rules") else []
+        except (TypeError, ValueError, ArithmeticError):
+            found = []
+        out += [p for p in found if p not in out]
+    return out
+
+
+def validate(cfg: C) -> C:
+    """``cfg`` itself, or a ConfigError listing every problem."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError(found)
+    return cfg
+
+
+def resolve(cls: type[C], config_file: str | Path | None = None, **values: Any) -> C:
+    """``cls`` from its defaults, then a settings file, then ``values`` that are not None
+    (flat names), checked: the one way a stage config is made from outside."""
+    known = leaf_map(cls)
+    merged: dict[str, Any] = {}
+    found: list[str] = []
+    if config_file:
+        from_file = load_config_file(config_file, cls)
+        found += [f"unknown setting '{k}' in {config_file}; settings are the command's flag "
+                  "names (see its --help)" for k in from_file if k not in known]
+        merged.update(from_file)
+    given = {k: v for k, v in values.items() if v is not None}
+    found += [f"unknown setting '{k}'" for k in given if k not in known]
+    merged.update(given)
+    merged = {k: v for k, v in merged.items() if k in known}
+    for name, v in merged.items():
+        v, problem = coerce(known[name], v)
+        merged[name] = v
+        if problem:
+            found.append(problem)
+    if found:
+        raise ConfigError(found)
+    return validate(from_flat(cls, merged))
+
+
+def load_config_file(path: str | Path, cls: type | None = None) -> dict[str, Any]:
+    """Settings from a .json, .toml or .yaml file: flat names (``-`` or ``_``), or a group
+    of ``cls`` as a nested table (``[selection]`` holding ``keep = 0.5``)."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise TipError(f"config file {path} does not exist")
+    parse = {".json": json.loads, ".toml": tomllib.loads}.get(path.suffix)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        parse = yaml.safe_load
+    if parse is None:
+        raise TipError(f"config file {path}: use a .json, .toml or .yaml file")
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except Exception as exc:  # parse errors of three libraries, and bad bytes
+        raise TipError(f"config file {path} could not be parsed: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise TipError(f"config file {path} must hold a mapping of setting names to values")
+    return _flatten_file(data, cls)
+
+
+def _flatten_file(data: dict[str, Any], cls: type | None) -> dict[str, Any]:
+    groups = {}
+    if cls is not None:
+        for f in dataclasses.fields(cls):
+            if "group" in f.metadata:
+                rename = f.metadata["rename"]
+                groups[f.name] = {leaf.path[0]: rename.get(leaf.path[0], leaf.name)
+                                  for leaf in leaves(f.metadata["group"])}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in groups and isinstance(value, dict):
+            for sub, v in value.items():
+                sub = str(sub).replace("-", "_")
+                out[groups[key].get(sub, f"{key}.{sub}")] = v
+        else:
+            out[key] = value
+    return out
+
+
+def help_text(leaf: Leaf) -> str:
+    """Help for ``--help``: the line, the valid range and the default."""
+    m, text = leaf.meta, leaf.help
+    if m["choices"] and not all(c in text for c in m["choices"]):
+        text += f" One of: {', '.join(m['choices'])}."
+    if any(m[k] is not None for k in ("ge", "gt", "le", "lt")):
+        text += f" ({range_text(m)})"
+    if leaf.default not in ("", None) and not m["argument"]:
+        shown = str(leaf.default).lower() if isinstance(leaf.default, bool) else leaf.default
+        text += f" [default: {shown}]"
+    return text

@@ -1,0 +1,125 @@
+"""`tip train`: distil the teacher into the student on the kept tokens only.
+
+    tip train runs/score --strategy soft-or --keep 0.5 --loss rkl-topk -o runs/train \
+        --lr 1e-5 --batch-size 4 --grad-accum 2 --max-steps 100 --save-every 50
+
+The input is a score directory (tokens selected on the fly with ``tip select``'s
+functions), a selection directory, or, for the ``*-full`` losses with ``--teacher``, a
+rollout directory (``data``). Each step runs the transformer body on whole sequences,
+gathers the hidden states at kept positions and applies the LM head and the loss in
+chunks whose logits are rebuilt in backward (``module``), normalised by the global number
+of kept tokens (``loop``).
+
+The output directory is a transformers checkpoint (``from_pretrained`` loads it, so it
+can be the next rollout's ``--student``) plus ``manifest.json`` (stage ``train``),
+``metrics.jsonl`` (one line per step), with ``--report-to`` the tracker's files under
+``logs/``, and, with ``--save-every``, the latest resumable state under ``checkpoints/``
+(``checkpoint``: JSON and safetensors only). ``--resume`` continues from it; on CPU the
+result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tipcli.configs import TrainConfig, to_flat, validate
+from tipcli.errors import TipError
+from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
+                           tokenizer_info)
+from tipcli.shards import StageWriter, is_complete, read_manifest
+from tipcli.tracking import Tracker, check_available
+from tipcli.train.checkpoint import CHECKPOINTS, METRICS, load_latest
+from tipcli.train.data import Source, load_sequences, make_micro_batch, open_source
+from tipcli.train.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
+from tipcli.train.module import DistillModule, distill_module
+
+__all__ = ["CHECKPOINTS", "METRICS", "DistillModule", "TrainConfig", "accelerator_kwargs",
+           "distill_module", "load_sequences", "make_micro_batch", "open_source", "run_train",
+           "train_model"]
+
+
+def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train the student on the kept tokens of ``cfg.input``; returns the output directory."""
+    return train_model(cfg, overwrite, resume)[0]
+
+
+def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+                student=None, teacher=None,
+                on_step: Callable[[dict[str, Any]], None] | None = None):
+    """``run_train`` on models that may already be loaded (see ``build_trainer``), with
+    ``on_step`` called with each step's metrics (``tip distill`` logs them to its tracker).
+
+    Returns the output directory and the trained student in eval mode (None when the run
+    had already completed and nothing was trained)."""
+    validate(cfg)
+    check_available(cfg.training.report_to)
+    quiet_transformers()
+    acc = make_accelerator(cfg)
+    src = open_source(cfg)
+    seqs = load_sequences(cfg, src)
+    tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
+    check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
+    _check_output(cfg, overwrite, resume)
+    acc.wait_for_everyone()  # every process has checked before the main one writes
+    writer = _writer(cfg, src, tok, overwrite) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if is_complete(cfg.output):  # the same run already completed: nothing to do
+        return Path(cfg.output), None
+    tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher)
+    if resume:
+        load_latest(tr)
+    tracker = _tracker(cfg, acc, on_step)
+    tr.on_step = on_step or (lambda m: tracker.log(m, m["step"]))
+    try:
+        summary = run_loop(tr)
+    finally:
+        tracker.close()
+    _save_model(tr, tok)
+    if writer is not None:
+        writer.finish(summary)
+    acc.wait_for_everyone()
+    trained = acc.unwrap_model(tr.module).student
+    acc.free_memory()  # drop the optimizer state and accelerate's references to the model
+    trained.eval()
+    trained.requires_grad_(False)
+    return Path(cfg.output), trained
+
+
+def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:
+    kind = cfg.training.report_to if acc.is_main_process and on_step is None else "none"
+    return Tracker(kind, cfg.output, "tip-train", to_flat(cfg))
+
+
+def _check_output(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
+    old = read_manifest(cfg.output)
+    if overwrite and resume:
+        raise TipError("--resume and --overwrite exclude each other")
+    if resume and old is None:
+        raise TipError(f"--resume given but {cfg.output} holds no train run to resume")
+    if old is not None and not overwrite and not resume and not old.get("complete"):
+        raise TipError(f"{cfg.output} holds an unfinished train run; pass --resume to continue "
+                       "it or --overwrite to start again")
+
+
+def _writer(cfg: TrainConfig, src: Source, tok, overwrite: bool) -> StageWriter:
+    models = {"student": model_ref(src.student)}
+    if cfg.teacher:
+        models["teacher"] = model_ref(cfg.teacher)
+    resolved = {**to_flat(cfg), "student": src.student, "temperature": src.temperature}
+    if src.input.stage == "select":
+        resolved["selection"] = src.input.config
+    return StageWriter(cfg.output, "train", resolved, models, tokenizer_info(tok),
+                       parent=src.input, overwrite=overwrite)
+
+
+def _save_model(tr, tok) -> None:
+    """The trained student as a plain transformers checkpoint at the top of the output."""
+    state = tr.acc.get_state_dict(tr.module)
+    state = {k.removeprefix("student."): v for k, v in state.items()}
+    student = tr.acc.unwrap_model(tr.module).student
+    if tr.acc.is_main_process:
+        student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tr.cfg.output)
+

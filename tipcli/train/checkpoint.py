@@ -1,0 +1,207 @@
+"""Resumable training state, written and read without pickle.
+
+A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
+
+    model.safetensors        the student's weights
+    optimizer.safetensors    AdamW's per-parameter state tensors (state.<i>.<name>)
+    optimizer.json           its parameter groups (hyper-parameters) and scalar state
+    scheduler.json           the learning-rate schedule's state
+    rng-<rank>.safetensors   each process's torch random state
+    trainer.json             the step reached
+    checkpoint.json          written last: the step and the sha256 of every file above
+
+Only these files are read back, and only after their checksums match ``checkpoint.json``:
+JSON and safetensors, never a pickle, so a file planted in a checkpoint runs nothing. A
+checkpoint is written under a hidden temporary name and renamed when complete; the
+previous one is removed after that. Under FSDP each process's tensors are the full,
+gathered state (written by the main process), loaded back into the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tipcli.errors import TipError, first_line
+from tipcli.files import sha256_file, write_atomic, write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+INDEX = "checkpoint.json"
+METRICS = "metrics.jsonl"
+
+
+def checkpoint_dirs(output: str | Path) -> list[Path]:
+    """Complete checkpoints (those with an index), oldest first."""
+    root = Path(output) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / INDEX).is_file())
+
+
+def save_checkpoint(tr) -> Path:
+    """Write the trainer's state as step-N; keep only the newest checkpoint."""
+    acc, step = tr.acc, tr.state.step
+    root = Path(tr.cfg.output) / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    tmp = root / f".{final.name}.tmp"
+    model_sd, optim_sd = tr.full_state()  # every process takes part in gathering
+    try:
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            save_file(_contiguous(model_sd), str(tmp / "model.safetensors"))
+            tensors, meta = _split_optimizer(optim_sd)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            write_json_atomic(tmp / "optimizer.json", meta)
+            write_json_atomic(tmp / "scheduler.json", tr.scheduler.state_dict())
+            write_json_atomic(tmp / "trainer.json", {"step": step})
+        acc.wait_for_everyone()
+        save_file(_rng_state(), str(tmp / f"rng-{acc.process_index}.safetensors"))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            files = sorted(p.name for p in tmp.iterdir())
+            write_json_atomic(tmp / INDEX, {"step": step, "files": {
+                f: sha256_file(tmp / f) for f in files}})
+            truncate_metrics(tr.cfg.output, step)
+            tmp.rename(final)
+            for old in root.iterdir():
+                if old != final:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TipError(f"could not write checkpoint {final}: {exc.strerror or first_line(exc)}; "
+                       f"free space or fix permissions, then resume with --resume (the "
+                       f"previous checkpoint is kept)") from None
+    acc.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(tr, path: Path) -> None:
+    """Restore the trainer from ``path`` after checking every file against its index."""
+    index = _read_index(path)
+    for name, digest in index["files"].items():
+        if sha256_file(path / name) != digest:
+            raise TipError(f"{path / name} does not match {path / INDEX}; the checkpoint was "
+                           "changed or damaged: start again with --overwrite")
+    rank_rng = f"rng-{tr.acc.process_index}.safetensors"
+    needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+              "trainer.json", rank_rng}
+    missing = sorted(needed - set(index["files"]))
+    if missing:
+        raise TipError(f"{path} lacks {', '.join(missing)} (a checkpoint written by another "
+                       "number of processes, or damaged); start again with --overwrite")
+    model_sd = load_file(str(path / "model.safetensors"))
+    optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
+                               json.loads((path / "optimizer.json").read_text()))
+    tr.load_full_state(model_sd, optim_sd)
+    tr.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+    tr.state.step = int(json.loads((path / "trainer.json").read_text())["step"])
+    _set_rng_state(load_file(str(path / rank_rng)))
+
+
+def _read_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((path / INDEX).read_text())
+        ok = isinstance(index, dict) and isinstance(index.get("files"), dict) and all(
+            isinstance(k, str) and "/" not in k and isinstance(v, str)
+            for k, v in index["files"].items())
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise TipError(f"{path / INDEX} is not a checkpoint index tip wrote; start again "
+                       "with --overwrite")
+    return index
+
+
+def load_latest(tr) -> None:
+    """Resume from the newest complete checkpoint, or start from step 0 when none."""
+    root = Path(tr.cfg.output) / CHECKPOINTS
+    if tr.acc.is_main_process and root.is_dir():
+        for stale in root.glob(".step-*.tmp"):  # a checkpoint a crash left half-written
+            shutil.rmtree(stale, ignore_errors=True)
+    tr.acc.wait_for_everyone()
+    done = checkpoint_dirs(tr.cfg.output)
+    if done:
+        load_checkpoint(tr, done[-1])
+    if tr.acc.is_main_process:
+        truncate_metrics(tr.cfg.output, tr.state.step)
+    tr.acc.wait_for_everyone()
+
+
+def truncate_metrics(output: str | Path, step: int) -> None:
+    """Drop metric lines past ``step`` (a killed run may have logged steps it did not save)."""
+    path = Path(output) / METRICS
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            break  # a line torn by a crash, and everything after it
+    write_json_lines(path, keep)
+
+
+def write_json_lines(path: Path, lines: list[str]) -> None:
+    write_atomic(path, "".join(ln + "\n" for ln in lines))
+
+
+# ----------------------------------------------------------------------------- state pieces
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tied weights stored once per name (copied)."""
+    seen: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in sd.items():
+        t = v.detach().cpu()
+        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        out[k] = t.clone().contiguous() if key in seen else t.contiguous()
+        seen[key] = t
+    return out
+
+
+def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state_dict as safetensors tensors and JSON for everything else."""
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(state) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,224 @@
+"""The training loop: accelerate set-up, one optimizer step, metrics.
+
+The loss of a step is the sum over its kept tokens divided by the global number of kept
+tokens of that step, across micro-batches and processes, so it does not depend on how a
+step is split. Multi-process runs go through accelerate (DDP)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m tipcli train runs/score -o runs/train
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_cosine_schedule_with_warmup
+
+from tipcli.configs import QUADRANTS, TrainConfig
+from tipcli.errors import TipError, first_line
+from tipcli.forward import body_hidden, head_logits
+from tipcli.models import check_model_fits_vocab, load_model, real_vocab_size, resolve_dtype
+from tipcli.progress import progress
+from tipcli.train.checkpoint import METRICS, save_checkpoint
+from tipcli.train.data import MicroBatch, Source, make_micro_batch, step_indices, steps_per_epoch
+from tipcli.train.module import DistillModule
+
+QUADRANT_NAMES = ("unknown", *QUADRANTS)  # code 0: not selected by quadrant (rollout input)
+
+
+def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """What the Accelerator is made with: the CPU when asked for (or when there is no GPU),
+    bf16 autocast on GPU unless told otherwise."""
+    device, mp = cfg.runtime.device, cfg.training.mixed_precision
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if mp == "auto":
+        mp = "no" if cpu else "bf16"
+    return {"cpu": cpu, "mixed_precision": mp}
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    try:
+        return Accelerator(**accelerator_kwargs(cfg))
+    except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
+        raise TipError(f"accelerate could not set up this launch: {first_line(exc)} "
+                       "(check the `accelerate launch` options or `accelerate config`)") from None
+
+
+class TrainState:
+    """The data position: the number of optimizer steps done."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs, prepared by accelerate."""
+
+    cfg: TrainConfig
+    acc: Accelerator
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    teacher: Any
+    t_head: Callable | None
+    seqs: list
+    pad_id: int
+    total_steps: int
+    on_step: Callable[[dict[str, Any]], None] | None = None
+
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(model, optimizer) state dicts, whole, on every process."""
+        return self.acc.unwrap_model(self.module).state_dict(), self.optimizer.state_dict()
+
+    def load_full_state(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]) -> None:
+        self.acc.unwrap_model(self.module).load_state_dict(model_sd)
+        self.optimizer.load_state_dict(optim_sd)
+
+
+def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, student=None,
+                  teacher=None) -> Trainer:
+    """Models, optimizer and schedule. ``student`` (float32) and ``teacher`` may be given
+    already loaded (``tip distill`` keeps them between stages); else they are loaded."""
+    rt, opt = cfg.runtime, cfg.optim
+    torch.manual_seed(cfg.seed)
+    if student is None:
+        student = load_model(src.student, "cpu", torch.float32, rt.trust_remote_code)
+    elif student.dtype != torch.float32:
+        raise ValueError("a student handed to training must hold float32 weights")
+    student.requires_grad_(True)
+    check_model_fits_vocab(student, tok, src.student)
+    student.train()
+    if cfg.training.gradient_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None) or \
+            student.gradient_checkpointing_enable  # its name in older transformers
+        enable({"use_reentrant": False})
+    vocab = real_vocab_size(tok)
+    module = DistillModule(student, cfg.training.loss, vocab, src.temperature,
+                           cfg.training.chunk_size)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    per_epoch = steps_per_epoch(len(seqs), cfg, acc.num_processes)
+    if per_epoch == 0:
+        raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
+                       f"{opt.batch_size * opt.grad_accum * acc.num_processes} (batch size x "
+                       "grad accum x processes); lower --batch-size or --grad-accum")
+    total = opt.max_steps or opt.epochs * per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
+    module, optimizer = acc.prepare(module, optimizer)
+    teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
+    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher, t_head, seqs,
+                   tok.pad_token_id, total)
+
+
+def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
+    """The teacher on the training device, for the full-vocabulary losses only."""
+    if not cfg.teacher:
+        return None, None
+    if teacher is None:
+        teacher = load_model(cfg.teacher, str(acc.device),
+                             resolve_dtype(cfg.runtime.dtype, acc.device.type),
+                             cfg.runtime.trust_remote_code)
+    teacher.to(acc.device)
+    check_model_fits_vocab(teacher, tok, cfg.teacher)
+    teacher.requires_grad_(False)
+    return teacher, head_logits(teacher, real_vocab_size(tok), src.temperature)
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def train_step(tr: Trainer, step: int) -> dict[str, Any]:
+    """One optimizer step over this process's micro-batches; returns global metrics."""
+    acc = tr.acc
+    micro = [make_micro_batch([tr.seqs[i] for i in idx], tr.pad_id)
+             for idx in step_indices(len(tr.seqs), step, tr.cfg, acc.num_processes,
+                                     acc.process_index)]
+    kept = acc.reduce(torch.tensor(float(sum(m.rows_K.numel() for m in micro)),
+                                   device=acc.device), "sum")
+    scale = acc.num_processes / kept  # DDP averages gradients over processes
+    quad_loss, quad_count = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    tokens = 0
+    for j, mb in enumerate(micro):
+        sync = j == len(micro) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(tr.module):
+            loss_sum, loss_K = _forward(tr, mb)
+            acc.backward(loss_sum * scale)
+        quad = mb.quadrant_K.long()
+        quad_loss.index_add_(0, quad, loss_K.double().cpu())
+        quad_count.index_add_(0, quad, torch.ones_like(quad, dtype=torch.float64))
+        tokens += int(mb.attention_mask_BT.sum())
+    max_norm = tr.cfg.optim.max_grad_norm or float("inf")
+    grad_norm = acc.clip_grad_norm_(tr.module.parameters(), max_norm)
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
+
+
+def _forward(tr: Trainer, mb: MicroBatch):
+    dev = tr.acc.device
+    targets = {k: v.to(dev) for k, v in mb.targets.items()}
+    rows, cols = mb.rows_K.to(dev), mb.cols_K.to(dev)
+    ids, mask = mb.input_ids_BT.to(dev), mb.attention_mask_BT.to(dev)
+    t_hidden = None
+    if tr.teacher is not None and rows.numel():
+        with torch.no_grad():
+            t_hidden = body_hidden(tr.teacher, ids, mask)[rows, cols]
+    return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
+
+
+def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr) -> dict:
+    sums = acc.reduce(torch.cat([quad_loss, quad_count, torch.tensor([float(tokens)],
+                                dtype=torch.float64)]).to(acc.device), "sum").cpu()
+    q_loss, q_count = sums[:5], sums[5:10]
+    by_quad = {QUADRANT_NAMES[q]: float(q_loss[q] / q_count[q]) for q in range(5)
+               if q_count[q] > 0}
+    return {"step": step + 1, "loss": float(q_loss.sum() / kept.cpu()),
+            "kept_tokens": int(kept), "tokens": int(sums[10]),
+            "loss_by_quadrant": by_quad,
+            "kept_by_quadrant": {QUADRANT_NAMES[q]: int(q_count[q]) for q in range(5)
+                                 if q_count[q] > 0},
+            "grad_norm": float(grad_norm), "lr": lr}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_loop(tr: Trainer) -> dict[str, Any]:
+    """Steps from the trainer's position to the end, logging each and saving a checkpoint
+    every ``save_every`` steps; returns the run's summary."""
+    acc, last = tr.acc, {}
+    bar = progress()
+    bar.disable = bar.disable or not acc.is_main_process
+    with bar:
+        task = bar.add_task("train", total=tr.total_steps, tokens=0)
+        bar.update(task, completed=tr.state.step)
+        done_tokens = 0
+        while tr.state.step < tr.total_steps:
+            t0 = time.perf_counter()
+            last = train_step(tr, tr.state.step)
+            last["tokens_per_s"] = last["tokens"] / (time.perf_counter() - t0)
+            tr.state.step += 1
+            _log(tr, last)
+            done_tokens += last["tokens"]
+            bar.update(task, advance=1, tokens=done_tokens)
+            if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0:
+                save_checkpoint(tr)
+    return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs)}
+
+
+def _log(tr: Trainer, metrics: dict[str, Any]) -> None:
+    if tr.acc.is_main_process:
+        with open(Path(tr.cfg.output) / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if tr.on_step is not None:
+            tr.on_step(metrics)
