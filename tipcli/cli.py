@@ -24,7 +24,7 @@ except ImportError:
 
 from tipcli import __version__
 from tipcli.configs import STAGE_CONFIGS
-from tipcli.errors import TipError
+from tipcli.errors import TipError, first_line
 from tipcli.settings import help_text, leaves, resolve
 
 # command: (library function as "module:function", extra flags, one-line help)
@@ -39,8 +39,8 @@ COMMANDS = {
               "student on the kept tokens (a trained model directory)."),
     "report": ("tipcli.report:run_report_cli", (), "Token-importance report: quadrants, (h, d) "
                "histogram, strategy coverage."),
-    "eval": ("tipcli.evaluate:run_eval_cli", (), "Generate answers and grade them: accuracy "
-             "with a 95% interval (results directory)."),
+    "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",), "Generate answers and grade "
+             "them: accuracy with a 95% interval (results directory)."),
     "distill": ("tipcli.distill:run_distill", (), "The on-policy loop: rollout -> score -> "
                 "select -> train, N times (resumable)."),
     "demo": ("tipcli.demo:run_demo", (), "Distil the embedded addition task (soft-or, keep "
@@ -94,6 +94,20 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def interrupted(name: str, cfg: Any) -> str:
+    """What Ctrl-C leaves behind, and how to go on."""
+    out = getattr(cfg, "output", "")
+    if name == "train" and out:
+        how = ("run the same command with --resume to continue from its last checkpoint"
+               if cfg.save_every else "no checkpoint was saved (--save-every 0); start again "
+               "with --overwrite")
+        return f"interrupted: {out} is kept unfinished; {how}"
+    if name in ("rollout", "score", "select", "distill", "demo") and out:
+        return (f"interrupted: {out} keeps everything that was complete; run the same command "
+                "again to resume")
+    return "interrupted: nothing was written"
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"tip {__version__}")
@@ -133,7 +147,7 @@ def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> Non
         from tipcli.progress import emit_path
 
         run_kw = {k: kw.pop(k) for k in extras}
-        config = kw.pop("config")
+        config, cfg = kw.pop("config"), None
         try:
             kw.update({a: str(read_path_arg(kw[a])) for a in args})
             cfg = resolve(cls, config, **kw)
@@ -141,8 +155,12 @@ def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> Non
             out = getattr(importlib.import_module(module), func)(cfg, **run_kw)
         except TipError as exc:
             fail(str(exc))
+        except OSError as exc:  # a full disk, a read-only folder, ...
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or first_line(exc)}; what was complete is kept, so "
+                 "fix that and run the same command again")
         except KeyboardInterrupt:
-            fail("interrupted", 130)
+            fail(interrupted(name, cfg), 130)
         emit_path(out)
 
     params = [_parameter(leaf) for leaf in leaves(cls)]

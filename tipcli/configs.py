@@ -122,6 +122,9 @@ class Sampling:
     top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0)
     max_new_tokens: int = setting(256, "Most tokens per response.", ge=1)
     batch_size: int = setting(8, "Sequences generated together.", ge=1)
+    long_prompts: str = setting("error", "A prompt too long for the model's context with "
+                                "--max-new-tokens: error, or truncate (keep its end, warn).",
+                                choices=("error", "truncate"))
 
 
 @dataclass(frozen=True)

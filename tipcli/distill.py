@@ -37,6 +37,7 @@ from tipcli.evaluate import run_eval
 from tipcli.files import write_atomic, write_json_atomic
 from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
                            resolve_dtype)
+from tipcli.outputs import check_output
 from tipcli.progress import console
 from tipcli.prompts import load_prompts
 from tipcli.rollout import run_rollout
@@ -56,6 +57,7 @@ def run_distill(cfg: DistillConfig) -> Path:
     """Run (or resume) the loop; returns the run directory."""
     validate(cfg)
     check_available(cfg.training.report_to)
+    check_output(cfg.output, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
     rt = cfg.runtime
     records = load_prompts(cfg.prompts, cfg.source)
     s_tok = load_tokenizer(cfg.student, rt.trust_remote_code)
@@ -208,13 +210,11 @@ def _train_steps(train: Path) -> int:
 
 def _write_run_manifest(cfg: DistillConfig, complete: bool, summary: dict | None = None) -> None:
     run = Path(cfg.output)
+    check_output(run, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
     old = read_manifest(run)
-    if old is not None:
-        if old.get("stage") != "distill" or old.get("config") != to_flat(cfg):
-            raise TipError(f"{run} holds a different run (other settings); choose another -o")
-    elif run.is_dir() and any(run.iterdir()):
-        raise TipError(f"output directory {run} is not empty and holds no tip manifest; "
-                       "choose another -o")
+    if (run / MANIFEST).exists() and (old is None or old.get("stage") != "distill"
+                                      or old.get("config") != to_flat(cfg)):
+        raise TipError(f"{run} holds a different run (other settings); choose another -o")
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run / MANIFEST, {
         "schema_version": SCHEMA_VERSION, "stage": "distill", "complete": complete,

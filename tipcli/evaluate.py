@@ -36,8 +36,9 @@ from tipcli.errors import TipError, first_line
 from tipcli.files import write_atomic
 from tipcli.models import (load_model, load_tokenizer, model_ref, resolve_device, resolve_dtype,
                            tokenizer_info)
+from tipcli.outputs import check_output, prepare_output, written_stage
 from tipcli.progress import console, progress
-from tipcli.prompts import encode_prompt, load_prompts
+from tipcli.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.rollout import generate_batch
 from tipcli.verify import get_verifier
 
@@ -70,15 +71,21 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     return (lo, hi)
 
 
-def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = True
-             ) -> EvalResult:
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = True,
+             overwrite: bool = False) -> EvalResult:
     """Generate, grade and (when ``cfg.output`` is set) write results; see the module doc.
-    Pass ``show_progress=False`` when called inside another live progress display."""
+    Pass ``show_progress=False`` when called inside another live progress display. Earlier
+    results in ``cfg.output`` are replaced only with ``overwrite``."""
     validate(cfg)
+    if cfg.output:
+        check_output(cfg.output, "eval", (cfg.model, cfg.prompts), overwrite)
+        if written_stage(Path(cfg.output)) == "eval" and not overwrite:
+            raise TipError(f"{cfg.output} holds an earlier evaluation; pass --overwrite to "
+                           "replace it, or choose another -o")
     verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
     model, tok = _load(cfg, model, tokenizer)
-    prompt_ids = _encode(tok, records, cfg)
+    prompt_ids = fit_context(_encode(tok, records, cfg), model, cfg.sampling, cfg.prompts)
     items = [(p, s) for p in range(len(records)) for s in range(cfg.sampling.num_samples)]
     responses = generate_responses(model, tok, [prompt_ids[p] for p, _ in items], cfg.sampling,
                                    cfg.seed, progress_label="eval" if show_progress else None)
@@ -177,7 +184,7 @@ def _row(rec, p: int, s: int, answer: str, response: str, verify, cfg: EvalConfi
 
 
 def _write(cfg: EvalConfig, result: EvalResult, model, tok) -> Path:
-    out = Path(cfg.output)
+    out = prepare_output(cfg.output, "eval", (cfg.model, cfg.prompts), overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
     summary = {**result.summary(), "num_prompts": result.n // cfg.sampling.num_samples,
@@ -204,9 +211,9 @@ def render_summary(cfg: EvalConfig, result: EvalResult) -> None:
     console.print(table)
 
 
-def run_eval_cli(cfg: EvalConfig) -> str:
+def run_eval_cli(cfg: EvalConfig, overwrite: bool = False) -> str:
     """``run_eval`` for the command line: the summary table, then the line to print (the
     results directory, or the accuracy when nothing is written)."""
-    result = run_eval(cfg)
+    result = run_eval(cfg, overwrite=overwrite)
     render_summary(cfg, result)
     return str(result.output) if result.output else f"{result.accuracy:.4f}"

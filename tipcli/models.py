@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from tipcli.configs import DTYPES
@@ -67,7 +68,16 @@ class ModelSpec:
         if p.is_dir() and not (p / "config.json").is_file():
             raise TipError(f"model directory {name} has no config.json; give a directory "
                            "written by save_pretrained, a .gguf file or a hub id")
+        if not p.exists() and not HUB_ID.fullmatch(name):
+            raise TipError(f"model path {name} does not exist (and is not a hub id like "
+                           "org/name); check the path")
+        if not p.exists() and (Path(name.split("/")[0]).is_dir()):
+            raise TipError(f"model path {name} does not exist: {name.split('/')[0]}/ is a local "
+                           "folder, so this is no hub id; check the path")
         return cls(name, name)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def cache_dir() -> Path:
@@ -82,7 +92,8 @@ def _gguf_cache_path(spec: ModelSpec) -> Path:
 
 
 def _load_error(kind: str, spec: ModelSpec, exc: Exception) -> TipError:
-    return TipError(f"could not load {kind} '{spec.name}': {first_line(exc)}")
+    where = "" if Path(spec.path).exists() else "no local directory of that name, and the hub: "
+    return TipError(f"could not load {kind} '{spec.name}': {where}{first_line(exc)}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -113,6 +124,9 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     path, kwargs = spec.path, {"trust_remote_code": trust_remote_code}
     if spec.gguf_file:
         path = str(_convert_gguf(spec))
+    config = _without_gguf_quantization(path, trust_remote_code)
+    if config is not None:
+        kwargs["config"] = config
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as exc:
@@ -120,6 +134,25 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     model.to(device)
     model.eval()
     return model
+
+
+def _without_gguf_quantization(path: str, trust_remote_code: bool):
+    """The config of a model directory whose ``config.json`` keeps a gguf
+    ``quantization_config`` (some GGUF conversions save one), without it: the weights in
+    the directory are already dequantised, and transformers would refuse to save a model
+    it believes quantised. None for every other model."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        quant = json.loads(cfg.read_text()).get("quantization_config")
+    except (ValueError, AttributeError):
+        return None
+    if not (isinstance(quant, dict) and quant.get("quant_method") == "gguf"):
+        return None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    del config.quantization_config
+    return config
 
 
 def _convert_gguf(spec: ModelSpec) -> Path:
@@ -148,9 +181,34 @@ def _convert_gguf(spec: ModelSpec) -> Path:
 
 
 def model_ref(name: str, model=None) -> dict[str, Any]:
-    """Provenance of a model for manifests: the id as given and its revision if known."""
+    """Provenance of a model for manifests: the id as given, its revision if known, and a
+    fingerprint of its files (a model replaced at the same path gets another one)."""
     revision = getattr(getattr(model, "config", None), "_commit_hash", None) if model else None
-    return {"id": name, "revision": revision}
+    return {"id": name, "revision": revision, "fingerprint": model_fingerprint(name, revision)}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def model_fingerprint(name: str, revision: str | None = None) -> str:
+    """sha256 of what identifies a model's content without reading its weights: the config
+    and, for each weight file, its name, size and modification time (a hub id: the id and
+    revision)."""
+    p = Path(name)
+    h = hashlib.sha256()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        cfg = p / "config.json"
+        h.update(cfg.read_bytes() if cfg.is_file() else b"")
+        files = sorted(f for f in p.iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    else:
+        h.update(f"hub:{name}@{revision}".encode())
+        files = []
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def real_vocab_size(tokenizer) -> int:

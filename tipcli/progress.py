@@ -24,12 +24,46 @@ class RateColumn(ProgressColumn):
         return Text(f"{rate:,.0f} tok/s", style="cyan")
 
 
+class LoggedProgress(Progress):
+    """rich's progress bars; where stderr is no terminal (a CI log, ``2> file``), where
+    rich draws nothing until the end, a plain line per task every 10% or 30 s instead."""
+
+    EVERY_SECONDS = 30.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plain = not self.console.is_terminal and not self.disable
+        self._logged: dict[int, tuple[float, int]] = {}  # task: (time, tenths) last logged
+
+    def update(self, task_id, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        if self.plain:
+            self._log(task_id)
+
+    def _log(self, task_id) -> None:
+        task = self._tasks[task_id]
+        if not task.total:
+            return
+        now, tenths = time.monotonic(), int(10 * task.completed / task.total)
+        last_time, last_tenths = self._logged.get(task_id, (task.start_time or now, 0))
+        if tenths <= last_tenths and now - last_time < self.EVERY_SECONDS:
+            return
+        self._logged[task_id] = (now, tenths)
+        elapsed = task.elapsed or 0.0
+        tokens = task.fields.get("tokens", 0)
+        rate = f", {tokens / elapsed:,.0f} tok/s" if tokens and elapsed else ""
+        self.console.print(f"{task.description}: {task.completed:,.0f}/{task.total:,.0f} "
+                           f"({task.completed / task.total:.0%}){rate}, {elapsed:.0f} s",
+                           markup=False, highlight=False)
+
+
 def progress() -> Progress:
-    """A progress bar on stderr; silent when TIP_QUIET is set or stderr is not a terminal
-    in CI logs (rich then prints only the final state)."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    disable=bool(os.environ.get("TIP_QUIET")), transient=False)
+    """A progress bar on stderr (plain lines where stderr is no terminal); silent when
+    TIP_QUIET is set."""
+    return LoggedProgress(TextColumn("[bold]{task.description}"), BarColumn(),
+                          MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
+                          TimeRemainingColumn(), console=console,
+                          disable=bool(os.environ.get("TIP_QUIET")), transient=False)
 
 
 class Timer:

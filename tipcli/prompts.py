@@ -13,7 +13,7 @@ from typing import Any
 
 import datasets
 
-from tipcli.configs import PromptSource
+from tipcli.configs import PromptSource, Sampling
 from tipcli.errors import TipError, first_line
 
 
@@ -107,3 +107,31 @@ def encode_prompt(tokenizer, record: dict[str, Any], fields: PromptSource = Prom
         return [int(i) for i in ids]
     text = "\n".join(m["content"] for m in messages)
     return [int(i) for i in tokenizer(text)["input_ids"]]
+
+
+def fit_context(prompt_ids: list[list[int]], model, sampling: Sampling, source: str
+                ) -> list[list[int]]:
+    """Prompts that leave ``max_new_tokens`` of the model's context (its
+    ``max_position_embeddings``) free: refused, or cut to their last tokens with a warning,
+    as ``sampling.long_prompts`` says. Models without a known context are not checked."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return prompt_ids
+    room = context - sampling.max_new_tokens
+    if room < 1:
+        raise TipError(f"--max-new-tokens {sampling.max_new_tokens} fills the model's whole "
+                       f"context of {context} tokens; lower it")
+    long = [i for i, p in enumerate(prompt_ids) if len(p) > room]
+    if not long:
+        return prompt_ids
+    if sampling.long_prompts == "error":
+        i = long[0]
+        raise TipError(f"prompt {i} of {source} has {len(prompt_ids[i])} tokens, but the model's "
+                       f"context of {context} with --max-new-tokens {sampling.max_new_tokens} "
+                       f"leaves room for {room} ({len(long)} prompts too long); shorten them, "
+                       "lower --max-new-tokens, or pass --long-prompts truncate")
+    from tipcli.progress import console
+
+    console.print(f"warning: {len(long)} prompts of {source} cut to their last {room} tokens "
+                  f"to fit the model's context of {context}", style="yellow", markup=False)
+    return [p[-room:] if len(p) > room else p for p in prompt_ids]

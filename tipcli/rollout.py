@@ -13,6 +13,8 @@ the same seed gives the same output on CPU and a resumed run equals an uninterru
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -20,10 +22,11 @@ import torch
 from tipcli.configs import RolloutConfig, Sampling, to_flat, validate
 from tipcli.errors import TipError
 from tipcli.forward import collate, head_logits, response_hidden
+from tipcli.outputs import check_output
 from tipcli.models import (load_model, load_tokenizer, model_ref, model_vocab_size, real_vocab_size,
                            resolve_device, resolve_dtype, tokenizer_info)
 from tipcli.progress import progress
-from tipcli.prompts import encode_prompt, load_prompts
+from tipcli.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.shards import FINISH_EOS, FINISH_LENGTH, StageWriter, offsets
 from tipcli.stats import auto_chunk, sampled_logprobs
 
@@ -40,6 +43,7 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     ``model``/``tokenizer`` may be passed in already loaded (the on-policy loop does)."""
     validate(cfg)
     rt, sampling = cfg.runtime, cfg.sampling
+    check_output(cfg.output, "rollout", (cfg.prompts, cfg.student), overwrite)
     records = load_prompts(cfg.prompts, cfg.source)
     tok = tokenizer or load_tokenizer(cfg.student, rt.trust_remote_code)
     prompt_ids = [encode_prompt(tok, r, cfg.source) for r in records]
@@ -51,9 +55,11 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
         model = load_model(cfg.student, device, resolve_dtype(rt.dtype, device),
                            rt.trust_remote_code)
     device = next(model.parameters()).device
+    prompt_ids = fit_context(prompt_ids, model, sampling, cfg.prompts)
     writer = StageWriter(cfg.output, "rollout", to_flat(cfg),
                          {"student": model_ref(cfg.student, model)}, tokenizer_info(tok),
-                         overwrite=overwrite)
+                         overwrite=overwrite, sources=(cfg.prompts, cfg.student),
+                         inputs={"prompts_sha256": ids_sha256(prompt_ids)})
     seqs = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.num_samples)]
     shards = [seqs[a:a + cfg.shard_size] for a in range(0, len(seqs), cfg.shard_size)]
     if writer.complete:
@@ -76,6 +82,11 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
                 bar.update(task, advance=len(items), tokens=total_tokens)
             writer.write_shard(si, _concat(parts))
     return writer.finish({"num_sequences": len(seqs), "num_prompts": len(prompt_ids)})
+
+
+def ids_sha256(prompt_ids: list[list[int]]) -> str:
+    """A checksum of the prompts as the model sees them (token ids, chat template applied)."""
+    return hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()
 
 
 def _batch_seed(seed: int, shard: int, batch: int) -> int:

@@ -20,6 +20,7 @@ from tipcli.forward import collate, head_logits, response_hidden
 from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
                            load_model, load_tokenizer, model_ref, real_vocab_size, resolve_device,
                            resolve_dtype, tokenizer_info)
+from tipcli.outputs import check_output
 from tipcli.progress import progress
 from tipcli.shards import StageDir, StageWriter, split_sequences
 from tipcli.stats import auto_chunk, token_stats
@@ -32,6 +33,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     Already loaded ``student``/``teacher``/``tokenizer`` may be passed in."""
     validate(cfg)
     rt = cfg.runtime
+    check_output(cfg.output, "score", (cfg.rollout, cfg.teacher, cfg.student), overwrite)
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
     s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)
@@ -50,7 +52,8 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     writer = StageWriter(cfg.output, "score", resolved,
                          {"student": model_ref(student_name, student),
                           "teacher": model_ref(cfg.teacher, teacher)},
-                         tokenizer_info(s_tok), parent=rollout, overwrite=overwrite)
+                         tokenizer_info(s_tok), parent=rollout, overwrite=overwrite,
+                         sources=(cfg.teacher, student_name))
     if not writer.complete:
         _score_shards(cfg, rollout, writer, student, teacher, s_tok)
     return writer.finish()

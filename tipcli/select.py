@@ -20,6 +20,7 @@ import torch
 
 from tipcli.configs import QUADRANTS, SelectConfig, Selection, to_flat, validate
 from tipcli.importance import importance
+from tipcli.outputs import check_output
 from tipcli.shards import PROMPT_TOKEN_FIELDS, StageDir, StageWriter
 
 # what selection reads from a score directory, and what a selection shard holds
@@ -99,6 +100,7 @@ def summarize(out: dict[str, Any], sel: Selection) -> dict[str, Any]:
 def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
     """Write a selection directory for ``cfg.score``; returns its path."""
     validate(cfg)
+    check_output(cfg.output, "select", (cfg.score,), overwrite)
     score = StageDir.open(cfg.score, stage="score")
     writer = StageWriter(cfg.output, "select", to_flat(cfg), score.manifest["models"],
                          score.manifest["tokenizer"], parent=score, overwrite=overwrite)

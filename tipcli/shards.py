@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tipcli import __version__
-from tipcli.errors import TipError
+from tipcli.errors import TipError, first_line
 from tipcli.files import sha256_file, umask, write_json_atomic
+from tipcli.outputs import prepare_output
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -56,6 +56,39 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def manifest_problem(m: Any) -> str | None:
+    """What is wrong with a manifest's layout, or None (a crash or an edit can leave one
+    that is valid JSON but not a manifest tip can read)."""
+    if not isinstance(m, dict):
+        return "is not a JSON object"
+    version = m.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        return (f"has schema_version {json.dumps(version)}; this tip reads version "
+                f"{SCHEMA_VERSION}")
+    kinds = {"stage": str, "complete": bool, "config": dict, "models": dict, "tokenizer": dict,
+             "shards": list, "summary": dict}
+    for key, kind in kinds.items():
+        if not isinstance(m.get(key), kind):
+            return f"lacks a valid '{key}'"
+    if not isinstance(m["tokenizer"].get("fingerprint"), str) or \
+            not _is_int(m["tokenizer"].get("vocab_size")):
+        return "lacks the tokenizer's fingerprint and vocab_size"
+    if m.get("parent") is not None and not isinstance(m["parent"], dict):
+        return "has a 'parent' that is not an object"
+    for i, entry in enumerate(m["shards"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
+                Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
+            return f"lists shard {i} without a plain file name"
+        if not isinstance(entry.get("sha256"), str) or not all(
+                _is_int(entry.get(k)) for k in ("num_sequences", "num_tokens")):
+            return f"lists shard {i} without its checksum and counts"
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def is_complete(path: str | Path) -> bool:
@@ -85,13 +118,15 @@ class StageDir:
         if not mpath.is_file():
             raise TipError(f"{path} has no {MANIFEST}; expected {want} written by tip")
         try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise TipError(f"{mpath} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        version = manifest.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise TipError(f"{path} has schema version {version}; this tip reads version "
-                           f"{SCHEMA_VERSION}")
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f" ({exc.msg} at line {exc.lineno})" if hasattr(exc, "lineno") else ""
+            raise TipError(f"{mpath} is not valid JSON{where}: the directory is damaged (a "
+                           "crash while it was written?); run its stage again") from None
+        problem = manifest_problem(manifest)
+        if problem:
+            raise TipError(f"{mpath} {problem}; the directory is damaged or was not written "
+                           "by this tip: run its stage again")
         if stages and manifest.get("stage") not in stages:
             raise TipError(f"{path} is a {manifest.get('stage')} directory; expected {want}")
         if not manifest.get("complete"):
@@ -144,10 +179,14 @@ class StageDir:
         if sha256_file(fpath) != entry["sha256"]:
             raise TipError(f"{fpath} does not match the checksum in {MANIFEST}; the file was "
                            "changed or damaged, re-run its stage")
-        if fields is None:
-            return load_file(str(fpath))
-        with safe_open(str(fpath), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in fields if k in f.keys()}
+        try:
+            if fields is None:
+                return load_file(str(fpath))
+            with safe_open(str(fpath), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in fields if k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error type for a bad header
+            raise TipError(f"{fpath} is not a readable safetensors file ({first_line(exc)}); "
+                           "the directory is damaged, re-run its stage") from None
 
     def iter_shards(self, fields: tuple[str, ...] | None = None
                     ) -> Iterator[dict[str, torch.Tensor]]:
@@ -193,13 +232,16 @@ def offsets(lengths: list[int]) -> torch.Tensor:
 class StageWriter:
     """Writes one stage directory shard by shard, resuming an interrupted run.
 
-    ``resume_key`` is what must match for a re-run to continue an incomplete
-    directory (the resolved config and the parent manifest's checksum).
+    A re-run continues an incomplete directory only when everything that decides its
+    content is the same: the resolved config, the parent directory's manifest, the
+    models' fingerprints and ``inputs`` (e.g. the prompts' checksum). ``sources`` are the
+    paths the run reads, which the output must not be or hold (``tipcli.outputs``).
     """
 
     def __init__(self, path: str | Path, stage: str, config: dict[str, Any],
                  models: dict[str, Any], tokenizer: dict[str, Any],
-                 parent: StageDir | None = None, overwrite: bool = False):
+                 parent: StageDir | None = None, overwrite: bool = False,
+                 inputs: dict[str, Any] | None = None, sources: tuple = ()):
         self.path = Path(path)
         self.manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -208,6 +250,7 @@ class StageWriter:
             "tip_version": __version__,
             "config": config,
             "models": models,
+            "inputs": inputs or {},
             "tokenizer": tokenizer,
             "parent": None if parent is None else {
                 "stage": parent.stage,
@@ -218,39 +261,46 @@ class StageWriter:
             "shards": [],
             "summary": {},
         }
-        self._prepare(overwrite)
+        sources = (*sources, parent.path if parent is not None else None)
+        prepare_output(self.path, stage, sources, overwrite)
+        self._prepare()
 
-    def _prepare(self, overwrite: bool) -> None:
-        mpath = self.path / MANIFEST
-        if self.path.exists() and not self.path.is_dir():
-            raise TipError(f"output {self.path} exists and is not a directory; choose another -o")
-        if self.path.is_dir() and any(self.path.iterdir()):
-            if overwrite:
-                self._clear()
-            elif not mpath.is_file():
-                raise TipError(f"output directory {self.path} is not empty and holds no tip "
-                               "manifest; choose another -o or pass --overwrite")
-            else:
-                old = json.loads(mpath.read_text())
-                if self._resume_key(old) != self._resume_key(self.manifest):
-                    raise TipError(f"output directory {self.path} holds a different "
-                                   f"{old.get('stage')} run (other settings or inputs); "
-                                   "choose another -o or pass --overwrite")
-                self.manifest["shards"] = self._valid_shards(old["shards"])
-                self.manifest["complete"] = old.get("complete", False) and \
-                    len(self.manifest["shards"]) == len(old["shards"])
-                self.manifest["summary"] = old.get("summary", {})
+    def _prepare(self) -> None:
+        old = read_manifest(self.path)
+        if old is not None and old.get("stage") == self.manifest["stage"] and \
+                manifest_problem(old) is None:
+            changed = self._changed(old)
+            if changed:
+                raise TipError(f"output directory {self.path} holds a different "
+                               f"{old['stage']} run (other {changed}); pass --overwrite to "
+                               "replace it, or choose another -o")
+            self.manifest["shards"] = self._valid_shards(old["shards"])
+            self.manifest["complete"] = old["complete"] and \
+                len(self.manifest["shards"]) == len(old["shards"])
+            self.manifest["summary"] = old["summary"]
+        elif old is not None or (self.path / MANIFEST).exists():
+            raise TipError(f"output directory {self.path} holds another tip run (or a damaged "
+                           "one); pass --overwrite to replace it, or choose another -o")
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(".*.tmp"):
             stale.unlink()
         if not self.manifest["complete"]:
             self._save()
 
-    @staticmethod
-    def _resume_key(m: dict[str, Any]) -> tuple:
-        parent = m.get("parent") or {}
-        return (m.get("schema_version"), m.get("stage"),
-                json.dumps(m.get("config"), sort_keys=True), parent.get("manifest_sha256"))
+    def _changed(self, old: dict[str, Any]) -> str:
+        """What differs between ``old`` and this run, in words ('' when nothing)."""
+        new = self.manifest
+        if json.dumps(old["config"], sort_keys=True) != json.dumps(new["config"], sort_keys=True):
+            return "settings"
+        if (old.get("parent") or {}).get("manifest_sha256") != \
+                (new.get("parent") or {}).get("manifest_sha256"):
+            return "input (its parent directory changed since)"
+        for role, ref in new["models"].items():
+            if (old["models"].get(role) or {}).get("fingerprint") != ref.get("fingerprint"):
+                return f"{role} model weights (the files at {ref.get('id')} changed)"
+        if old.get("inputs", {}) != new["inputs"]:
+            return f"inputs ({', '.join(sorted(new['inputs']))} changed)"
+        return ""
 
     def _valid_shards(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The leading shards whose files exist with the recorded checksum."""
@@ -261,13 +311,6 @@ class StageWriter:
                 break
             good.append(entry)
         return good
-
-    def _clear(self) -> None:
-        for child in self.path.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
 
     def _save(self) -> None:
         write_json_atomic(self.path / MANIFEST, self.manifest)

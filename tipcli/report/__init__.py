@@ -19,6 +19,7 @@ from typing import Any
 
 from tipcli.configs import ReportConfig, validate
 from tipcli.models import load_tokenizer
+from tipcli.outputs import check_output_file
 from tipcli.report.compute import ReportData, compute_report, load_report_data
 from tipcli.report.render import render_tables, show_responses, write_export, write_json, write_png
 
@@ -28,7 +29,13 @@ __all__ = ["ReportData", "compute_report", "load_report_data", "run_report"]
 def run_report(cfg: ReportConfig) -> dict[str, Any]:
     """Compute, render on stderr and write the requested files; returns the numbers."""
     validate(cfg)
+    for flag, target in (("--json", cfg.json), ("--png", cfg.png), ("--export", cfg.export)):
+        if target:
+            check_output_file(target, flag, (cfg.path,))
     data = load_report_data(cfg, prompts=bool(cfg.export))
+    for flag, target in (("--json", cfg.json), ("--png", cfg.png), ("--export", cfg.export)):
+        if target:  # not into the score directory a selection was made from, either
+            check_output_file(target, flag, (data.score.path,))
     numbers = compute_report(data)
     render_tables(numbers)
     if cfg.json:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from tipcli.configs import (QUADRANTS, TOPK_STRATEGIES, ReportConfig, SelectConfig, Selection,
-                            from_flat)
-from tipcli.errors import TipError
+                            resolve)
+from tipcli.errors import ConfigError, TipError
 from tipcli.importance import layout, select_mask, sequence_index
 from tipcli.select import SELECTION_FIELDS, compute, load_flat
 from tipcli.shards import StageDir
@@ -48,7 +48,11 @@ def load_report_data(cfg: ReportConfig, prompts: bool = False) -> ReportData:
             raise TipError(f"{stage.path} is a selection directory: it is reported with its own "
                            "settings; drop the selection flags, or report its score directory")
         score = stage.open_parent("score")
-        stored = from_flat(SelectConfig, stage.config)
+        try:
+            stored = resolve(SelectConfig, **stage.config)
+        except ConfigError as exc:
+            raise TipError(f"{stage.path}/manifest.json holds settings this tip cannot use "
+                           f"({exc}); run tip select again") from None
         selection, seed = stored.selection, stored.seed
     else:
         score, selection, seed = stage, cfg.selection, cfg.seed

@@ -28,6 +28,7 @@ from tipcli.configs import TrainConfig, to_flat, validate
 from tipcli.errors import TipError
 from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
                            tokenizer_info)
+from tipcli.outputs import check_output
 from tipcli.shards import StageWriter, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
 from tipcli.train.checkpoint import CHECKPOINTS, METRICS, load_latest
@@ -55,13 +56,14 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     had already completed and nothing was trained)."""
     validate(cfg)
     check_available(cfg.training.report_to)
+    check_output(cfg.output, "train", (cfg.input, cfg.student, cfg.teacher), overwrite)
     quiet_transformers()
     acc = make_accelerator(cfg)
     src = open_source(cfg)
     seqs = load_sequences(cfg, src)
     tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
-    _check_output(cfg, overwrite, resume)
+    _check_resume(cfg, overwrite, resume)
     acc.wait_for_everyone()  # every process has checked before the main one writes
     writer = _writer(cfg, src, tok, overwrite) if acc.is_main_process else None
     acc.wait_for_everyone()
@@ -92,7 +94,7 @@ def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:
     return Tracker(kind, cfg.output, "tip-train", to_flat(cfg))
 
 
-def _check_output(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
+def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
     old = read_manifest(cfg.output)
     if overwrite and resume:
         raise TipError("--resume and --overwrite exclude each other")
@@ -111,7 +113,8 @@ def _writer(cfg: TrainConfig, src: Source, tok, overwrite: bool) -> StageWriter:
     if src.input.stage == "select":
         resolved["selection"] = src.input.config
     return StageWriter(cfg.output, "train", resolved, models, tokenizer_info(tok),
-                       parent=src.input, overwrite=overwrite)
+                       parent=src.input, overwrite=overwrite,
+                       sources=(src.stats.path, src.student, cfg.teacher))
 
 
 def _save_model(tr, tok) -> None:
