@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tipcli.errors import TipError
+from tipcli.errors import TipError, first_line
 
 
 def sha256_file(path: str | Path) -> str:
@@ -39,6 +39,27 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     else:
         tmp.write_bytes(data)
     os.replace(tmp, path)
+    return path
+
+
+def save_tensors(tensors: dict[str, Any], path: str | Path) -> Path:
+    """A safetensors file written atomically and readable by the group as other files are
+    (safetensors creates them for the owner only); a failed write (a full disk) leaves
+    nothing behind and is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+        raise TipError(f"could not write {path}: {reason}; what was complete is kept, so free "
+                       "space (or fix the folder) and run the same command again") from None
     return path
 
 

@@ -133,5 +133,6 @@ def fit_context(prompt_ids: list[list[int]], model, sampling: Sampling, source: 
     from tipcli.progress import console
 
     console.print(f"warning: {len(long)} prompts of {source} cut to their last {room} tokens "
-                  f"to fit the model's context of {context}", style="yellow", markup=False)
+                  f"to fit the model's context of {context}", style="yellow", markup=False,
+                  soft_wrap=True)
     return [p[-room:] if len(p) > room else p for p in prompt_ids]

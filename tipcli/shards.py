@@ -17,18 +17,17 @@ Reading::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tipcli import __version__
 from tipcli.errors import TipError, first_line
-from tipcli.files import sha256_file, umask, write_json_atomic
+from tipcli.files import save_tensors, sha256_file, write_json_atomic
 from tipcli.outputs import prepare_output
 
 SCHEMA_VERSION = 1
@@ -272,8 +271,8 @@ class StageWriter:
             changed = self._changed(old)
             if changed:
                 raise TipError(f"output directory {self.path} holds a different "
-                               f"{old['stage']} run (other {changed}); pass --overwrite to "
-                               "replace it, or choose another -o")
+                               f"{old['stage']} run ({changed}); pass --overwrite to replace "
+                               "it, or choose another -o")
             self.manifest["shards"] = self._valid_shards(old["shards"])
             self.manifest["complete"] = old["complete"] and \
                 len(self.manifest["shards"]) == len(old["shards"])
@@ -291,15 +290,16 @@ class StageWriter:
         """What differs between ``old`` and this run, in words ('' when nothing)."""
         new = self.manifest
         if json.dumps(old["config"], sort_keys=True) != json.dumps(new["config"], sort_keys=True):
-            return "settings"
+            return "its settings differ"
         if (old.get("parent") or {}).get("manifest_sha256") != \
                 (new.get("parent") or {}).get("manifest_sha256"):
-            return "input (its parent directory changed since)"
+            return "its input directory changed since"
         for role, ref in new["models"].items():
             if (old["models"].get(role) or {}).get("fingerprint") != ref.get("fingerprint"):
-                return f"{role} model weights (the files at {ref.get('id')} changed)"
-        if old.get("inputs", {}) != new["inputs"]:
-            return f"inputs ({', '.join(sorted(new['inputs']))} changed)"
+                return f"the {role} model's files at {ref.get('id')} changed since"
+        for name, value in new["inputs"].items():
+            if old.get("inputs", {}).get(name) != value:
+                return f"the {name.removesuffix('_sha256')} changed since"
         return ""
 
     def _valid_shards(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -330,11 +330,7 @@ class StageWriter:
         if index != self.num_done:
             raise RuntimeError(f"shard {index} written out of order (next is {self.num_done})")
         name = shard_name(index)
-        tmp = self.path / f".{name}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        final = self.path / name
-        os.chmod(tmp, 0o666 & ~umask())  # safetensors creates files readable by the owner only
-        os.replace(tmp, final)
+        final = save_tensors(tensors, self.path / name)
         r_off = tensors["response_offsets"]
         entry = {"file": name, "num_sequences": int(r_off.numel() - 1),
                  "num_tokens": int(r_off[-1]), "sha256": sha256_file(final), **entry_extra}

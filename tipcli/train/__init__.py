@@ -24,8 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from tipcli.configs import TrainConfig, to_flat, validate
-from tipcli.errors import TipError
+from tipcli.errors import TipError, first_line
 from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
                            tokenizer_info)
 from tipcli.outputs import check_output
@@ -123,6 +125,11 @@ def _save_model(tr, tok) -> None:
     state = {k.removeprefix("student."): v for k, v in state.items()}
     student = tr.acc.unwrap_model(tr.module).student
     if tr.acc.is_main_process:
-        student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
-        tok.save_pretrained(tr.cfg.output)
+        try:
+            student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tr.cfg.output)
+        except (OSError, SafetensorError) as exc:
+            raise TipError(f"could not save the trained model into {tr.cfg.output}: "
+                           f"{first_line(exc)}; free space, then run the same command with "
+                           "--resume (from its last checkpoint)") from None
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tipcli.errors import TipError, first_line
-from tipcli.files import sha256_file, write_atomic, write_json_atomic
+from tipcli.errors import TipError
+from tipcli.files import save_tensors, sha256_file, write_atomic, write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 INDEX = "checkpoint.json"
@@ -55,14 +55,14 @@ def save_checkpoint(tr) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            save_file(_contiguous(model_sd), str(tmp / "model.safetensors"))
+            save_tensors(_contiguous(model_sd), tmp / "model.safetensors")
             tensors, meta = _split_optimizer(optim_sd)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            save_tensors(tensors, tmp / "optimizer.safetensors")
             write_json_atomic(tmp / "optimizer.json", meta)
             write_json_atomic(tmp / "scheduler.json", tr.scheduler.state_dict())
             write_json_atomic(tmp / "trainer.json", {"step": step})
         acc.wait_for_everyone()
-        save_file(_rng_state(), str(tmp / f"rng-{acc.process_index}.safetensors"))
+        save_tensors(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
             files = sorted(p.name for p in tmp.iterdir())
@@ -73,11 +73,13 @@ def save_checkpoint(tr) -> Path:
             for old in root.iterdir():
                 if old != final:
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except OSError as exc:
+    except (OSError, TipError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TipError(f"could not write checkpoint {final}: {exc.strerror or first_line(exc)}; "
-                       f"free space or fix permissions, then resume with --resume (the "
-                       f"previous checkpoint is kept)") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+            str(exc).split(";")[0]
+        raise TipError(f"could not write checkpoint {final} ({reason}); free space or fix "
+                       "permissions, then resume with --resume (the previous checkpoint is "
+                       "kept)") from None
     acc.wait_for_everyone()
     return final
 
