@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tipcli.configs import DemoConfig, resolve
@@ -72,7 +73,7 @@ def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, mon
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
 
 
-LOADERS = ("tipcli.distill", "tipcli.rollout", "tipcli.score", "tipcli.evaluate",
+LOADERS = ("tipcli.distill", "tipcli.sampling", "tipcli.score",
            "tipcli.train.loop")  # every module that loads a model
 
 
@@ -126,11 +127,22 @@ def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file
     reloaded = run_distill(cfg)  # iteration 1 samples from iter-000/train read from disk
     assert str(reloaded / "iter-000" / "train") in loads
 
+    # Every sample and every statistic is identical. The one exception: the log-prob
+    # generate records at its first (prefill) step can differ in the last float32 bit
+    # between a model object that was just trained and the same weights loaded from disk.
     for i in range(2):
         for stage in ("rollout", "score"):
             a = sorted((kept / f"iter-{i:03d}" / stage).glob("*.safetensors"))
             b = sorted((reloaded / f"iter-{i:03d}" / stage).glob("*.safetensors"))
-            assert a and [p.read_bytes() for p in a] == [p.read_bytes() for p in b], (i, stage)
+            assert a and len(a) == len(b), (i, stage)
+            for x, y in zip(a, b):
+                ta, tb = load_file(str(x)), load_file(str(y))
+                assert ta.keys() == tb.keys()
+                for k in ta:
+                    if k == "rollout_logprob":
+                        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=1e-6)
+                    else:
+                        assert torch.equal(ta[k], tb[k]), (i, stage, k)
     wa, wb = _weights(kept / "iter-001" / "train"), _weights(reloaded / "iter-001" / "train")
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

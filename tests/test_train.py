@@ -416,8 +416,9 @@ def test_memory_benchmark_quick_form(capsys):
 
 
 def test_unusable_accelerate_launch_is_a_one_line_error(tiny_score, tmp_path):
-    """An FSDP launch on a machine without GPUs: accelerate refuses, and each process says
-    so in one line and exits with 2, instead of a traceback."""
+    """An FSDP launch on a machine without GPUs: accelerate refuses, and a process says so
+    in one line and exits with 2, instead of a traceback (the launcher may stop the other
+    process before it prints the same line)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "tipcli", "train", str(tiny_score), "-o",
@@ -428,6 +429,6 @@ def test_unusable_accelerate_launch_is_a_one_line_error(tiny_score, tmp_path):
                          env={**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     ours = [ln for ln in out.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(ours) == 2 and all("accelerate could not set up this launch" in ln
-                                  for ln in ours), out.stderr[-2000:]
+    assert 1 <= len(ours) <= 2 and all("accelerate could not set up this launch" in ln
+                                       for ln in ours), out.stderr[-2000:]
     assert "exitcode: 2" in out.stderr and '/tipcli/' not in out.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -161,7 +162,8 @@ def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> Non
                  "fix that and run the same command again")
         except KeyboardInterrupt:
             fail(interrupted(name, cfg), 130)
-        emit_path(out)
+        if os.environ.get("RANK", "0") == "0":  # one line, also under a launcher
+            emit_path(out)
 
     params = [_parameter(leaf) for leaf in leaves(cls)]
     params += [inspect.Parameter(e, inspect.Parameter.KEYWORD_ONLY, default=EXTRAS[e],

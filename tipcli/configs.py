@@ -33,6 +33,7 @@ QUADRANT_LABELS = {"Q1": "high h, high d", "Q2": "high h, low d", "Q3": "low h, 
 TOPK_LOSSES = ("rkl-topk", "fkl-topk", "jsd-topk")
 FULL_LOSSES = ("rkl-full", "fkl-full", "jsd-full")
 LOSSES = (*TOPK_LOSSES, "rkl-sampled", *FULL_LOSSES)
+BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio")
@@ -69,6 +70,28 @@ def _device_problem(device: str) -> str | None:
     return f"--device must be auto, cpu, cuda or cuda:N (got '{device}')"
 
 
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """``0=70GiB,cpu=200GiB`` -> {0: "70GiB", "cpu": "200GiB"}; ValueError when malformed."""
+    out: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, size = part.partition("=")
+        key, size = key.strip(), size.strip()
+        if not size or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", size, re.I) or \
+                not (key.isdigit() or key in ("cpu", "disk", "mps")):
+            raise ValueError(part)
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
+def _max_memory_problem(text: str) -> str | None:
+    try:
+        parse_max_memory(text)
+    except ValueError as exc:
+        return (f"--max-memory: cannot read '{exc}'; write device=size pairs, e.g. "
+                "0=70GiB,cpu=200GiB")
+    return None
+
+
 def _verifier_problem(name: str) -> str | None:
     if name in VERIFIERS or ":" in name:
         return None
@@ -100,6 +123,12 @@ class Runtime:
     dtype: str = setting("auto", "Model dtype: auto (bf16 on GPU, fp32 on CPU).", choices=DTYPES)
     trust_remote_code: bool = setting(False, "Allow model code from the hub (only if you "
                                              "trust it).")
+    device_map: str = setting("", "Spread a model too large for one device over several (and "
+                              "the CPU, then disk) with accelerate: auto, balanced, sequential "
+                              "(score's models; train's teacher).",
+                              choices=("", "auto", "balanced", "balanced_low_0", "sequential"))
+    max_memory: str = setting("", "With --device-map, memory per device, e.g. "
+                              "0=70GiB,1=70GiB,cpu=200GiB.", check=_max_memory_problem)
 
 
 @dataclass(frozen=True)
@@ -125,6 +154,8 @@ class Sampling:
     long_prompts: str = setting("error", "A prompt too long for the model's context with "
                                 "--max-new-tokens: error, or truncate (keep its end, warn).",
                                 choices=("error", "truncate"))
+    backend: str = setting("hf", "Sampling engine: hf (transformers) or vllm (pip install "
+                           "'tipcli[vllm]').", choices=BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -215,8 +246,6 @@ class RolloutConfig:
     seed: int = _seed("Random seed; the same seed gives the same rollouts on CPU.")
     shard_size: int = setting(256, "Sequences per output shard (a multiple of --batch-size).",
                               ge=1)
-    chunk_size: int = setting(0, "Positions per chunk when computing log-probs (0 = auto).",
-                              ge=0)
     source: PromptSource = group(PromptSource)
     runtime: Runtime = group(Runtime)
 

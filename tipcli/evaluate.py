@@ -3,10 +3,11 @@
     python -m tipcli.tasks.arithmetic prompts -n 100 -o arith.jsonl --seed 7
     tip eval --model ~/.cache/tip/arith/student --prompts arith.jsonl -o runs/eval
 
-Generation is the rollout stage's batched generation (`tipcli.rollout.generate_batch`),
-greedy by default (``--temperature 0``). Each response is graded against the record's
-answer field by a verifier (`tipcli.verify`). Accuracy is the share of correct
-responses over all prompts x samples, with a 95% Wilson score interval.
+Generation is the rollout stage's sampler (``tipcli.sampling``: transformers, or vLLM
+with ``--backend vllm``), greedy by default (``--temperature 0``). Each response is
+graded against the record's answer field by a verifier (`tipcli.verify`). Accuracy is
+the share of correct responses over all prompts x samples, with a 95% Wilson score
+interval.
 
 The output directory holds exactly two files:
 
@@ -28,18 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.table import Table
 
 from tipcli.configs import EvalConfig, Sampling, to_flat, validate
 from tipcli.errors import TipError, first_line
 from tipcli.files import write_atomic
-from tipcli.models import (load_model, load_tokenizer, model_ref, resolve_device, resolve_dtype,
-                           tokenizer_info)
+from tipcli.models import load_tokenizer, model_ref, tokenizer_info
 from tipcli.outputs import check_output, prepare_output, written_stage
 from tipcli.progress import console, progress
 from tipcli.prompts import encode_prompt, fit_context, load_prompts
-from tipcli.rollout import generate_batch
+from tipcli.sampling import make_sampler
 from tipcli.verify import get_verifier
 
 RESULTS, SUMMARY = "results.jsonl", "summary.json"
@@ -84,18 +83,21 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
                            "replace it, or choose another -o")
     verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
-    model, tok = _load(cfg, model, tokenizer)
-    prompt_ids = fit_context(_encode(tok, records, cfg), model, cfg.sampling, cfg.prompts)
+    tok = tokenizer or load_tokenizer(cfg.model, cfg.runtime.trust_remote_code)
+    sampler = make_sampler(cfg.model, tok, cfg.sampling, cfg.runtime, model=model)
+    prompt_ids = fit_context(_encode(tok, records, cfg), sampler.context, cfg.sampling,
+                             cfg.prompts)
     items = [(p, s) for p in range(len(records)) for s in range(cfg.sampling.num_samples)]
-    responses = generate_responses(model, tok, [prompt_ids[p] for p, _ in items], cfg.sampling,
-                                   cfg.seed, progress_label="eval" if show_progress else None)
+    responses = generate_responses(sampler, tok, [prompt_ids[p] for p, _ in items], items,
+                                   cfg.sampling, cfg.seed,
+                                   progress_label="eval" if show_progress else None)
     rows = [_row(records[p], p, s, answers[p], r, verify, cfg)
             for (p, s), r in zip(items, responses)]
     correct = sum(r["correct"] for r in rows)
     result = EvalResult(correct / len(rows), wilson_interval(correct, len(rows)), len(rows),
                         correct, rows)
     if cfg.output:
-        result.output = _write(cfg, result, model, tok)
+        result.output = _write(cfg, result, getattr(sampler, "model", None), tok)
     return result
 
 
@@ -110,16 +112,6 @@ def _load_records(cfg: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
     return records, answers
 
 
-def _load(cfg: EvalConfig, model, tokenizer):
-    rt = cfg.runtime
-    tok = tokenizer or load_tokenizer(cfg.model, rt.trust_remote_code)
-    if model is None:
-        device = resolve_device(rt.device)
-        model = load_model(cfg.model, device, resolve_dtype(rt.dtype, device),
-                           rt.trust_remote_code)
-    return model, tok
-
-
 def _encode(tok, records, cfg: EvalConfig) -> list[list[int]]:
     ids = [encode_prompt(tok, r, cfg.source) for r in records]
     for i, p in enumerate(ids):
@@ -128,22 +120,15 @@ def _encode(tok, records, cfg: EvalConfig) -> list[list[int]]:
     return ids
 
 
-def generate_responses(model, tok, prompts: list[list[int]], sampling: Sampling, seed: int,
-                       progress_label: str | None = None) -> list[str]:
-    """Decoded responses to token-id prompts, generated in batches of ``batch_size`` with
-    the rollout stage's `generate_batch`; each batch is seeded from (seed, batch). A
-    progress bar is drawn only when ``progress_label`` is given."""
-    device = next(model.parameters()).device
-    was_training, out, size = model.training, [], sampling.batch_size
-    model.eval()
+def generate_responses(sampler, tok, prompts: list[list[int]], keys: list[tuple[int, int]],
+                       sampling: Sampling, seed: int, progress_label: str | None = None
+                       ) -> list[str]:
+    """Decoded responses to token-id prompts from ``sampler`` (``keys``: each one's (prompt,
+    sample) index); seeded as the rollout's shard 0 is. A progress bar is drawn only when
+    ``progress_label`` is given."""
     with _bar(progress_label, len(prompts)) as advance:
-        for bi, start in enumerate(range(0, len(prompts), size)):
-            torch.manual_seed(seed * 1_000_003 + bi)
-            batch = generate_batch(model, tok, prompts[start:start + size], sampling, device)
-            out.extend(_decode(tok, batch))
-            advance(len(prompts[start:start + size]), int(batch["response_mask"].sum()))
-    model.train(was_training)
-    return out
+        batch = sampler.sample_shard(prompts, keys, sampling, seed, 0, advance)
+    return _decode(tok, batch)
 
 
 @contextmanager

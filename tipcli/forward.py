@@ -57,7 +57,7 @@ def body_hidden(model, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tens
 def response_hidden(model, batch: Batch, device) -> torch.Tensor:
     """Hidden states [P, H] at the positions that predict each response token."""
     hidden = body_hidden(model, batch.input_ids_BT.to(device), batch.attention_mask_BT.to(device))
-    return hidden[batch.rows_P.to(device), batch.cols_P.to(device)]
+    return hidden[batch.rows_P.to(hidden.device), batch.cols_P.to(hidden.device)]
 
 
 def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
@@ -68,7 +68,8 @@ def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
-    linear = type(head) is torch.nn.Linear
+    # a head that accelerate offloads loads its weight in its own forward: call it whole
+    linear = type(head) is torch.nn.Linear and not hasattr(head, "_hf_hook")
 
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         if linear:

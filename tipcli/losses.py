@@ -177,7 +177,7 @@ def chunked_token_loss(loss: str, hidden_KH: torch.Tensor, head: Callable,
         t_logits = None
         if th_CH is not None:
             with torch.no_grad():
-                t_logits = t_head(th_CH)
+                t_logits = t_head(th_CH).to(h_CH.device)
         return token_loss(loss, head(h_CH), chunk_targets, t_logits)
 
     parts = []

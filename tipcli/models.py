@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging as pylogging
 import os
 import re
 from dataclasses import dataclass
@@ -19,13 +20,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from tipcli.configs import DTYPES
+from tipcli.configs import DTYPES, parse_max_memory
 from tipcli.errors import TipError, first_line
 from tipcli.files import atomic_dir
 
 
 def quiet_transformers() -> None:
-    """Silence transformers' own progress bars; tip draws its own on stderr."""
+    """Silence transformers' own progress bars (tip draws its own on stderr) and
+    accelerate's notice that an offloaded model has weights on the meta device."""
+    pylogging.getLogger("accelerate.big_modeling").setLevel(pylogging.ERROR)
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 
@@ -117,8 +120,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False):
-    """A causal LM in eval mode on ``device``. GGUF files are converted once and cached."""
+def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bool = False,
+               device_map: str = "", max_memory: str = ""):
+    """A causal LM in eval mode on ``device``, or spread by accelerate's big-model loading
+    over the devices (then the CPU, then disk) with ``device_map``. GGUF files are
+    converted once and cached."""
     quiet_transformers()
     spec = ModelSpec.parse(name)
     path, kwargs = spec.path, {"trust_remote_code": trust_remote_code}
@@ -127,13 +133,29 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     config = _without_gguf_quantization(path, trust_remote_code)
     if config is not None:
         kwargs["config"] = config
+    if device_map:
+        offload = cache_dir() / "offload" / model_fingerprint(path)[:16]
+        kwargs.update(device_map=device_map, offload_folder=str(offload),
+                      max_memory=parse_max_memory(max_memory) if max_memory else None)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as exc:
         raise _load_error("model", spec, exc) from None
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     return model
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its first device (accelerate's hooks move them on)."""
+    dmap = getattr(model, "hf_device_map", None)
+    if dmap:
+        first = next(iter(dmap.values()))
+        if isinstance(first, int):
+            return torch.device(f"cuda:{first}")
+        return torch.device("cpu" if first == "disk" else first)
+    return next(model.parameters()).device
 
 
 def _without_gguf_quantization(path: str, trust_remote_code: bool):

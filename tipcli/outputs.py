@@ -41,6 +41,7 @@ STAGE_FILES = {
     "unknown": (MANIFEST, "shard-*.safetensors"),  # a manifest torn by a crash
 }
 HIDDEN_TMP = ".*.tmp"  # what an interrupted write leaves; every stage removes its own
+PROGRESS = ".progress-*.json"  # shards finished by each of several processes
 
 
 def real(path: str | Path) -> Path:
@@ -120,7 +121,7 @@ def prepare_output(path: str | Path, stage: str, inputs: Iterable[str | Path | N
 
 def _foreign(path: Path, stage: str) -> list[str]:
     """Entries of ``path`` that ``stage`` does not write."""
-    patterns = (*STAGE_FILES.get(stage, (MANIFEST,)), HIDDEN_TMP)
+    patterns = (*STAGE_FILES.get(stage, (MANIFEST,)), HIDDEN_TMP, PROGRESS)
     return sorted(e.name for e in path.iterdir()
                   if not any(fnmatch.fnmatch(e.name, p) for p in patterns))
 

@@ -109,12 +109,11 @@ def encode_prompt(tokenizer, record: dict[str, Any], fields: PromptSource = Prom
     return [int(i) for i in tokenizer(text)["input_ids"]]
 
 
-def fit_context(prompt_ids: list[list[int]], model, sampling: Sampling, source: str
-                ) -> list[list[int]]:
-    """Prompts that leave ``max_new_tokens`` of the model's context (its
+def fit_context(prompt_ids: list[list[int]], context: int | None, sampling: Sampling,
+                source: str) -> list[list[int]]:
+    """Prompts that leave ``max_new_tokens`` of the model's context (e.g. its
     ``max_position_embeddings``) free: refused, or cut to their last tokens with a warning,
-    as ``sampling.long_prompts`` says. Models without a known context are not checked."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    as ``sampling.long_prompts`` says. A model without a known context is not checked."""
     if not isinstance(context, int):
         return prompt_ids
     room = context - sampling.max_new_tokens

@@ -18,9 +18,10 @@ import torch
 from tipcli.configs import ScoreConfig, to_flat, validate
 from tipcli.forward import collate, head_logits, response_hidden
 from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
-                           load_model, load_tokenizer, model_ref, real_vocab_size, resolve_device,
-                           resolve_dtype, tokenizer_info)
+                           input_device, load_model, load_tokenizer, model_ref,
+                           real_vocab_size, resolve_device, resolve_dtype, tokenizer_info)
 from tipcli.outputs import check_output
+from tipcli.parallel import processes
 from tipcli.progress import progress
 from tipcli.shards import StageDir, StageWriter, split_sequences
 from tipcli.stats import auto_chunk, token_stats
@@ -30,9 +31,11 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
               tokenizer=None) -> Path:
     """Score a rollout directory and write a score directory; returns its path.
 
-    Already loaded ``student``/``teacher``/``tokenizer`` may be passed in."""
+    Already loaded ``student``/``teacher``/``tokenizer`` may be passed in. Under a launcher
+    each process scores its share of the shards (``tipcli.parallel``)."""
     validate(cfg)
     rt = cfg.runtime
+    procs = processes(rt.device)
     check_output(cfg.output, "score", (cfg.rollout, cfg.teacher, cfg.student), overwrite)
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
@@ -40,10 +43,13 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     t_tok = load_tokenizer(cfg.teacher, rt.trust_remote_code) if teacher is None else s_tok
     check_same_vocab(s_tok, t_tok, student_name, cfg.teacher)
     check_tokenizer_matches(s_tok, rollout.manifest, student_name, cfg.rollout)
-    device = resolve_device(rt.device)
+    device = procs.device if procs.world > 1 and rt.device == "auto" else \
+        resolve_device(rt.device)
     dtype = resolve_dtype(rt.dtype, device)
-    student = student or load_model(student_name, device, dtype, rt.trust_remote_code)
-    teacher = teacher or load_model(cfg.teacher, device, dtype, rt.trust_remote_code)
+    student = student or load_model(student_name, device, dtype, rt.trust_remote_code,
+                                    rt.device_map, rt.max_memory)
+    teacher = teacher or load_model(cfg.teacher, device, dtype, rt.trust_remote_code,
+                                    rt.device_map, rt.max_memory)
     for m, name in ((student, student_name), (teacher, cfg.teacher)):
         check_model_fits_vocab(m, s_tok, name)
     # what is stored: the student actually used, and no more top-k columns than tokens
@@ -53,26 +59,28 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
                          {"student": model_ref(student_name, student),
                           "teacher": model_ref(cfg.teacher, teacher)},
                          tokenizer_info(s_tok), parent=rollout, overwrite=overwrite,
-                         sources=(cfg.teacher, student_name))
+                         sources=(cfg.teacher, student_name), procs=procs)
     if not writer.complete:
-        _score_shards(cfg, rollout, writer, student, teacher, s_tok)
-    return writer.finish()
+        todo = [i for i in procs.mine(range(len(rollout.shards))) if not writer.is_done(i)]
+        _score_shards(cfg, rollout, writer, student, teacher, s_tok, todo, procs.main)
+    return writer.finish(num_shards=len(rollout.shards))
 
 
-def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok) -> None:
+def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo: list[int],
+                  show: bool) -> None:
     sc = cfg.scoring
     vocab = real_vocab_size(tok)
     top_k = min(sc.top_k, vocab)
     s_logits = head_logits(student, vocab, sc.temperature)
     t_logits = head_logits(teacher, vocab, sc.temperature)
-    s_dev = next(student.parameters()).device
-    t_dev = next(teacher.parameters()).device
-    done_tokens = sum(s["num_tokens"] for s in rollout.shards[:writer.num_done])
-    with progress() as bar:
-        task = bar.add_task("score", total=rollout.num_tokens, tokens=0)
-        bar.update(task, advance=done_tokens)
+    s_dev, t_dev = input_device(student), input_device(teacher)
+    bar = progress()
+    bar.disable = bar.disable or not show
+    with bar:
+        task = bar.add_task("score", total=sum(rollout.shards[i]["num_tokens"] for i in todo),
+                            tokens=0)
         scored = 0
-        for si in range(writer.num_done, len(rollout.shards)):
+        for si in todo:
             shard = rollout.load_shard(si)
             seqs = split_sequences(shard)
             parts: dict[str, list[torch.Tensor]] = {}

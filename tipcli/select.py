@@ -109,9 +109,9 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
     flat, shard_offsets = load_flat(score)
     out = compute(flat, cfg.selection, cfg.seed, score.manifest["tokenizer"]["vocab_size"])
     for i, part in enumerate(split_shards(out, shard_offsets)):
-        if i < writer.num_done:
+        if writer.is_done(i):
             continue
         writer.write_shard(i, {"response_offsets": shard_offsets[i], **part},
                            score_shard=score.shards[i]["file"],
                            num_selected=int(part["selected"].sum()))
-    return writer.finish(summarize(out, cfg.selection))
+    return writer.finish(summarize(out, cfg.selection), num_shards=len(shard_offsets))

@@ -29,6 +29,7 @@ from tipcli import __version__
 from tipcli.errors import TipError, first_line
 from tipcli.files import save_tensors, sha256_file, write_json_atomic
 from tipcli.outputs import prepare_output
+from tipcli.parallel import Processes
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -39,6 +40,9 @@ SEQUENCE_FIELDS = {"prompt_offsets", "response_offsets", "prompt_index", "sample
 PROMPT_TOKEN_FIELDS = {"prompt_ids"}
 
 FINISH_EOS, FINISH_LENGTH = 0, 1
+
+
+PROGRESS = ".progress-{}.json"  # a process's record of its finished shards (several processes)
 
 
 def shard_name(index: int) -> str:
@@ -235,13 +239,19 @@ class StageWriter:
     content is the same: the resolved config, the parent directory's manifest, the
     models' fingerprints and ``inputs`` (e.g. the prompts' checksum). ``sources`` are the
     paths the run reads, which the output must not be or hold (``tipcli.outputs``).
+
+    With several processes (``procs``), the main process prepares the directory, each
+    process writes its own shards and records them in ``.progress-<rank>.json``, and the
+    main process folds every record into the manifest in ``finish``; a re-run after a
+    crash keeps every shard recorded with a matching checksum.
     """
 
     def __init__(self, path: str | Path, stage: str, config: dict[str, Any],
                  models: dict[str, Any], tokenizer: dict[str, Any],
                  parent: StageDir | None = None, overwrite: bool = False,
-                 inputs: dict[str, Any] | None = None, sources: tuple = ()):
-        self.path = Path(path)
+                 inputs: dict[str, Any] | None = None, sources: tuple = (),
+                 procs: Processes = Processes()):
+        self.path, self.procs = Path(path), procs
         self.manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "stage": stage,
@@ -260,9 +270,15 @@ class StageWriter:
             "shards": [],
             "summary": {},
         }
-        sources = (*sources, parent.path if parent is not None else None)
-        prepare_output(self.path, stage, sources, overwrite)
-        self._prepare()
+        self.done: dict[int, dict[str, Any]] = {}
+        if procs.main:
+            sources = (*sources, parent.path if parent is not None else None)
+            prepare_output(self.path, stage, sources, overwrite)
+            self._prepare()
+        procs.barrier()
+        if not procs.main:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+            self.done = self._valid(self.manifest)
 
     def _prepare(self) -> None:
         old = read_manifest(self.path)
@@ -273,9 +289,9 @@ class StageWriter:
                 raise TipError(f"output directory {self.path} holds a different "
                                f"{old['stage']} run ({changed}); pass --overwrite to replace "
                                "it, or choose another -o")
-            self.manifest["shards"] = self._valid_shards(old["shards"])
+            self.done = self._valid(old)
             self.manifest["complete"] = old["complete"] and \
-                len(self.manifest["shards"]) == len(old["shards"])
+                len(self.done) == len(old["shards"])
             self.manifest["summary"] = old["summary"]
         elif old is not None or (self.path / MANIFEST).exists():
             raise TipError(f"output directory {self.path} holds another tip run (or a damaged "
@@ -302,45 +318,73 @@ class StageWriter:
                 return f"the {name.removesuffix('_sha256')} changed since"
         return ""
 
-    def _valid_shards(self, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The leading shards whose files exist with the recorded checksum."""
-        good = []
-        for entry in shards:
-            f = self.path / entry["file"]
-            if not f.is_file() or sha256_file(f) != entry["sha256"]:
-                break
-            good.append(entry)
+    def _valid(self, old: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Shards recorded in ``old`` or in a process's progress file whose files exist
+        with the recorded checksum, by index."""
+        entries = list(enumerate(old["shards"]))
+        for progress in sorted(self.path.glob(PROGRESS.format("*"))):
+            try:
+                entries += [(int(i), e) for i, e in json.loads(progress.read_text()).items()]
+            except (ValueError, AttributeError, TypeError):
+                continue  # a torn progress file: its shards are simply done again
+        good = {}
+        for i, entry in entries:
+            ok = isinstance(entry, dict) and entry.get("file") == shard_name(i)
+            f = self.path / shard_name(i)
+            if ok and f.is_file() and sha256_file(f) == entry.get("sha256"):
+                good[i] = entry
         return good
 
     def _save(self) -> None:
+        """The manifest, listing the leading run of finished shards (the others, done by
+        other processes, are in their progress files until ``finish``)."""
+        n = 0
+        while n in self.done:
+            n += 1
+        self.manifest["shards"] = [self.done[i] for i in range(n)]
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
     @property
     def complete(self) -> bool:
         return bool(self.manifest["complete"])
 
-    @property
-    def num_done(self) -> int:
-        """How many shards are already written (a resumed run skips them)."""
-        return len(self.manifest["shards"])
+    def is_done(self, index: int) -> bool:
+        return index in self.done
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor],
                     **entry_extra: Any) -> dict[str, Any]:
-        """Write shard ``index`` (must be the next one) atomically and record it."""
-        if index != self.num_done:
-            raise RuntimeError(f"shard {index} written out of order (next is {self.num_done})")
-        name = shard_name(index)
-        final = save_tensors(tensors, self.path / name)
+        """Write shard ``index`` atomically and record it (in the manifest, or with several
+        processes in this process's progress file)."""
+        final = save_tensors(tensors, self.path / shard_name(index))
         r_off = tensors["response_offsets"]
-        entry = {"file": name, "num_sequences": int(r_off.numel() - 1),
+        entry = {"file": final.name, "num_sequences": int(r_off.numel() - 1),
                  "num_tokens": int(r_off[-1]), "sha256": sha256_file(final), **entry_extra}
-        self.manifest["shards"].append(entry)
-        self._save()
+        self.done[index] = entry
+        if self.procs.world == 1:
+            self._save()
+        else:
+            mine = {str(i): e for i, e in self.done.items()
+                    if self.procs.mine([i]) == [i]}
+            write_json_atomic(self.path / PROGRESS.format(self.procs.rank), mine)
         return entry
 
-    def finish(self, summary: dict[str, Any] | None = None) -> Path:
-        if summary:
-            self.manifest["summary"].update(summary)
-        self.manifest["complete"] = True
-        self._save()
+    def finish(self, summary: dict[str, Any] | None = None,
+               num_shards: int | None = None) -> Path:
+        """Mark the directory complete (every process calls it; the main one writes)."""
+        self.procs.barrier()
+        if self.procs.main:
+            if self.procs.world > 1:
+                self.done.update(self._valid({"shards": []}))
+            missing = [i for i in range(num_shards or 0) if i not in self.done]
+            if missing:
+                raise TipError(f"{self.path}: shard {missing[0]} was not written by any "
+                               "process; run the same command again to finish it")
+            self.manifest["summary"].update(summary or {})
+            if self.procs.world > 1:
+                self.manifest["summary"]["num_processes"] = self.procs.world
+            self.manifest["complete"] = True
+            self._save()
+            for progress in self.path.glob(PROGRESS.format("*")):
+                progress.unlink()
+        self.procs.barrier()
         return self.path

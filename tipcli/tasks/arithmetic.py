@@ -49,6 +49,7 @@ from tipcli.evaluate import generate_responses
 from tipcli.files import atomic_dir, write_atomic
 from tipcli.models import cache_dir, quiet_transformers
 from tipcli.progress import progress
+from tipcli.sampling import HFSampler
 from tipcli.settings import setting, to_flat, validate
 from tipcli.tiny import build_tokenizer
 from tipcli.verify import last_number
@@ -207,7 +208,8 @@ def greedy_accuracy(model, tok, records: list[dict[str, str]], batch_size: int =
     model.eval()
     prompts = [Encoder(tok).prompt(r["prompt"]) for r in records]
     greedy = Sampling(temperature=0.0, max_new_tokens=48, batch_size=batch_size)
-    responses = generate_responses(model, tok, prompts, greedy, seed=0)
+    keys = [(i, 0) for i in range(len(prompts))]
+    responses = generate_responses(HFSampler(model, tok), tok, prompts, keys, greedy, seed=0)
     return sum(last_number(s, r["answer"]) for s, r in zip(responses, records)) / len(records)
 
 

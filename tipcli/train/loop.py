@@ -122,11 +122,12 @@ def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
     """The teacher on the training device, for the full-vocabulary losses only."""
     if not cfg.teacher:
         return None, None
+    rt = cfg.runtime
     if teacher is None:
-        teacher = load_model(cfg.teacher, str(acc.device),
-                             resolve_dtype(cfg.runtime.dtype, acc.device.type),
-                             cfg.runtime.trust_remote_code)
-    teacher.to(acc.device)
+        teacher = load_model(cfg.teacher, str(acc.device), resolve_dtype(rt.dtype, acc.device.type),
+                             rt.trust_remote_code, rt.device_map, rt.max_memory)
+    if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
+        teacher.to(acc.device)
     check_model_fits_vocab(teacher, tok, cfg.teacher)
     teacher.requires_grad_(False)
     return teacher, head_logits(teacher, real_vocab_size(tok), src.temperature)
@@ -172,7 +173,8 @@ def _forward(tr: Trainer, mb: MicroBatch):
     t_hidden = None
     if tr.teacher is not None and rows.numel():
         with torch.no_grad():
-            t_hidden = body_hidden(tr.teacher, ids, mask)[rows, cols]
+            hidden = body_hidden(tr.teacher, ids, mask)
+            t_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
     return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
 
 
