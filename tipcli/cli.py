@@ -25,27 +25,20 @@ except ImportError:
 
 from tipcli import __version__
 from tipcli.configs import STAGE_CONFIGS
-from tipcli.errors import TipError, first_line
+from tipcli.errors import TipError, first_line, interrupted
 from tipcli.settings import help_text, leaves, resolve
 
-# command: (library function as "module:function", extra flags, one-line help)
+# command: the library function as "module:function", and its flags beyond the config's
+# (each command's help is its config's docstring)
 COMMANDS = {
-    "rollout": ("tipcli.rollout:run_rollout", ("overwrite",), "Sample responses from the "
-                "student (a rollout directory)."),
-    "score": ("tipcli.score:run_score", ("overwrite",), "Score a rollout: per-token teacher "
-              "and student statistics (a score directory)."),
-    "select": ("tipcli.select:run_select", ("overwrite",), "Choose the tokens to train on: a "
-               "selection mask over a score directory."),
-    "train": ("tipcli.train:run_train", ("overwrite", "resume"), "Distil the teacher into the "
-              "student on the kept tokens (a trained model directory)."),
-    "report": ("tipcli.report:run_report_cli", (), "Token-importance report: quadrants, (h, d) "
-               "histogram, strategy coverage."),
-    "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",), "Generate answers and grade "
-             "them: accuracy with a 95% interval (results directory)."),
-    "distill": ("tipcli.distill:run_distill", (), "The on-policy loop: rollout -> score -> "
-                "select -> train, N times (resumable)."),
-    "demo": ("tipcli.demo:run_demo", (), "Distil the embedded addition task (soft-or, keep "
-             "0.5): report and accuracy before/after."),
+    "rollout": ("tipcli.rollout:run_rollout", ("overwrite",)),
+    "score": ("tipcli.score:run_score", ("overwrite",)),
+    "select": ("tipcli.select:run_select", ("overwrite",)),
+    "train": ("tipcli.train:run_train", ("overwrite", "resume")),
+    "report": ("tipcli.report:run_report_cli", ()),
+    "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",)),
+    "distill": ("tipcli.distill:run_distill", ()),
+    "demo": ("tipcli.demo:run_demo", ()),
 }
 EXTRAS = {
     "config": typer.Option(None, "--config", help="Settings file (.json, .toml, .yaml; keys are "
@@ -95,20 +88,6 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def interrupted(name: str, cfg: Any) -> str:
-    """What Ctrl-C leaves behind, and how to go on."""
-    out = getattr(cfg, "output", "")
-    if name == "train" and out:
-        how = ("run the same command with --resume to continue from its last checkpoint"
-               if cfg.save_every else "no checkpoint was saved (--save-every 0); start again "
-               "with --overwrite")
-        return f"interrupted: {out} is kept unfinished; {how}"
-    if name in ("rollout", "score", "select", "distill", "demo") and out:
-        return (f"interrupted: {out} keeps everything that was complete; run the same command "
-                "again to resume")
-    return "interrupted: nothing was written"
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"tip {__version__}")
@@ -139,7 +118,7 @@ def _parameter(leaf) -> inspect.Parameter:
                              annotation=annotation)
 
 
-def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> None:
+def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
     cls = STAGE_CONFIGS[name]
     args = [leaf.name for leaf in leaves(cls) if leaf.meta["argument"]]
 
@@ -170,12 +149,13 @@ def _register(name: str, target: str, extras: tuple[str, ...], help: str) -> Non
                                  annotation=EXTRA_TYPES[e]) for e in ("config", *extras)]
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = help
+    text = " ".join((cls.__doc__ or "").split()).split(": ", 1)[-1]
+    command.__doc__ = text[:1].upper() + text[1:]
     app.command(name)(command)
 
 
-for _name, (_target, _extras, _help) in COMMANDS.items():
-    _register(_name, _target, _extras, _help)
+for _name, (_target, _extras) in COMMANDS.items():
+    _register(_name, _target, _extras)
 
 
 def main() -> None:

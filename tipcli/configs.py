@@ -236,7 +236,7 @@ class Grading:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """`tip rollout`: the student samples responses to prompts."""
+    """`tip rollout`: sample responses from the student (a rollout directory)."""
 
     student: str = _model("Student model:", short="-s")
     prompts: str = setting("", "Prompts: .jsonl, .parquet, .csv, a saved dataset or a hub name.",
@@ -257,7 +257,8 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """`tip score`: teacher and student statistics for every response token."""
+    """`tip score`: score a rollout: per-token teacher and student statistics (a score
+    directory)."""
 
     rollout: str = setting("", "Rollout directory, or - to read its path from stdin.",
                            required=True, argument="ROLLOUT_DIR")
@@ -271,7 +272,7 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """`tip select`: choose the response tokens to train on."""
+    """`tip select`: choose the tokens to train on: a selection mask over a score directory."""
 
     score: str = setting("", "Score directory, or - to read its path from stdin.",
                          required=True, argument="SCORE_DIR")
@@ -282,7 +283,8 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """`tip train`: distil the teacher into the student on the kept tokens."""
+    """`tip train`: distil the teacher into the student on the kept tokens (a trained model
+    directory)."""
 
     input: str = setting("", "Score or selection directory (rollout for *-full losses), or - "
                              "to read its path from stdin.", required=True, argument="INPUT")
@@ -310,7 +312,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """`tip eval`: generate answers to prompts and grade them."""
+    """`tip eval`: generate answers and grade them: accuracy with a 95% interval (a results
+    directory)."""
 
     model: str = _model("Model to evaluate:", short="-m")
     prompts: str = setting("", "Prompts with reference answers: .jsonl, .parquet, .csv, dataset.",
@@ -326,7 +329,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """`tip report`: what the token-importance signals look like in a directory."""
+    """`tip report`: token-importance report: quadrants, (h, d) histogram, strategy coverage."""
 
     path: str = setting("", "Score or selection directory, or - to read its path from stdin.",
                         required=True, argument="DIR")
@@ -343,7 +346,8 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """`tip distill`: the on-policy loop, rollout -> score -> select -> train, N times."""
+    """`tip distill`: the on-policy loop: rollout -> score -> select -> train, N times
+    (resumable)."""
 
     student: str = _model("Starting student:", short="-s")
     teacher: str = _model("Teacher model:", short="-t")
@@ -374,7 +378,8 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """`tip demo`: distil the embedded addition task end to end."""
+    """`tip demo`: distil the embedded addition task (soft-or, keep 0.5): report and accuracy
+    before and after."""
 
     output: str = setting("runs/demo", "Where the demo writes its run.", short="-o")
     quick: bool = setting(False, "A seconds-long version (one short iteration).")
