@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -154,7 +154,8 @@ CASES = [
         "stage directory", lambda e: (e.copy(e.score, "x"), _sel(e, e.w / "x", e.w / "sel"))),
     Case("report-json-missing-folder", lambda e: ["report", e.score, "--json",
                                                   e.w / "no" / "r.json"], "does not exist"),
-    Case("report-png-onto-directory", lambda e: ["report", e.score, "--png", e.w], "is a directory"),
+    Case("report-png-onto-directory", lambda e: ["report", e.score, "--png", e.w],
+         "is a directory"),
     # --- planted or changed checkpoints ---------------------------------------------
     Case("resume-tampered-checkpoint", lambda e: [*_train_args(e, e.score, e.w / "t", "--resume",
                                                                 "--save-every", "1")],
