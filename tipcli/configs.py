@@ -220,6 +220,9 @@ class Training:
                                    choices=MIXED_PRECISION)
     report_to: str = setting("none", "Also log metrics to tensorboard, wandb or trackio "
                              "(files under the output directory).", choices=TRACKERS)
+    fsdp: bool = setting(False, "Shard the student's parameters, gradients and optimizer "
+                               "state over the processes with FSDP2 (launch with torchrun or "
+                               "accelerate launch --multi_gpu; docs/training.md).")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ can be the next rollout's ``--student``) plus ``manifest.json`` (stage ``train``
 ``metrics.jsonl`` (one line per step), with ``--report-to`` the tracker's files under
 ``logs/``, and, with ``--save-every``, the latest resumable state under ``checkpoints/``
 (``checkpoint``: JSON and safetensors only). ``--resume`` continues from it; on CPU the
-result equals an uninterrupted run.
+result equals an uninterrupted run. ``--fsdp`` shards the student over the processes with
+FSDP2 (``fsdp``); checkpoints and the output are the same whole state dicts.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     ``on_step`` called with each step's metrics (``tip distill`` logs them to its tracker).
 
     Returns the output directory and the trained student in eval mode (None when the run
-    had already completed and nothing was trained)."""
+    had already completed and nothing was trained, and under ``--fsdp``, where the student
+    is sharded: load it from the output directory)."""
     validate(cfg)
     check_available(cfg.training.report_to)
     check_output(cfg.output, "train", (cfg.input, cfg.student, cfg.teacher), overwrite)
@@ -72,18 +74,24 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     if is_complete(cfg.output):  # the same run already completed: nothing to do
         return Path(cfg.output), None
     tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher)
-    if resume:
-        load_latest(tr)
-    tracker = _tracker(cfg, acc, on_step)
-    tr.on_step = on_step or (lambda m: tracker.log(m, m["step"]))
     try:
-        summary = run_loop(tr)
+        if resume:
+            load_latest(tr)
+        tracker = _tracker(cfg, acc, on_step)
+        tr.on_step = on_step or (lambda m: tracker.log(m, m["step"]))
+        try:
+            summary = run_loop(tr)
+        finally:
+            tracker.close()
+        _save_model(tr, tok)
+        if writer is not None:
+            writer.finish(summary)
+        acc.wait_for_everyone()
     finally:
-        tracker.close()
-    _save_model(tr, tok)
-    if writer is not None:
-        writer.finish(summary)
-    acc.wait_for_everyone()
+        tr.close()
+    if tr.fsdp:  # its parameters are shards: the output directory holds the whole model
+        acc.free_memory()
+        return Path(cfg.output), None
     trained = acc.unwrap_model(tr.module).student
     acc.free_memory()  # drop the optimizer state and accelerate's references to the model
     trained.eval()
@@ -121,8 +129,7 @@ def _writer(cfg: TrainConfig, src: Source, tok, overwrite: bool) -> StageWriter:
 
 def _save_model(tr, tok) -> None:
     """The trained student as a plain transformers checkpoint at the top of the output."""
-    state = tr.acc.get_state_dict(tr.module)
-    state = {k.removeprefix("student."): v for k, v in state.items()}
+    state = tr.model_state()  # every process takes part in gathering
     student = tr.acc.unwrap_model(tr.module).student
     if tr.acc.is_main_process:
         try:

@@ -4,7 +4,9 @@ A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
 
     model.safetensors        the student's weights
     optimizer.safetensors    AdamW's per-parameter state tensors (state.<i>.<name>)
-    optimizer.json           its parameter groups (hyper-parameters) and scalar state
+    optimizer.json           its parameter groups (hyper-parameters), scalar state, and
+                             ``keys``: the i-th parameter's key in the state dict (its
+                             index, or under FSDP its name)
     scheduler.json           the learning-rate schedule's state
     rng-<rank>.safetensors   each process's torch random state
     trainer.json             the step reached
@@ -13,8 +15,9 @@ A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
 Only these files are read back, and only after their checksums match ``checkpoint.json``:
 JSON and safetensors, never a pickle, so a file planted in a checkpoint runs nothing. A
 checkpoint is written under a hidden temporary name and renamed when complete; the
-previous one is removed after that. Under FSDP each process's tensors are the full,
-gathered state (written by the main process), loaded back into the shards.
+previous one is removed after that. Under FSDP the files hold the whole state, gathered
+from the shards and written by the main process, which reads it back on resume and
+broadcasts it into every process's shards.
 """
 
 from __future__ import annotations
@@ -98,9 +101,11 @@ def load_checkpoint(tr, path: Path) -> None:
     if missing:
         raise TipError(f"{path} lacks {', '.join(missing)} (a checkpoint written by another "
                        "number of processes, or damaged); start again with --overwrite")
-    model_sd = load_file(str(path / "model.safetensors"))
-    optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
-                               json.loads((path / "optimizer.json").read_text()))
+    model_sd, optim_sd = {}, {}
+    if tr.reads_full_state:
+        model_sd = load_file(str(path / "model.safetensors"))
+        optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                   json.loads((path / "optimizer.json").read_text()))
     tr.load_full_state(model_sd, optim_sd)
     tr.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     tr.state.step = int(json.loads((path / "trainer.json").read_text())["step"])
@@ -172,25 +177,35 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An optimizer state_dict as safetensors tensors and JSON for everything else."""
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    """An optimizer state_dict as safetensors tensors and JSON for everything else.
+
+    Its state is keyed by parameter index (``Optimizer.state_dict``) or by parameter name
+    (FSDP's full state dicts, names holding dots); the keys are listed in order in the JSON
+    (``keys``, ints staying ints) and the tensors named by position, ``state.<i>.<name>``."""
+    tensors, scalars, keys = {}, {}, []
+    for i, (key, state) in enumerate(sd["state"].items()):
+        keys.append(key)
         for name, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{i}.{name}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{idx}.{name}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{i}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "keys": keys}
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta.get("scalars", {}).items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+    keys = meta.get("keys")  # absent from older checkpoints, whose keys are indices
+
+    def key(i: str):
+        return keys[int(i)] if keys is not None else int(i)
+
+    state: dict[Any, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, i, field = name.split(".", 2)
+        state.setdefault(key(i), {})[field] = value
+    for name, value in meta.get("scalars", {}).items():
+        i, field = name.split(".", 1)
+        state.setdefault(key(i), {})[field] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -2,9 +2,11 @@
 
 The loss of a step is the sum over its kept tokens divided by the global number of kept
 tokens of that step, across micro-batches and processes, so it does not depend on how a
-step is split. Multi-process runs go through accelerate (DDP)::
+step is split. Multi-process runs go through accelerate (DDP), or, with ``--fsdp``, shard
+the student with FSDP2 (``tipcli.train.fsdp``)::
 
     accelerate launch --multi_gpu --num_processes 2 -m tipcli train runs/score -o runs/train
+    torchrun --nproc_per_node 2 -m tipcli train runs/score -o runs/train --fsdp
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import get_cosine_schedule_with_warmup
 
 from tipcli.configs import QUADRANTS, TrainConfig
@@ -26,6 +29,7 @@ from tipcli.errors import TipError, first_line
 from tipcli.forward import body_hidden, head_logits
 from tipcli.models import check_model_fits_vocab, load_model, real_vocab_size, resolve_dtype
 from tipcli.progress import progress
+from tipcli.train import fsdp as fsdp2
 from tipcli.train.checkpoint import METRICS, save_checkpoint
 from tipcli.train.data import MicroBatch, Source, make_micro_batch, step_indices, steps_per_epoch
 from tipcli.train.module import DistillModule
@@ -35,7 +39,8 @@ QUADRANT_NAMES = ("unknown", *QUADRANTS)  # code 0: not selected by quadrant (ro
 
 def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """What the Accelerator is made with: the CPU when asked for (or when there is no GPU),
-    bf16 autocast on GPU unless told otherwise."""
+    bf16 on GPU unless told otherwise (autocast; under ``--fsdp`` FSDP2's parameter
+    casting instead, see ``tipcli.train.fsdp``)."""
     device, mp = cfg.runtime.device, cfg.training.mixed_precision
     cpu = device == "cpu" or not torch.cuda.is_available()
     if mp == "auto":
@@ -45,10 +50,14 @@ def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     try:
-        return Accelerator(**accelerator_kwargs(cfg))
+        acc = Accelerator(**accelerator_kwargs(cfg))
     except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
         raise TipError(f"accelerate could not set up this launch: {first_line(exc)} "
                        "(check the `accelerate launch` options or `accelerate config`)") from None
+    if cfg.training.fsdp and acc.distributed_type == DistributedType.FSDP:
+        raise TipError("--fsdp shards the student itself: launch with `accelerate launch "
+                       "--multi_gpu` or torchrun, without accelerate's --use_fsdp")
+    return acc
 
 
 class TrainState:
@@ -74,14 +83,42 @@ class Trainer:
     pad_id: int
     total_steps: int
     on_step: Callable[[dict[str, Any]], None] | None = None
+    fsdp: bool = False            # the module is sharded with FSDP2
+    own_group: bool = False       # a single process's group started for its mesh
 
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(model, optimizer) state dicts, whole, on every process."""
+        """(model, optimizer) state dicts, whole: on every process, or under FSDP on the
+        main one (keyed by parameter name; the others get empty dicts). Every process
+        must call it."""
+        if self.fsdp:
+            return fsdp2.full_state(self.module, self.optimizer)
         return self.acc.unwrap_model(self.module).state_dict(), self.optimizer.state_dict()
 
+    @property
+    def reads_full_state(self) -> bool:
+        """Whether this process passes the whole state to ``load_full_state`` (under FSDP
+        the main process does and broadcasts it)."""
+        return not self.fsdp or self.acc.is_main_process
+
     def load_full_state(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]) -> None:
+        if self.fsdp:
+            fsdp2.load_full_state(self.module, self.optimizer, model_sd, optim_sd)
+            return
         self.acc.unwrap_model(self.module).load_state_dict(model_sd)
         self.optimizer.load_state_dict(optim_sd)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The student's whole state dict (on the main process under FSDP)."""
+        if self.fsdp:
+            state = fsdp2.full_model_state(self.module)
+        else:
+            state = self.acc.get_state_dict(self.module)
+        return {k.removeprefix("student."): v for k, v in state.items()}
+
+    def close(self) -> None:
+        """End the process group a single-process FSDP run started."""
+        fsdp2.end_group(self.own_group)
+        self.own_group = False
 
 
 def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, student=None,
@@ -104,18 +141,28 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, st
     vocab = real_vocab_size(tok)
     module = DistillModule(student, cfg.training.loss, vocab, src.temperature,
                            cfg.training.chunk_size)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
     per_epoch = steps_per_epoch(len(seqs), cfg, acc.num_processes)
     if per_epoch == 0:
         raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
                        f"{opt.batch_size * opt.grad_accum * acc.num_processes} (batch size x "
                        "grad accum x processes); lower --batch-size or --grad-accum")
     total = opt.max_steps or opt.epochs * per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
-    module, optimizer = acc.prepare(module, optimizer)
-    teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
+    fsdp = cfg.training.fsdp
+    mesh, own_group = fsdp2.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
+    try:
+        if fsdp:
+            fsdp2.shard(module, mesh, bf16=accelerator_kwargs(cfg)["mixed_precision"] == "bf16")
+        optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr,
+                                      weight_decay=opt.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
+        if not fsdp:
+            module, optimizer = acc.prepare(module, optimizer)
+        teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
+    except BaseException:
+        fsdp2.end_group(own_group)  # a single process's group is not left behind
+        raise
     return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher, t_head, seqs,
-                   tok.pad_token_id, total)
+                   tok.pad_token_id, total, fsdp=fsdp, own_group=own_group)
 
 
 def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
@@ -144,12 +191,13 @@ def train_step(tr: Trainer, step: int) -> dict[str, Any]:
                                      acc.process_index)]
     kept = acc.reduce(torch.tensor(float(sum(m.rows_K.numel() for m in micro)),
                                    device=acc.device), "sum")
-    scale = acc.num_processes / kept  # DDP averages gradients over processes
+    scale = acc.num_processes / kept  # DDP and FSDP2 average gradients over processes
     quad_loss, quad_count = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
     tokens = 0
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(tr.module):
+        # FSDP2 reduce-scatters every micro-batch's gradients, so they stay sharded
+        with contextlib.nullcontext() if sync or tr.fsdp else acc.no_sync(tr.module):
             loss_sum, loss_K = _forward(tr, mb)
             acc.backward(loss_sum * scale)
         quad = mb.quadrant_K.long()
@@ -157,7 +205,10 @@ def train_step(tr: Trainer, step: int) -> dict[str, Any]:
         quad_count.index_add_(0, quad, torch.ones_like(quad, dtype=torch.float64))
         tokens += int(mb.attention_mask_BT.sum())
     max_norm = tr.cfg.optim.max_grad_norm or float("inf")
-    grad_norm = acc.clip_grad_norm_(tr.module.parameters(), max_norm)
+    if tr.fsdp:
+        grad_norm = fsdp2.clip_grad_norm(tr.module.parameters(), max_norm)
+    else:
+        grad_norm = acc.clip_grad_norm_(tr.module.parameters(), max_norm)
     lr = tr.scheduler.get_last_lr()[0]
     tr.optimizer.step()
     tr.scheduler.step()
@@ -215,7 +266,18 @@ def run_loop(tr: Trainer) -> dict[str, Any]:
             bar.update(task, advance=1, tokens=done_tokens)
             if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0:
                 save_checkpoint(tr)
-    return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs)}
+    return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs),
+            "numel_per_process": numel_per_process(tr)}
+
+
+def numel_per_process(tr: Trainer) -> dict[str, list[int]]:
+    """Parameter and optimizer-state elements each process holds (by rank): all of them
+    in every process with DDP, about 1/processes each under FSDP."""
+    mine = fsdp2.local_numel(tr.module, tr.optimizer)
+    keys = sorted(mine)
+    every = tr.acc.gather(torch.tensor([[mine[k] for k in keys]], dtype=torch.int64,
+                                       device=tr.acc.device)).cpu()
+    return {k: [int(x) for x in every[:, i]] for i, k in enumerate(keys)}
 
 
 def _log(tr: Trainer, metrics: dict[str, Any]) -> None:

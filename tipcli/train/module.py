@@ -4,7 +4,8 @@ The transformer body runs on whole sequences (kept tokens attend to every earlie
 the hidden states at kept positions are gathered and the LM head and loss applied a chunk
 at a time, each chunk's logits rebuilt in backward (``tipcli.losses.chunked_token_loss``),
 so memory grows with the chunk size, never with kept tokens x vocabulary. One module call
-does all of it, so DDP and FSDP see the whole computation.
+does all of it, so DDP and FSDP2 (``tipcli.train.fsdp`` shards its student) see the whole
+computation.
 
 Shape letters: B sequences, T tokens, K kept positions, H hidden.
 """

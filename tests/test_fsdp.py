@@ -1,0 +1,242 @@
+"""`tip train --fsdp`: FSDP2 on 2 CPU processes over gloo against one process, what each
+process holds, checkpoint and resume, the saved model; one process; `tip distill --fsdp`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+from safetensors.torch import load_file
+
+from tipcli.configs import resolve
+from tipcli.train import TrainConfig, run_train
+
+ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
+# clipping at 0.3 is active in every step of these runs (their gradient norms are ~0.5)
+TRAIN = ["--strategy", "all", "--lr", "1e-3", "--chunk-size", "16", "--warmup", "1",
+         "--max-grad-norm", "0.3"]
+STEPS = ["--batch-size", "2", "--max-steps", "6", "--save-every", "2"]  # 2 epochs of 3 steps
+
+
+def _torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "tipcli", "train", *map(str, args)]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _one_process(score, out, resume: bool = False, **kw) -> Path:
+    """A run in this process (the reference: without --fsdp, the same global batch)."""
+    base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3, chunk_size=16,
+                warmup=1, max_grad_norm=0.3)
+    return run_train(resolve(TrainConfig, **{**base, **kw}), resume=resume)
+
+
+def _weights(out) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(out) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())["summary"]
+
+
+def _assert_close(a, b, atol: float, rtol_metrics: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=atol, msg=name)
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    for x, y in zip(ma, mb):
+        assert (x["kept_tokens"], x["tokens"]) == (y["kept_tokens"], y["tokens"])
+        for key in ("loss", "grad_norm", "lr"):
+            assert y[key] == pytest.approx(x[key], rel=rtol_metrics, abs=1e-12), key
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_score, tmp_path_factory) -> Path:
+    """torchrun, 2 processes, --fsdp: 6 steps of 2 x 2 sequences, a checkpoint every 2."""
+    out = tmp_path_factory.mktemp("fsdp") / "two"
+    r = _run(_torchrun(tiny_score, "-o", out, *TRAIN, *STEPS, "--fsdp"))
+    assert r.stdout.strip().splitlines()[-1] == str(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_two_processes_equal_one_process(fsdp_run, tiny_score, tmp_path):
+    """Sharded gradients averaged by the reduce-scatter, the loss over the global kept
+    tokens, clipping by the global norm: the weights of one unsharded process."""
+    one = _one_process(tiny_score, tmp_path / "one", batch_size=4, max_steps=6)
+    assert all(m["grad_norm"] > 0.3 for m in _metrics(fsdp_run))  # clipping was active
+    _assert_close(one, fsdp_run, atol=1e-5, rtol_metrics=1e-5)
+
+
+def test_gradient_accumulation_through_accelerate_launch(tiny_score, tmp_path):
+    """2 processes x 2 micro-batches of 1 = one process's micro-batch of 4; launched with
+    `accelerate launch --multi_gpu` (two CPU processes over gloo on this machine)."""
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+          "--main_process_port", str(free_port()), "--dynamo_backend", "no",
+          "-m", "tipcli", "train", str(tiny_score), "-o", str(two), *TRAIN,
+          "--batch-size", "1", "--grad-accum", "2", "--max-steps", "3", "--fsdp"])
+    one = _one_process(tiny_score, tmp_path / "one", batch_size=4, max_steps=3)
+    _assert_close(one, two, atol=1e-5, rtol_metrics=1e-5)
+
+
+def test_each_process_holds_half_of_the_parameters_and_adamw_state(fsdp_run, tiny_pair):
+    from transformers import AutoModelForCausalLM
+
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+                .parameters())
+    held = _summary(fsdp_run)["numel_per_process"]
+    assert len(held["parameters"]) == len(held["optimizer_state"]) == 2
+    assert sum(held["parameters"]) == total
+    for params, state in zip(held["parameters"], held["optimizer_state"]):
+        assert 0.4 * total < params < 0.6 * total
+        # exp_avg and exp_avg_sq shards, plus one step counter per parameter tensor
+        assert 0.4 * 2 * total < state < 0.6 * 2 * total + 100
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_an_uninterrupted_run(fsdp_run, tiny_score, tmp_path):
+    """SIGKILL to the launcher's process group once the step-4 checkpoint is there, then
+    --resume: the same weights, bit for bit, as the uninterrupted run."""
+    out = tmp_path / "cut"
+    args = (tiny_score, "-o", out, *TRAIN, *STEPS, "--fsdp")
+    proc = subprocess.Popen(_torchrun(*args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(out.glob("checkpoints/step-000004")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert not (out / "model.safetensors").exists()
+    ckpt = next((out / "checkpoints").glob("step-*"))
+    assert {"rng-0.safetensors", "rng-1.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    _run(_torchrun(*args, "--resume"))
+    _assert_close(fsdp_run, out, atol=0, rtol_metrics=0)
+    assert _summary(out)["numel_per_process"] == _summary(fsdp_run)["numel_per_process"]
+
+
+def test_optimizer_state_keys_survive_the_round_trip():
+    """Index keys (one process, DDP) stay ints; FSDP's parameter names keep their dots."""
+    from tipcli.train.checkpoint import _join_optimizer, _split_optimizer
+
+    for keys in ([0, 1, 10], ["student.model.layers.0.mlp.up_proj.weight", "student.lm_head.w"]):
+        sd = {"state": {k: {"step": torch.tensor(3.0), "exp_avg": torch.full((2,), float(i)),
+                            "flag": i} for i, k in enumerate(keys)},
+              "param_groups": [{"lr": 0.1, "params": keys}]}
+        tensors, meta = _split_optimizer(sd)
+        back = _join_optimizer(tensors, json.loads(json.dumps(meta)))
+        assert list(back["state"]) == keys and back["param_groups"] == sd["param_groups"]
+        for k in keys:
+            assert back["state"][k]["flag"] == sd["state"][k]["flag"]
+            assert torch.equal(back["state"][k]["exp_avg"], sd["state"][k]["exp_avg"])
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def test_output_is_one_ordinary_checkpoint(fsdp_run):
+    from transformers import AutoModelForCausalLM
+
+    assert {p.name for p in fsdp_run.iterdir()} == {
+        "manifest.json", "metrics.jsonl", "checkpoints", "config.json",
+        "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json", "chat_template.jinja"}
+    assert json.loads((fsdp_run / "config.json").read_text())["architectures"] == \
+        ["LlamaForCausalLM"]
+    model = AutoModelForCausalLM.from_pretrained(fsdp_run)
+    for name, w in _weights(fsdp_run).items():
+        assert torch.equal(model.state_dict()[name], w)
+    m = json.loads((fsdp_run / "manifest.json").read_text())
+    assert m["complete"] and m["config"]["fsdp"] is True and _summary(fsdp_run)["steps"] == 6
+    assert [x["step"] for x in _metrics(fsdp_run)] == list(range(1, 7))
+
+
+# ----------------------------------------------------------------------------- one process
+
+
+def test_one_process_is_a_mesh_of_one(tiny_score, tmp_path):
+    """--fsdp without a launcher: the same weights as without it, and no process group
+    left behind."""
+    import torch.distributed as dist
+
+    a = _one_process(tiny_score, tmp_path / "a", batch_size=4, max_steps=3)
+    b = _one_process(tiny_score, tmp_path / "b", batch_size=4, max_steps=3, fsdp=True,
+                     save_every=2)
+    assert not dist.is_initialized()
+    _assert_close(a, b, atol=0, rtol_metrics=0)
+    assert _summary(b)["numel_per_process"] == _summary(a)["numel_per_process"]
+
+
+def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
+    """The FSDP checkpoint path (whole state gathered, broadcast back into the shards,
+    optimizer state keyed by parameter name) in one process: stop after step 4's
+    checkpoint, resume, and get the uninterrupted run's weights bit for bit."""
+    import torch.distributed as dist
+
+    import tipcli.train.loop as loop
+
+    cfg = dict(batch_size=2, max_steps=6, save_every=2, fsdp=True)
+    _one_process(tiny_score, tmp_path / "full", **cfg)
+    save = loop.save_checkpoint
+
+    def save_then_stop(tr):
+        path = save(tr)
+        if tr.state.step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _one_process(tiny_score, tmp_path / "cut", **cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    assert not dist.is_initialized()
+    meta = json.loads(next((tmp_path / "cut" / "checkpoints").glob("step-*/optimizer.json"))
+                      .read_text())
+    assert meta["keys"][0] == "student.model.embed_tokens.weight"
+    _one_process(tiny_score, tmp_path / "cut", resume=True, **cfg)
+    _assert_close(tmp_path / "full", tmp_path / "cut", atol=0, rtol_metrics=0)
+
+
+def test_distill_passes_fsdp_to_training(tiny_pair, prompts_file, tmp_path):
+    from tipcli.distill import DistillConfig, run_distill
+
+    run = run_distill(resolve(DistillConfig, student=str(tiny_pair[0]),
+                              teacher=str(tiny_pair[1]), prompts=str(prompts_file),
+                              output=str(tmp_path / "run"), iterations=2, num_samples=2,
+                              max_new_tokens=8, max_steps=2, batch_size=4, top_k=8, lr=1e-3,
+                              prompts_per_iteration=4, group_size=4, fsdp=True))
+    for i in range(2):
+        m = json.loads((run / f"iter-{i:03d}" / "train" / "manifest.json").read_text())
+        assert m["complete"] and m["config"]["fsdp"] is True
+    # iteration 1 trained the student iteration 0 wrote
+    assert json.loads((run / "iter-001" / "train" / "manifest.json").read_text()
+                      )["config"]["student"] == str(run / "iter-000" / "train")

@@ -1,0 +1,124 @@
+"""FSDP2 for ``tip train --fsdp``: the device mesh, sharding the student, full state dicts.
+
+tip applies ``torch.distributed.fsdp.fully_shard`` itself: each decoder layer of the
+student becomes one unit, then the whole ``DistillModule`` (embeddings, final norm, LM
+head) the root unit, on a 1-D mesh over the processes. accelerate (or torchrun) starts the
+processes and their group (gloo on CPU, NCCL on GPU); accelerate's own FSDP plugin is not
+used, since it refuses to run without an accelerator. Each process then holds a
+1/processes share of the parameters, their gradients and AdamW's state; a layer's full
+parameters exist only while it runs.
+
+- Gradients: FSDP2 reduce-scatters them as a mean over processes, as DDP all-reduces them,
+  so the step's loss scale (``loop.train_step``) is the same for both.
+- Clipping: the norm of the sharded gradients is combined across processes
+  (``clip_grad_norm``), so it is the global norm.
+- State: ``full_state`` gathers whole (unsharded) CPU state dicts onto the main process,
+  keyed by parameter names; ``load_full_state`` loads those into the shards, the main
+  process broadcasting each tensor.
+- bf16 on GPU: parameters are cast for forward and backward, gradients reduced in float32.
+
+One process gets a mesh of one (a process group on an in-process store), so
+``--fsdp`` works, without benefit, in a single process too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0, CPU
+SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def make_mesh(device: torch.device, world: int) -> tuple[DeviceMesh, bool]:
+    """A 1-D mesh over the ``world`` processes on ``device``'s type, and whether a process
+    group was started for it (a single process has none yet; ``end_group`` ends it)."""
+    started = False
+    if not dist.is_initialized():
+        if world != 1:
+            raise RuntimeError("several processes but no process group")
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        started = True
+    return init_device_mesh(device.type, (world,)), started
+
+
+def end_group(started: bool) -> None:
+    if started and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model: the outermost modules whose class is
+    one of its ``_no_split_modules``, else ``model.model.layers``; [] when neither."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and \
+                not any(name.startswith(outer + ".") for outer, _ in found):
+            found.append((name, module))
+    if found:
+        return [m for _, m in found]
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def shard(module: torch.nn.Module, mesh: DeviceMesh, bf16: bool) -> int:
+    """Shard ``module`` (a ``DistillModule``) in place: each decoder layer of its student,
+    then the root. Returns the number of layers. With ``bf16`` the parameters are cast to
+    bfloat16 for compute and gradients reduced in float32; the root does not cast its
+    inputs (the loss targets stay float32)."""
+    kw = {}
+    if bf16:
+        kw = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+    layers = decoder_layers(module.student)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(**kw))
+    fully_shard(module, mesh=mesh,
+                mp_policy=MixedPrecisionPolicy(**kw, cast_forward_inputs=False))
+    return len(layers)
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clip sharded gradients by their global norm (over every process's shards); returns
+    that norm, before clipping, as a plain tensor."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def full_model_state(module) -> dict:
+    """The model's whole CPU state dict on the main process, {} on the others; every
+    process must call it."""
+    return get_model_state_dict(module, options=GATHER)
+
+
+def full_state(module, optimizer) -> tuple[dict, dict]:
+    """Whole CPU state dicts of the model and AdamW (keyed by parameter name) on the main
+    process, empty dicts on the others; every process must call it."""
+    return full_model_state(module), get_optimizer_state_dict(module, optimizer, options=GATHER)
+
+
+def load_full_state(module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load whole state dicts (given on the main process; the others pass empty dicts)
+    into every process's shards; every process must call it."""
+    set_model_state_dict(module, model_sd, options=SCATTER)
+    set_optimizer_state_dict(module, optimizer, optim_sd, options=SCATTER)
+
+
+def local_numel(module, optimizer) -> dict[str, int]:
+    """Elements this process holds: its parameter shards, and its AdamW state (moment
+    shards and step counters)."""
+    def local(t: torch.Tensor) -> int:
+        return t.to_local().numel() if isinstance(t, DTensor) else t.numel()
+
+    return {"parameters": sum(local(p) for p in module.parameters()),
+            "optimizer_state": sum(local(v) for s in optimizer.state.values()
+                                   for v in s.values() if torch.is_tensor(v))}
