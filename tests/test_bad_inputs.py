@@ -338,6 +338,9 @@ CASES = [
     Case("teacher-is-a-text-file", lambda e: [SCORE, e.rollout, "-t", e.write("t.txt", "x"),
                                               "-o", e.w / "o"], "not a .gguf file"),
     Case("stdin-dash-empty", lambda e: [SELECT, "-", "-o", e.w / "o"], "stdin", stdin=""),
+    Case("vllm-not-installed", lambda e: ["rollout", "-s", e.student, "-p", e.prompts, "-o",
+                                          e.w / "o", "--backend", "vllm"],
+         "pip install 'tipcli[vllm]'"),
     Case("eval-unknown-verifier", lambda e: ["eval", "-m", e.student, "-p", e.prompts,
                                              "--verifier", "magic"], "--verifier"),
     # --- Ctrl-C -------------------------------------------------------------------------

@@ -156,6 +156,9 @@ class Sampling:
                                 choices=("error", "truncate"))
     backend: str = setting("hf", "Sampling engine: hf (transformers) or vllm (pip install "
                            "'tipcli[vllm]').", choices=BACKENDS)
+    vllm_gpu_memory: float = setting(0.85, "--backend vllm on a GPU: the share of its memory "
+                                     "vLLM may take (lower it where training shares the GPU).",
+                                     gt=0, le=1)
 
 
 @dataclass(frozen=True)

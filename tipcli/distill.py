@@ -69,21 +69,23 @@ def run_distill(cfg: DistillConfig) -> Path:
     dtype = resolve_dtype(rt.dtype, device)
     teacher = load_model(cfg.teacher, device, dtype, rt.trust_remote_code)
     tracker = Tracker(cfg.training.report_to, run, "tip-distill", to_flat(cfg))
+    engine = VLLMEngine(cfg, s_tok) if cfg.sampling.backend == "vllm" else None
     student_name, student, steps_before = cfg.student, None, 0
     history = []
     try:
         if cfg.eval_prompts:
-            if not (run / "eval-initial" / EVAL_SUMMARY).is_file():
+            if not (run / "eval-initial" / EVAL_SUMMARY).is_file() and engine is None:
                 student = load_model(student_name, device, dtype, rt.trust_remote_code)
             history.append({"iteration": "initial",
                             **_evaluate(cfg, cfg.student, run / "eval-initial", device,
-                                        student, s_tok)})
+                                        student, s_tok, engine and engine.sampler)})
             tracker.log(_eval_metrics(history[-1]), 0)
         for i in range(cfg.iterations):
             if student is None:
                 student = load_model(student_name, device, dtype, rt.trust_remote_code)
+            sampler = engine.serve(student_name, student) if engine else None
             select, row = _sample_score_select(cfg, i, records, student_name, student, teacher,
-                                               s_tok)
+                                               s_tok, sampler)
             if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
                 student = None
             train, student = _train(cfg, select, iter_dir(cfg, i) / "train", student, teacher,
@@ -95,13 +97,20 @@ def run_distill(cfg: DistillConfig) -> Path:
             row["train_loss"] = _last_metrics(train).get("loss")
             student_name = str(train)
             if cfg.eval_prompts:
+                if engine is not None and student is None:
+                    student = load_model(student_name, device, dtype, rt.trust_remote_code)
+                sampler = engine.serve(student_name, student) if engine else None
                 row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device,
-                                     student, s_tok))
+                                     student, s_tok, sampler))
+            if engine is not None:
+                row["sampler_reload_seconds"] = engine.seconds[-1] if engine.seconds else None
             tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"],
                          **_eval_metrics(row)}, steps_before)
             history.append(row)
     finally:
         tracker.close()
+        if engine is not None:
+            engine.sampler.close()
     _write_run_manifest(cfg, complete=True, summary={"history": history,
                                                      "final_student": student_name})
     _render(history)
@@ -112,8 +121,27 @@ def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {"eval/accuracy": row["accuracy"]} if "accuracy" in row else {}
 
 
+class VLLMEngine:
+    """The run's vLLM engine (``--backend vllm``): started once, and given each trained
+    student's weights in place before it samples from them."""
+
+    def __init__(self, cfg: DistillConfig, tok):
+        from tipcli.vllm_sampler import VLLMSampler
+
+        self.sampler = VLLMSampler(cfg.student, tok, cfg.runtime,
+                                   gpu_memory=cfg.sampling.vllm_gpu_memory)
+        self.holds, self.seconds = cfg.student, []  # whose weights it has; reload times
+
+    def serve(self, name: str, model):
+        """The sampler, holding the weights of ``name`` (``model`` is them, loaded)."""
+        if name != self.holds:
+            self.seconds.append(self.sampler.update_weights(model))
+            self.holds = name
+        return self.sampler
+
+
 def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str, student,
-                         teacher, tok) -> tuple[Path, dict[str, Any]]:
+                         teacher, tok, sampler=None) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
     are kept); returns the selection directory and the iteration's summary row."""
     d = iter_dir(cfg, i)
@@ -123,7 +151,7 @@ def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
         student=student_name, prompts=str(prompts), output=str(d / "rollout"),
         sampling=cfg.sampling, seed=cfg.seed * 1000 + i,
         shard_size=cfg.sampling.batch_size * 16, runtime=cfg.runtime)),
-        model=student, tokenizer=tok)
+        model=student, tokenizer=tok, sampler=sampler)
     score = run_score(validate(ScoreConfig(
         rollout=str(rollout), teacher=cfg.teacher, output=str(d / "score"),
         student=student_name, scoring=cfg.scoring, runtime=cfg.runtime)),
@@ -173,7 +201,7 @@ def _iteration_prompts(cfg: DistillConfig, i: int, records, path: Path) -> Path:
 
 
 def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=None,
-              tok=None) -> dict[str, Any]:
+              tok=None, sampler=None) -> dict[str, Any]:
     if (out / EVAL_SUMMARY).is_file():
         s = json.loads((out / EVAL_SUMMARY).read_text())
     else:
@@ -185,7 +213,7 @@ def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=Non
             sampling=sampling, seed=cfg.seed,
             source=dataclasses.replace(cfg.source, max_prompts=cfg.eval_max_prompts),
             runtime=dataclasses.replace(cfg.runtime, device=device))),
-            model=loaded, tokenizer=tok)
+            model=loaded, tokenizer=tok, sampler=sampler)
         s = res.summary()
     return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
 

@@ -71,7 +71,7 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
 
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = True,
-             overwrite: bool = False) -> EvalResult:
+             overwrite: bool = False, sampler=None) -> EvalResult:
     """Generate, grade and (when ``cfg.output`` is set) write results; see the module doc.
     Pass ``show_progress=False`` when called inside another live progress display. Earlier
     results in ``cfg.output`` are replaced only with ``overwrite``."""
@@ -84,7 +84,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
     verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
     tok = tokenizer or load_tokenizer(cfg.model, cfg.runtime.trust_remote_code)
-    sampler = make_sampler(cfg.model, tok, cfg.sampling, cfg.runtime, model=model)
+    sampler = sampler or make_sampler(cfg.model, tok, cfg.sampling, cfg.runtime, model=model)
     prompt_ids = fit_context(_encode(tok, records, cfg), sampler.context, cfg.sampling,
                              cfg.prompts)
     items = [(p, s) for p in range(len(records)) for s in range(cfg.sampling.num_samples)]

@@ -81,7 +81,7 @@ def make_sampler(name: str, tok, sampling: Sampling, runtime: Runtime,
     if sampling.backend == "vllm":
         from tipcli.vllm_sampler import VLLMSampler
 
-        return VLLMSampler(name, tok, runtime, procs)
+        return VLLMSampler(name, tok, runtime, procs, gpu_memory=sampling.vllm_gpu_memory)
     if model is None:
         device = procs.device if procs.world > 1 and runtime.device == "auto" else \
             resolve_device(runtime.device)
