@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from tipcli.configs import DTYPES, parse_max_memory
 from tipcli.errors import TipError, first_line
-from tipcli.files import atomic_dir
+from tipcli.files import atomic_dir, write_json_atomic
 
 
 def quiet_transformers() -> None:
@@ -185,6 +185,7 @@ def _convert_gguf(spec: ModelSpec) -> Path:
     """
     out = _gguf_cache_path(spec)
     if (out / "config.json").is_file():
+        _drop_quantization_config(out / "config.json")  # entries cached by older versions
         return out
     try:
         loaded = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file)
@@ -199,7 +200,17 @@ def _convert_gguf(spec: ModelSpec) -> Path:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _drop_quantization_config(tmp / "config.json")
     return out
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """Remove the gguf ``quantization_config`` a conversion's config.json keeps: its weights
+    are dequantised, and other loaders (vLLM) refuse a gguf-quantised config."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("quantization_config"), dict):
+        del config["quantization_config"]
+        write_json_atomic(path, config)
 
 
 def model_ref(name: str, model=None) -> dict[str, Any]:
