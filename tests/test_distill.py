@@ -215,3 +215,44 @@ def test_demo_improves_the_embedded_student(tmp_path):
     history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
     assert history[0]["accuracy"] <= 0.6
     assert history[-1]["accuracy"] > history[0]["accuracy"]
+
+
+def _plain_mean_kl(p_model, q_model, rollout) -> float:
+    """Mean over response tokens of KL(p || q), p the sampling model: plain full forwards."""
+    V, total, n = 100, 0.0, 0
+    for seq in StageDir.open(rollout).iter_sequences():
+        ids = torch.cat([seq["prompt_ids"], seq["response_ids"]]).long()[None]
+        lp, lr = seq["prompt_ids"].numel(), seq["response_ids"].numel()
+        with torch.no_grad():
+            a, b = (torch.log_softmax(m(ids).logits[0, lp - 1:lp + lr - 1, :V].double(), -1)
+                    for m in (p_model, q_model))
+        total += float((a.exp() * (a - b)).sum())
+        n += lr
+    return total / n
+
+
+def test_held_out_kl_every_other_iteration_and_pruning(tiny_pair, prompts_file, tmp_path):
+    """--eval-metric kl: the student's reverse KL on its own samples of the eval prompts and
+    the forward KL on the teacher's samples, before training, after every 2nd iteration and
+    after the last; --keep-students last keeps only the last student's weights."""
+    from tipcli.models import load_model
+
+    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", iterations=3,
+                           eval_metric="kl", eval_every=2, keep_students="last"))
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    measured = [h["iteration"] for h in history if "heldout_rkl" in h]
+    assert measured == ["initial", 1, 2]
+    assert "accuracy" not in history[0]
+    teacher = load_model(str(tiny_pair[1]))
+    for h, where, student in ((history[0], run / "eval-initial-kl", tiny_pair[0]),
+                              (history[-1], run / "iter-002" / "eval-kl",
+                               run / "iter-002" / "train")):
+        student = load_model(str(student))
+        assert h["heldout_rkl"] == pytest.approx(
+            _plain_mean_kl(student, teacher, where / "rollout"), rel=1e-5)
+        assert h["heldout_fkl"] == pytest.approx(
+            _plain_mean_kl(teacher, student, run / "eval-teacher" / "rollout"), rel=1e-5)
+    assert history[-1]["heldout_rkl"] != history[0]["heldout_rkl"]
+    assert not list(run.glob("iter-*/train/checkpoints"))
+    kept = sorted(p.parent.parent.name for p in run.glob("iter-*/train/model.safetensors"))
+    assert kept == ["iter-002"]

@@ -373,9 +373,18 @@ class DistillConfig:
     selection: Selection = group(Selection)
     training: Training = group(Training)
     optim: Optim = group(Optim, lr=1e-5, batch_size=8)
-    eval_prompts: str = setting("", "Prompts with answers to evaluate the student after each "
-                                    "iteration (empty = no evaluation).")
+    eval_prompts: str = setting("", "Held-out prompts to evaluate the student on, before the "
+                                "first iteration and after each (empty = no evaluation).")
     eval_max_prompts: int = setting(0, "Evaluate on the first N eval prompts (0 = all).", ge=0)
+    eval_metric: str = setting("accuracy", "accuracy (grade answers against the prompts' answer "
+                               "field), kl (the student's reverse KL to the teacher on its own "
+                               "samples, and forward KL on the teacher's), or both.",
+                               choices=("accuracy", "kl", "both"))
+    eval_every: int = setting(1, "Evaluate after every N-th iteration (and after the last).",
+                              ge=1)
+    keep_students: str = setting("all", "Trained students kept: all, or last (an iteration's "
+                                 "weights are deleted once the next iteration is trained).",
+                                 choices=("all", "last"))
     grading: Grading = group(Grading)
     seed: int = _seed("Seed of sampling, selection and training.")
     source: PromptSource = group(PromptSource)

@@ -7,15 +7,20 @@ Iteration i samples from the student trained in iteration i-1 (the first from
 ``--student``). Every stage directory is kept under ``RUN/iter-NNN/``::
 
     RUN/manifest.json            the resolved settings (stage "distill") and a summary
-    RUN/eval-initial/            the starting student's evaluation (with --eval-prompts)
+    RUN/eval-initial/            the starting student's evaluation (with --eval-prompts:
+    RUN/eval-initial-kl/         accuracy in eval/, held-out KL in eval-kl/, see heldout)
+    RUN/eval-teacher/rollout/    the teacher's samples of the eval prompts (KL)
     RUN/iter-000/prompts.jsonl   this iteration's prompts
-    RUN/iter-000/rollout/ score/ select/ train/ eval/
+    RUN/iter-000/rollout/ score/ select/ train/ eval/ eval-kl/
 
 A killed run, started again with the same command, skips the stages already complete
 and resumes the one it was in (each stage resumes itself). Both models stay loaded for
 the whole run: the student trained in one iteration samples the next, without a trip
-through the disk. (Where sampling runs in bf16, on GPU, training reloads the float32
-weights that the previous iteration saved, so no update is lost to rounding.)
+through the disk (with ``--backend vllm``, one engine gets each new student's weights in
+place). (Where sampling runs in bf16, on GPU, training reloads the float32 weights that
+the previous iteration saved, so no update is lost to rounding.) Once an iteration is
+complete its resumable training state is deleted; ``--keep-students last`` also deletes
+the weights of the student it started from.
 """
 
 from __future__ import annotations
@@ -23,17 +28,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.table import Table
 
-from tipcli.configs import (DistillConfig, EvalConfig, RolloutConfig, ScoreConfig, SelectConfig,
+from tipcli.configs import (DistillConfig, RolloutConfig, ScoreConfig, SelectConfig,
                             TrainConfig, to_flat, validate)
 from tipcli.errors import TipError
-from tipcli.evaluate import SUMMARY as EVAL_SUMMARY
-from tipcli.evaluate import run_eval
+from tipcli.heldout import evaluate, mean
 from tipcli.files import write_atomic, write_json_atomic
 from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
                            resolve_dtype)
@@ -46,7 +51,7 @@ from tipcli.select import run_select
 from tipcli.shards import MANIFEST, SCHEMA_VERSION, StageDir, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
 from tipcli.train import METRICS, train_model
-from tipcli.train.checkpoint import checkpoint_dirs
+from tipcli.train.checkpoint import CHECKPOINTS, checkpoint_dirs
 
 
 def iter_dir(cfg: DistillConfig, i: int) -> Path:
@@ -58,67 +63,104 @@ def run_distill(cfg: DistillConfig) -> Path:
     validate(cfg)
     check_available(cfg.training.report_to)
     check_output(cfg.output, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
-    rt = cfg.runtime
-    records = load_prompts(cfg.prompts, cfg.source)
-    s_tok = load_tokenizer(cfg.student, rt.trust_remote_code)
-    check_same_vocab(s_tok, load_tokenizer(cfg.teacher, rt.trust_remote_code),
-                     cfg.student, cfg.teacher)
-    run = Path(cfg.output)
-    _write_run_manifest(cfg, complete=False)
-    device = resolve_device(rt.device)
-    dtype = resolve_dtype(rt.dtype, device)
-    teacher = load_model(cfg.teacher, device, dtype, rt.trust_remote_code)
-    tracker = Tracker(cfg.training.report_to, run, "tip-distill", to_flat(cfg))
-    engine = VLLMEngine(cfg, s_tok) if cfg.sampling.backend == "vllm" else None
-    student_name, student, steps_before = cfg.student, None, 0
-    history = []
+    loop = Loop(cfg)
     try:
         if cfg.eval_prompts:
-            if not (run / "eval-initial" / EVAL_SUMMARY).is_file() and engine is None:
-                student = load_model(student_name, device, dtype, rt.trust_remote_code)
-            history.append({"iteration": "initial",
-                            **_evaluate(cfg, cfg.student, run / "eval-initial", device,
-                                        student, s_tok, engine and engine.sampler)})
-            tracker.log(_eval_metrics(history[-1]), 0)
+            loop.evaluate("initial", cfg.student, Path(cfg.output) / "eval-initial", 0)
         for i in range(cfg.iterations):
-            if student is None:
-                student = load_model(student_name, device, dtype, rt.trust_remote_code)
-            sampler = engine.serve(student_name, student) if engine else None
-            select, row = _sample_score_select(cfg, i, records, student_name, student, teacher,
-                                               s_tok, sampler)
-            if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
-                student = None
-            train, student = _train(cfg, select, iter_dir(cfg, i) / "train", student, teacher,
-                                    lambda m, offset=steps_before: tracker.log(
-                                        m, offset + m["step"]))
-            if student is not None:  # the trained student stays loaded for the next iteration
-                student.to(dtype)
-            steps_before += _train_steps(train)
-            row["train_loss"] = _last_metrics(train).get("loss")
-            student_name = str(train)
-            if cfg.eval_prompts:
-                if engine is not None and student is None:
-                    student = load_model(student_name, device, dtype, rt.trust_remote_code)
-                sampler = engine.serve(student_name, student) if engine else None
-                row.update(_evaluate(cfg, student_name, iter_dir(cfg, i) / "eval", device,
-                                     student, s_tok, sampler))
-            if engine is not None:
-                row["sampler_reload_seconds"] = engine.seconds[-1] if engine.seconds else None
-            tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"],
-                         **_eval_metrics(row)}, steps_before)
-            history.append(row)
+            loop.iteration(i)
     finally:
-        tracker.close()
-        if engine is not None:
-            engine.sampler.close()
-    _write_run_manifest(cfg, complete=True, summary={"history": history,
-                                                     "final_student": student_name})
-    _render(history)
-    return run
+        loop.close()
+    _write_run_manifest(cfg, complete=True, summary={"history": loop.history,
+                                                     "final_student": loop.student_name})
+    _render(loop.history)
+    return Path(cfg.output)
+
+
+class Loop:
+    """The run's models and record: the teacher, the current student (loaded once, kept
+    between iterations), a vLLM engine with ``--backend vllm``, the tracker."""
+
+    def __init__(self, cfg: DistillConfig):
+        rt = cfg.runtime
+        self.cfg, self.run = cfg, Path(cfg.output)
+        self.records = load_prompts(cfg.prompts, cfg.source)
+        self.tok = load_tokenizer(cfg.student, rt.trust_remote_code)
+        check_same_vocab(self.tok, load_tokenizer(cfg.teacher, rt.trust_remote_code),
+                         cfg.student, cfg.teacher)
+        _write_run_manifest(cfg, complete=False)
+        self.device = resolve_device(rt.device)
+        self.dtype = resolve_dtype(rt.dtype, self.device)
+        self.teacher = load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code)
+        self.tracker = Tracker(cfg.training.report_to, self.run, "tip-distill", to_flat(cfg))
+        self.engine = VLLMEngine(cfg, self.tok) if cfg.sampling.backend == "vllm" else None
+        self.student_name, self.student, self.steps = cfg.student, None, 0
+        self.history: list[dict[str, Any]] = []
+
+    def loaded_student(self):
+        if self.student is None:
+            self.student = load_model(self.student_name, self.device, self.dtype,
+                                      self.cfg.runtime.trust_remote_code)
+        return self.student
+
+    def sampler(self):
+        """The vLLM sampler holding the current student's weights (None: the hf one)."""
+        if self.engine is None:
+            return None
+        return self.engine.serve(self.student_name, self.loaded_student())
+
+    def evaluate(self, label, name: str, out: Path, step: int) -> dict[str, Any]:
+        row = evaluate(self.cfg, name, self.loaded_student(), out, self.tok, self.teacher,
+                       self.sampler())
+        if label == "initial":
+            self.history.append({"iteration": "initial", **row})
+        self.tracker.log(_eval_metrics(row), step)
+        return row
+
+    def iteration(self, i: int) -> None:
+        cfg = self.cfg
+        student = self.loaded_student()
+        select, row = _sample_score_select(cfg, i, self.records, self.student_name, student,
+                                           self.teacher, self.tok, self.sampler())
+        if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
+            self.student = None
+        train, self.student = _train(cfg, select, iter_dir(cfg, i) / "train", self.student,
+                                     self.teacher, lambda m, offset=self.steps: self.tracker.log(
+                                         m, offset + m["step"]))
+        if self.student is not None:  # the trained student stays loaded for the next one
+            self.student.to(self.dtype)
+        self.steps += _train_steps(train)
+        row["train_loss"] = _last_metrics(train).get("loss")
+        previous, self.student_name = self.student_name, str(train)
+        if cfg.eval_prompts and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.iterations):
+            row.update(self.evaluate(i, self.student_name, iter_dir(cfg, i) / "eval",
+                                     self.steps))
+        if self.engine is not None:
+            row["sampler_reload_seconds"] = self.engine.seconds[-1] if self.engine.seconds \
+                else None
+        self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
+        self.history.append(row)
+        _prune(cfg, train, previous)
+
+    def close(self) -> None:
+        self.tracker.close()
+        if self.engine is not None:
+            self.engine.sampler.close()
+
+
+def _prune(cfg: DistillConfig, train: Path, previous: str) -> None:
+    """Drop what a finished iteration no longer needs: its resumable training state, and
+    with ``--keep-students last`` the weights of the student it started from."""
+    shutil.rmtree(train / CHECKPOINTS, ignore_errors=True)
+    before = Path(previous)
+    if cfg.keep_students == "last" and before.parent.parent == Path(cfg.output) \
+            and before.name == "train":
+        for weights in before.glob("model*.safetensors"):
+            weights.unlink()
 
 
 def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    return {"eval/accuracy": row["accuracy"]} if "accuracy" in row else {}
+    return {f"eval/{k}": row[k] for k in ("accuracy", "heldout_rkl", "heldout_fkl") if k in row}
 
 
 class VLLMEngine:
@@ -161,7 +203,7 @@ def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
     sd = StageDir.open(score, stage="score")
     kept = StageDir.open(select, stage="select").manifest["summary"]
     return select, {"iteration": i, "rollout_tokens": sd.num_tokens,
-                    "mean_rkl": _mean(sd, "rkl"), "selection": kept}
+                    "mean_rkl": mean(sd, "rkl"), "selection": kept}
 
 
 def train_config(cfg: DistillConfig, select: Path, out: Path) -> TrainConfig:
@@ -198,32 +240,6 @@ def _iteration_prompts(cfg: DistillConfig, i: int, records, path: Path) -> Path:
                                                                cfg.prompts_per_iteration)
         write_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in chosen))
     return path
-
-
-def _evaluate(cfg: DistillConfig, model: str, out: Path, device: str, loaded=None,
-              tok=None, sampler=None) -> dict[str, Any]:
-    if (out / EVAL_SUMMARY).is_file():
-        s = json.loads((out / EVAL_SUMMARY).read_text())
-    else:
-        # tip eval's own sampling (greedy, one answer each), at the loop's response length
-        sampling = dataclasses.replace(EvalConfig().sampling,
-                                       max_new_tokens=cfg.sampling.max_new_tokens)
-        res = run_eval(validate(EvalConfig(
-            model=model, prompts=cfg.eval_prompts, output=str(out), grading=cfg.grading,
-            sampling=sampling, seed=cfg.seed,
-            source=dataclasses.replace(cfg.source, max_prompts=cfg.eval_max_prompts),
-            runtime=dataclasses.replace(cfg.runtime, device=device))),
-            model=loaded, tokenizer=tok, sampler=sampler)
-        s = res.summary()
-    return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
-
-
-def _mean(d: StageDir, name: str) -> float:
-    total, n = 0.0, 0
-    for shard in d.iter_shards((name,)):
-        total += float(shard[name].double().sum())
-        n += shard[name].numel()
-    return total / max(n, 1)
 
 
 def _last_metrics(train: Path) -> dict[str, Any]:

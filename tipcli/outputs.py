@@ -36,7 +36,7 @@ STAGE_FILES = {
     "score": (MANIFEST, "shard-*.safetensors"),
     "select": (MANIFEST, "shard-*.safetensors"),
     "train": (MANIFEST, "metrics.jsonl", "checkpoints", "logs", *MODEL_FILES),
-    "distill": (MANIFEST, "iter-[0-9][0-9][0-9]", "eval-initial", "logs"),
+    "distill": (MANIFEST, "iter-[0-9][0-9][0-9]", "eval-*", "logs"),
     "eval": ("results.jsonl", "summary.json"),
     "unknown": (MANIFEST, "shard-*.safetensors"),  # a manifest torn by a crash
 }
