@@ -41,9 +41,7 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import measure_train  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -212,64 +212,14 @@ def run_one(args, inputs, row: Row, seed: int, work: Path) -> dict[str, Any]:
     return result
 
 
-# the child process of `measure_train_memory`: argv[1] is the TrainConfig as JSON, argv[2]
-# the torch thread count; the student is loaded once and dropped before the baseline, so
-# the lazily imported model code counts as baseline, not as training
-MEASURE = r"""
-import gc, json, sys, time
-import accelerate, torch, transformers  # noqa: F401  imported before the baseline
-from tipcli.configs import TrainConfig, resolve
-from tipcli.models import load_model
-from tipcli.train import run_train
-
-def status_mib(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-
-torch.set_num_threads(int(sys.argv[2]))
-cfg = resolve(TrainConfig, **json.loads(sys.argv[1]))
-load_model(cfg.student, "cpu", torch.float32)  # warm-up, dropped at once
-gc.collect()
-before = status_mib("VmRSS")
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    reset = True
-except OSError:
-    reset = False
-t0 = time.perf_counter()
-run_train(cfg, overwrite=True)
-print(json.dumps({"rss_before_mib": before, "peak_mib": status_mib("VmHWM"),
-                  "hwm_reset": reset, "train_seconds": time.perf_counter() - t0}))
-"""
-
-
 def measure_train_memory(args, run: Path, out: Path, seed: int, student: str) -> dict[str, Any]:
     """Train iteration 0's selection again in a fresh process; its peak resident memory."""
-    import torch
-
     from tipcli.configs import TrainConfig, resolve, to_flat
 
-    cached = out / "memory.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     cfg = resolve(TrainConfig, input=str(run / "iter-000" / "select"),
                   output=str(out / "train"), student=student, lr=args.lr,
                   max_steps=args.max_steps, batch_size=args.batch_size, seed=seed, device="cpu")
-    env = {**os.environ, "TIP_QUIET": "1"}
-    proc = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(to_flat(cfg)),
-                           str(torch.get_num_threads())], capture_output=True, text=True,
-                          env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory run for {run} failed:\n{proc.stderr[-3000:]}")
-    mem = json.loads(proc.stdout.strip().splitlines()[-1])
-    mem["train_mib"] = mem["peak_mib"] - mem["rss_before_mib"]
-    out.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(mem, indent=2) + "\n")
-    shutil.rmtree(out / "train", ignore_errors=True)  # the weights are not needed
-    return mem
+    return measure_train(to_flat(cfg), out)
 
 
 # ----------------------------------------------------------------------------- summary

@@ -96,7 +96,9 @@ def test_short_training_lowers_loss_and_saves_loadable_pair(tmp_path):
     for name in ("student", "teacher"):
         losses = info[name]["losses"]
         assert losses[-1] < 0.7 * losses[0], losses
-        assert 0.0 <= info[name]["valid_accuracy"] <= 1.0
+        # 20 steps at target 1.0: training ran to max_steps, checking accuracy at the end
+        assert info[name]["steps"] == 20 and info[name]["valid_accuracy"] in \
+            {k / 8 for k in range(9)}
     check_same_vocab(load_tokenizer(str(student)), load_tokenizer(str(teacher)))
     assert load_model(str(teacher)).config.vocab_size == 100 + A.VOCAB_PAD
     # cached: a second call trains nothing and returns the same directories

@@ -41,10 +41,11 @@ def test_cli_eval_files_and_summary(tiny_pair, prompts_file, tmp_path):
     assert [(r["prompt_index"], r["sample_index"]) for r in rows[:3]] == [(0, 0), (0, 1), (1, 0)]
     assert rows[2]["prompt"] == "Say hi." and rows[2]["answer"] == "1"
     s = json.loads((out / "summary.json").read_text())
-    assert 0.0 <= s["accuracy"] <= 1.0 and s["n"] == 12 and s["num_prompts"] == 6
+    assert s["n"] == 12 and s["num_prompts"] == 6
     assert s["correct"] == sum(r["correct"] for r in rows)
+    assert s["accuracy"] == s["correct"] / 12
     lo, hi = s["interval_95"]
-    assert 0.0 <= lo <= s["accuracy"] <= hi <= 1.0
+    assert [lo, hi] == pytest.approx(list(wilson_interval(s["correct"], 12)))
     assert s["config"]["verifier"] == "exact" and s["tokenizer"]["vocab_size"] == 100
 
 
@@ -78,7 +79,7 @@ def test_run_eval_in_memory_greedy_is_deterministic(tiny_pair, prompts_file, tmp
     a = run_eval(resolve(EvalConfig, **base, batch_size=6, seed=1), model=model, tokenizer=tok)
     b = run_eval(resolve(EvalConfig, **base, batch_size=4, seed=2), model=model, tokenizer=tok)
     assert [r["response"] for r in a.rows] == [r["response"] for r in b.rows]
-    assert a.output is None and a.n == 6 and 0 <= a.accuracy <= 1
+    assert a.output is None and a.n == 6 and a.accuracy == a.correct / 6
     (tmp_path / "always.py").write_text("def yes(response, answer):\n    return True\n")
     c = run_eval(resolve(EvalConfig, **base, verifier=f"{tmp_path / 'always.py'}:yes"), model=model,
                  tokenizer=tok)

@@ -55,7 +55,8 @@ def test_pipeline_quick(tiny_pair, prompts_file, tmp_path):
     assert _manifest(work / "select")["config"]["strategy"] == "soft-or"
     assert len((work / "train" / "metrics.jsonl").read_text().splitlines()) == 2  # QUICK: 2 steps
     assert (work / "train" / "model.safetensors").is_file()
-    assert json.loads((work / "report.json").read_text())
+    report = json.loads((work / "report.json").read_text())
+    assert report["input"]["stage"] == "select" and report["tokens"]["selected"] > 0
 
 
 def test_pipeline_fails_on_a_failing_stage(tiny_pair, tmp_path):
@@ -83,7 +84,10 @@ def test_compare_quick(tiny_pair, prompts_file, tmp_path):
     assert [r["name"] for r in rows] == ["all @1", "soft-or @0.5"]
     steps = data["settings"]["max_steps"]
     for r in rows:
-        assert len(r["runs"]) == 1 and 0 <= r["accuracy_mean"] <= 1
+        assert len(r["runs"]) == 1 and r["accuracy_mean"] == r["runs"][0]["accuracy"]
+        last = json.loads((Path(r["runs"][0]["run"]) / "iter-000" / "eval" / "summary.json")
+                          .read_text())
+        assert r["runs"][0]["accuracy"] == last["correct"] / last["n"]
         assert r["accuracy_std"] == 0.0  # one seed
         assert r["peak_mib"] > r["train_mib"] > 0
         run = Path(r["runs"][0]["run"])
@@ -94,7 +98,9 @@ def test_compare_quick(tiny_pair, prompts_file, tmp_path):
     share = {r["strategy"]: r["token_share"] for r in rows}
     assert share["all"] == 1.0
     assert 0 < share["soft-or"] < 1.0
-    assert 0 <= data["initial_accuracy"] <= 1
+    first = json.loads((Path(rows[0]["runs"][0]["run"]) / "eval-initial" / "summary.json")
+                       .read_text())
+    assert data["initial_accuracy"] == first["correct"] / first["n"]
 
     table = (results / "compare.md").read_text()
     assert "| all @1 |" in table and "| soft-or @0.5 |" in table
