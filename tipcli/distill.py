@@ -266,13 +266,25 @@ def _write_run_manifest(cfg: DistillConfig, complete: bool, summary: dict | None
 
 
 def _render(history: list[dict[str, Any]]) -> None:
+    """The run's history: one row per iteration, with the evaluations it had."""
+    columns = {"iteration": lambda h: str(h["iteration"]),
+               "rollout tokens": lambda h: str(h.get("rollout_tokens", "-")),
+               "mean rkl": lambda h: _num(h.get("mean_rkl")),
+               "train loss": lambda h: _num(h.get("train_loss"))}
+    if any("accuracy" in h for h in history):
+        columns["accuracy (95% CI)"] = lambda h: (
+            f"{h['accuracy']:.3f} ({h['interval_95'][0]:.3f}-{h['interval_95'][1]:.3f})"
+            if "accuracy" in h else "-")
+    if any("heldout_rkl" in h for h in history):
+        columns["held-out rkl"] = lambda h: _num(h.get("heldout_rkl"))
+        columns["held-out fkl"] = lambda h: _num(h.get("heldout_fkl"))
     table = Table(title="tip distill")
-    for col in ("iteration", "rollout tokens", "mean rkl", "train loss", "accuracy (95% CI)"):
+    for col in columns:
         table.add_column(col, justify="right")
     for h in history:
-        acc = f"{h['accuracy']:.3f} ({h['interval_95'][0]:.3f}-{h['interval_95'][1]:.3f})" \
-            if "accuracy" in h else "-"
-        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else "-"  # noqa: E731
-        table.add_row(str(h["iteration"]), str(h.get("rollout_tokens", "-")),
-                      fmt(h.get("mean_rkl")), fmt(h.get("train_loss")), acc)
+        table.add_row(*(cell(h) for cell in columns.values()))
     console.print(table)
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else "-"
