@@ -190,6 +190,7 @@ def distinct2(rollout: Path) -> float:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -250,6 +251,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(args, name: str, student: str, teacher: str, t0: float,
+                  rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table, the numbers and the plot so far (rewritten after every run)."""
+    settings = {**SETTINGS, **{k: v for k, v in vars(args).items()
+                               if k in SETTINGS and v is not None}}
+    seeds = sorted({r["seed"] for row in rows for r in row["runs"]})
+    result = {"settings": settings, "seeds": seeds, "student": student, "teacher": teacher,
+              "removed_layers": sorted(LEAST_HARMFUL[:REMOVED]),
+              "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text(markdown(result))
+    plot(result, results / f"{name}.png")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="every row, seeds 0 1 2")
@@ -273,26 +291,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     student = str(build_student(teacher))
     print(f"student {student} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    summaries = []
-    for row in rows:
-        runs = []
-        for seed in args.seeds:
-            runs.append(run_one(row, seed, args, student, teacher))
-            print(f"{row.name} seed {seed}: held-out reverse KL {runs[-1]['rkl_before']:.3f} "
-                  f"-> {runs[-1]['rkl_after']:.3f} ({runs[-1]['seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
-        summaries.append(summarize(row, runs))
-    settings = {**SETTINGS, **{k: v for k, v in vars(args).items()
-                               if k in SETTINGS and v is not None}}
-    result = {"settings": settings, "seeds": args.seeds, "student": student,
-              "teacher": teacher, "removed_layers": sorted(LEAST_HARMFUL[:REMOVED]),
-              "seconds": round(time.perf_counter() - t0, 1), "rows": summaries}
+    done: dict[Row, list[dict[str, Any]]] = {row: [] for row in rows}
     name = args.name or ("full" if args.full else "default")
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (results / f"{name}.md").write_text(markdown(result))
-    plot(result, results / f"{name}.png")
+    for seed in args.seeds:  # seed by seed: every row has a first result early
+        for row in rows:
+            done[row].append(run_one(row, seed, args, student, teacher))
+            r = done[row][-1]
+            print(f"{row.name} seed {seed}: held-out reverse KL {r['rkl_before']:.3f} -> "
+                  f"{r['rkl_after']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            result = write_results(args, name, student, teacher, t0,
+                                   [summarize(row, runs) for row, runs in done.items() if runs])
     print(markdown(result))
 
 
