@@ -54,6 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--keeps", default="1.0,0.5,0.2,0.1")
+    p.add_argument("--arch", choices=("llama", "qwen3-0.6b"), default="llama",
+                   help="qwen3-0.6b: Qwen3-0.6B's shape (hidden 1024, 28 layers, 16 heads of "
+                        "128, 8 KV heads, V = 151,936), random; --hidden/--layers/--vocab unused")
+    p.add_argument("--fsdp-keeps", default="",
+                   help="also tip's step with the student sharded by FSDP2 (tipcli.train.fsdp, "
+                        "one process) at these keeps, e.g. 0.5")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1 keeps timings stable on a shared machine)")
@@ -72,15 +78,29 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if args.arch == "qwen3-0.6b":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        config = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072,
+                             num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                             head_dim=128, max_position_embeddings=max(args.seq_len, 4096),
+                             tie_word_embeddings=True)
+        args.vocab = config.vocab_size
+        with torch.device("cuda" if args.device == "gpu" else "cpu"):
+            return Qwen3ForCausalLM(config).train()
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=max(1, args.hidden // 64),
                          num_key_value_heads=max(1, args.hidden // 64),
                          max_position_embeddings=args.seq_len, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).train()
-    if args.device == "gpu":
-        model = model.cuda()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
+    return model.cuda() if args.device == "gpu" else model
+
+
+def adamw(module):
+    import torch
+
+    return torch.optim.AdamW(module.parameters(), lr=1e-5)
 
 
 def sequences(args, keep: float) -> list[dict]:
@@ -103,12 +123,13 @@ def sequences(args, keep: float) -> list[dict]:
     return out
 
 
-def naive_step_fn(model, optimizer, mb, vocab: int, device):
+def naive_step_fn(model, mb, vocab: int, device):
     """model(input_ids).logits -> log_softmax over every position -> loss on responses."""
     import torch
 
     from tipcli.losses import divergence, teacher_buckets
 
+    optimizer = adamw(model)
     ids, mask = mb.input_ids_BT.to(device), mb.attention_mask_BT.to(device)
     rows, cols = mb.rows_K.to(device), mb.cols_K.to(device)
     top_ids = mb.targets["teacher_topk_ids"].long().to(device)
@@ -127,10 +148,18 @@ def naive_step_fn(model, optimizer, mb, vocab: int, device):
     return step
 
 
-def tip_step_fn(model, optimizer, mb, vocab: int, chunk_size: int, device):
+def tip_step_fn(model, mb, vocab: int, chunk_size: int, device, fsdp: bool = False):
+    import torch
+
     from tipcli.train import distill_module
 
     module = distill_module(model, "rkl-topk", vocab, 1.0, chunk_size)
+    if fsdp:  # as tip train --fsdp shards it, on a mesh of this one process
+        from tipcli.train.fsdp import make_mesh, shard
+
+        mesh, _ = make_mesh(torch.device(device), 1)
+        shard(module, mesh, bf16=device == "cuda")
+    optimizer = adamw(module)
     args = (mb.input_ids_BT.to(device), mb.attention_mask_BT.to(device), mb.rows_K.to(device),
             mb.cols_K.to(device), {k: v.to(device) for k, v in mb.targets.items()})
 
@@ -183,12 +212,13 @@ def worker(args) -> dict:
     mode = args.worker
     keep = 1.0 if mode == "naive" else float(mode.split("=")[1])
     device = "cuda" if args.device == "gpu" else "cpu"
-    model, optimizer = build(args)
+    model = build(args)
     mb = make_micro_batch(sequences(args, keep), pad_id=0)
     if mode == "naive":
-        step = naive_step_fn(model, optimizer, mb, args.vocab, device)
+        step = naive_step_fn(model, mb, args.vocab, device)
     else:
-        step = tip_step_fn(model, optimizer, mb, args.vocab, args.chunk_size, device)
+        step = tip_step_fn(model, mb, args.vocab, args.chunk_size, device,
+                           fsdp=mode.startswith("fsdp"))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" \
         else contextlib.nullcontext()
     torch.set_num_threads(args.threads)
@@ -227,7 +257,8 @@ def table(rows: list[dict], unit_name: str) -> str:
     lines = [f"| step | kept tokens | peak step memory ({unit_name}) | vs naive | step time (s) "
              "| vs keep 1.0 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        name = "naive (full logits)" if r["config"] == "naive" else f"tip, keep {r['keep']:g}"
+        name = "naive (full logits)" if r["config"] == "naive" else \
+            f"tip{', FSDP2' if r['config'].startswith('fsdp') else ''}, keep {r['keep']:g}"
         lines.append(f"| {name} | {r['kept_tokens']} | {r['peak_step_bytes'] / 2**20:,.0f} | "
                      f"{r['peak_step_bytes'] / naive['peak_step_bytes']:.2f} | "
                      f"{r['step_seconds']:.2f} | {r['step_seconds'] / full['step_seconds']:.2f} |")
@@ -245,7 +276,8 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    modes = ["naive"] + [f"keep={float(k)}" for k in args.keeps.split(",")]
+    modes = ["naive"] + [f"keep={float(k)}" for k in args.keeps.split(",")] + \
+        [f"fsdp keep={float(k)}" for k in args.fsdp_keeps.split(",") if k]
     load_at_start = os.getloadavg()  # other jobs on the machine make timings noisier
     rows = []
     for mode in modes:
