@@ -222,14 +222,14 @@ def markdown(result: dict[str, Any]) -> str:
              f"{s['max_steps']} steps of {s['batch_size']} sequences per iteration, lr "
              f"{s['lr']:g}; held-out KL on {s['eval_max_prompts']} prompts (nats/token, mean "
              "+- std over seeds).", "",
-             "| row | reverse KL before -> after | forward KL before -> after | distinct-2 "
-             "| tokens trained | step time (s) | peak RSS (MiB) | train + (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | seeds | reverse KL before -> after | forward KL before -> after | "
+             "distinct-2 | tokens trained | step time (s) | peak RSS (MiB) | train + (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         mem = (f"{r['step_seconds']:.2f} | {r['peak_mib']:,.0f} | {r['train_mib']:,.0f}"
                if "train_mib" in r else "- | - | -")
         lines.append(
-            f"| {r['name']} | {r['rkl_before']:.3f} -> {r['rkl_after']:.3f} +- "
+            f"| {r['name']} | {len(r['runs'])} | {r['rkl_before']:.3f} -> {r['rkl_after']:.3f} +- "
             f"{r['rkl_after_std']:.3f} | {r['fkl_before']:.3f} -> {r['fkl_after']:.3f} +- "
             f"{r['fkl_after_std']:.3f} | {r['distinct2_after']:.3f} | "
             f"{100 * r['token_share']:.1f}% ({r['kept_tokens']:,.0f}) | {mem} |")
@@ -248,8 +248,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=r["name"],
                 ls="--" if r["strategy"] in ("soft-or-bottom", "random") else "-")
     ax.set(xlabel="on-policy iteration", ylabel="held-out reverse KL (nats/token)",
-           title=f"SmolLM2-135M -> minus {REMOVED} layers (mean of {len(result['seeds'])} "
-                 f"seed{'s' if len(result['seeds']) > 1 else ''})")
+           title=f"SmolLM2-135M -> minus {REMOVED} layers (mean over "
+                 f"{'/'.join(sorted({str(len(r['runs'])) for r in result['rows']}))} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
