@@ -11,7 +11,7 @@ from tipcli.configs import DemoConfig, resolve
 from tipcli.distill import DistillConfig, run_distill
 from tipcli.shards import StageDir
 
-STAGES = {"prompts.jsonl", "rollout", "score", "select", "train", "eval"}
+STAGES = {"prompts.jsonl", "rollout", "score", "select", "train", "eval", "iteration.json"}
 
 
 def _cfg(tiny_pair, prompts_file, out, **kw):
@@ -256,3 +256,41 @@ def test_held_out_kl_every_other_iteration_and_pruning(tiny_pair, prompts_file, 
     assert not list(run.glob("iter-*/train/checkpoints"))
     kept = sorted(p.parent.parent.name for p in run.glob("iter-*/train/model.safetensors"))
     assert kept == ["iter-002"]
+
+
+def test_resume_with_pruned_students_and_rerun_of_a_finished_run(tiny_pair, prompts_file,
+                                                                 tmp_path, monkeypatch):
+    """--keep-students last deletes the weights each finished iteration started from; a
+    run interrupted in iteration 2 resumes without them (finished iterations are skipped)
+    and ends as an uninterrupted run does; re-running a finished run loads no model."""
+    import tipcli.distill as loop_mod
+
+    kw = dict(iterations=3, eval_metric="kl", eval_every=2, keep_students="last")
+    whole = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "whole", **kw))
+    cfg = _cfg(tiny_pair, prompts_file, tmp_path / "run", **kw)
+    real = loop_mod._sample_score_select
+
+    def die_in_iteration_2(c, i, *a, **k):
+        if i == 2:
+            raise KeyboardInterrupt
+        return real(c, i, *a, **k)
+
+    monkeypatch.setattr(loop_mod, "_sample_score_select", die_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert not (run / "iter-000" / "train" / "model.safetensors").exists()  # pruned
+    assert (run / "iter-001" / "iteration.json").is_file()
+    run_distill(cfg)
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    expected = json.loads((whole / "manifest.json").read_text())["summary"]["history"]
+    assert [h["iteration"] for h in history] == ["initial", 0, 1, 2]
+    assert history[-1]["heldout_rkl"] == pytest.approx(expected[-1]["heldout_rkl"], rel=1e-5)
+    final, reference = _weights(run / "iter-002" / "train"), _weights(whole / "iter-002" / "train")
+    for k in reference:
+        torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-6)
+
+    loads = _load_counter(monkeypatch)
+    run_distill(cfg)
+    assert loads == []

@@ -54,6 +54,9 @@ from tipcli.train import METRICS, train_model
 from tipcli.train.checkpoint import CHECKPOINTS, checkpoint_dirs
 
 
+ITERATION_ROW = "iteration.json"  # an iteration's summary row, written once it has finished
+
+
 def iter_dir(cfg: DistillConfig, i: int) -> Path:
     return Path(cfg.output) / f"iter-{i:03d}"
 
@@ -63,6 +66,10 @@ def run_distill(cfg: DistillConfig) -> Path:
     validate(cfg)
     check_available(cfg.training.report_to)
     check_output(cfg.output, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
+    old = read_manifest(Path(cfg.output))
+    if old is not None and old.get("complete") and old.get("config") == to_flat(cfg):
+        _render(old["summary"]["history"])  # finished before: nothing to load or redo
+        return Path(cfg.output)
     loop = Loop(cfg)
     try:
         if cfg.eval_prompts:
@@ -119,6 +126,14 @@ class Loop:
 
     def iteration(self, i: int) -> None:
         cfg = self.cfg
+        done = iter_dir(cfg, i) / ITERATION_ROW
+        if done.is_file():  # finished in an earlier run: its student may be pruned already
+            previous, self.student_name = self.student_name, str(iter_dir(cfg, i) / "train")
+            self.student = None
+            self.steps += _train_steps(Path(self.student_name))
+            self.history.append(json.loads(done.read_text()))
+            _prune(cfg, Path(self.student_name), previous)
+            return
         student = self.loaded_student()
         select, row = _sample_score_select(cfg, i, self.records, self.student_name, student,
                                            self.teacher, self.tok, self.sampler())
@@ -140,6 +155,7 @@ class Loop:
                 else None
         self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
         self.history.append(row)
+        write_json_atomic(done, row)  # before pruning: a resume never needs what is pruned
         _prune(cfg, train, previous)
 
     def close(self) -> None:
