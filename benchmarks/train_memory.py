@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", choices=("llama", "qwen3-0.6b"), default="llama",
                    help="qwen3-0.6b: Qwen3-0.6B's shape (hidden 1024, 28 layers, 16 heads of "
                         "128, 8 KV heads, V = 151,936), random; --hidden/--layers/--vocab unused")
+    p.add_argument("--model", default="",
+                   help="a saved model to train instead of a random one (its vocabulary; "
+                        "--arch/--hidden/--layers/--vocab unused)")
     p.add_argument("--fsdp-keeps", default="",
                    help="also tip's step with the student sharded by FSDP2 (tipcli.train.fsdp, "
                         "one process) at these keeps, e.g. 0.5")
@@ -78,6 +81,12 @@ def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+        args.vocab = model.config.vocab_size
+        return model.cuda() if args.device == "gpu" else model
     if args.arch == "qwen3-0.6b":
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -276,6 +285,8 @@ def main(argv=None) -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    if args.model:  # recorded in the results as the model's own
+        args.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     modes = ["naive"] + [f"keep={float(k)}" for k in args.keeps.split(",")] + \
         [f"fsdp keep={float(k)}" for k in args.fsdp_keeps.split(",") if k]
     load_at_start = os.getloadavg()  # other jobs on the machine make timings noisier
