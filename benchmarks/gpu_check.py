@@ -43,20 +43,11 @@ QWEN_TOKENIZER_SIZE = 151_643
 
 def build_pair(out: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tipcli.tiny import CHARS, CHAT_TEMPLATE, SPECIALS
+    from tipcli.tiny import build_tokenizer
 
-    size = 2_000 if tiny else QWEN_TOKENIZER_SIZE
-    base = SPECIALS + sorted(set(CHARS))
-    vocab = {t: i for i, t in enumerate(base + [f"<t{i}>" for i in range(size - len(base))])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE
+    tok = build_tokenizer(size=2_000 if tiny else QWEN_TOKENIZER_SIZE)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                  vocab_size=2_048) if tiny else \

@@ -21,9 +21,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'][0] | upper }}: {{ m['conte
                  "{% endfor %}{% if add_generation_prompt %}A: {% endif %}")
 
 
-def build_tokenizer(chars: str = CHARS):
-    """A character-level fast tokenizer with <pad>, <s>, </s>, <unk> and a chat template."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(chars)))}
+def build_tokenizer(chars: str = CHARS, size: int = 0):
+    """A character-level fast tokenizer with <pad>, <s>, </s>, <unk> and a chat template;
+    ``size`` > its characters adds filler tokens ``<tN>`` (never produced by encoding) up
+    to that many entries, for a vocabulary as large as a real model's."""
+    base = SPECIALS + sorted(set(chars))
+    vocab = {tok: i for i, tok in enumerate(base + [f"<t{i}>" for i in range(size - len(base))])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
