@@ -44,27 +44,12 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import measure_train  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Row:
-    strategy: str
-    keep: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.strategy} @{self.keep:g}"
-
-    @property
-    def slug(self) -> str:
-        return f"{self.strategy}-{self.keep:g}"
+from measure import Row, measure_train  # noqa: E402
 
 
 # the paper's main-table rows, then our random control

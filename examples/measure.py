@@ -1,4 +1,5 @@
-"""Peak memory and step time of `tip train` alone, measured in a fresh process.
+"""Peak memory and step time of `tip train` alone, measured in a fresh process; the row
+type of the examples' comparisons.
 
 Used by the examples' comparisons. The child process imports torch, transformers and
 accelerate, loads the student once and drops it (so the lazily imported model code counts
@@ -18,10 +19,27 @@ import shutil
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a comparison: a selection strategy at a kept share."""
+
+    strategy: str
+    keep: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy} @{self.keep:g}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.strategy}-{self.keep:g}"
 
 CHILD = r"""
 import gc, json, sys, time

@@ -40,12 +40,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import measure  # noqa: E402
 from measure import measure_train  # noqa: E402
 
 # decoder layers of SmolLM2-135M-Instruct, least harmful to remove first (forward KL of the
@@ -59,18 +59,10 @@ SETTINGS = dict(iterations=8, prompts_per_iteration=8, num_samples=2, max_new_to
                 keep_students="last", device="cpu")
 
 
-@dataclass(frozen=True)
-class Row:
-    strategy: str
-    keep: float
-
-    @property
-    def slug(self) -> str:
-        return f"{self.strategy}-{self.keep:g}"
-
+class Row(measure.Row):
     @property
     def name(self) -> str:
-        return "all tokens" if self.strategy == "all" else f"{self.strategy} @{self.keep:g}"
+        return "all tokens" if self.strategy == "all" else super().name
 
 
 ROWS = (Row("all", 1.0), Row("soft-or", 0.5), Row("soft-or", 0.2), Row("entropy-sample", 0.5),
