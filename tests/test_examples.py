@@ -146,3 +146,44 @@ def test_smollm2_example_two_iterations_lower_held_out_reverse_kl(tmp_path):
     assert [p[0] for p in row["curve"]] == [0, 2]
     assert row["rkl_after"] < row["rkl_before"]
     assert (tmp_path / "results" / "default.png").stat().st_size > 0
+
+
+def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
+    """examples/smollm2/divergence.py: kept and dropped means, pooled over a row's seeds,
+    against the same figures computed directly."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    spec = importlib.util.spec_from_file_location("smollm2_divergence",
+                                                  EXAMPLES / "smollm2" / "divergence.py")
+    divergence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(divergence)
+    rng = np.random.default_rng(0)
+    pooled: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {0: [], 1: []}
+    for seed in (0, 1):
+        for it in (0, 1):
+            stage = tmp_path / "runs" / f"soft-or-0.5-s{seed}" / f"iter-{it:03d}"
+            for shard in range(2):
+                rkl = rng.exponential(size=20 + shard).astype(np.float32)
+                rkl[0] = 0.01  # one token below 0.05 nats
+                kept = (rng.random(rkl.size) < 0.5).astype(np.uint8)
+                name = f"shard-{shard:05d}.safetensors"
+                for sub, tensors in (("score", {"rkl": rkl}), ("select", {"selected": kept})):
+                    (stage / sub).mkdir(parents=True, exist_ok=True)
+                    save_file(tensors, str(stage / sub / name))
+                pooled[it].append((rkl, kept.astype(bool)))
+    (tmp_path / "runs" / "random-0.5-s0").mkdir()  # another row: not pooled
+    divergence.main(["--work", str(tmp_path), "--row", "soft-or-0.5"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("soft-or-0.5: 2 runs")
+    for line, it in zip(out[1:], (0, 1)):
+        rkl = np.concatenate([r for r, _ in pooled[it]])
+        kept = np.concatenate([k for _, k in pooled[it]])
+        assert line.startswith(f"iteration {it}: {rkl.size} tokens")
+        assert f"median reverse KL {np.median(rkl):.3f}" in line
+        assert f"below 0.05 nats {np.mean(rkl < 0.05):.2%}" in line
+        assert f"kept {rkl[kept].mean():.3f} ({kept.sum()})" in line
+        assert f"dropped {rkl[~kept].mean():.3f} ({(~kept).sum()})" in line
+        assert f"kept share of the total {rkl[kept].sum() / rkl.sum():.1%}" in line
+    with pytest.raises(SystemExit, match="no run of q3-0.1"):
+        divergence.main(["--work", str(tmp_path), "--row", "q3-0.1"])
