@@ -152,7 +152,9 @@ def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
     """examples/smollm2/divergence.py: kept and dropped means, pooled over a row's seeds,
     against the same figures computed directly."""
     import numpy as np
-    from safetensors.numpy import save_file
+    import torch
+
+    from tipcli.shards import StageWriter
 
     spec = importlib.util.spec_from_file_location("smollm2_divergence",
                                                   EXAMPLES / "smollm2" / "divergence.py")
@@ -163,15 +165,21 @@ def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
     for seed in (0, 1):
         for it in (0, 1):
             stage = tmp_path / "runs" / f"soft-or-0.5-s{seed}" / f"iter-{it:03d}"
+            tokenizer = {"fingerprint": "0" * 64, "vocab_size": 100}
+            writers = {sub: StageWriter(stage / sub, sub, {}, {}, tokenizer)
+                       for sub in ("score", "select")}
             for shard in range(2):
                 rkl = rng.exponential(size=20 + shard).astype(np.float32)
                 rkl[0] = 0.01  # one token below 0.05 nats
                 kept = (rng.random(rkl.size) < 0.5).astype(np.uint8)
-                name = f"shard-{shard:05d}.safetensors"
-                for sub, tensors in (("score", {"rkl": rkl}), ("select", {"selected": kept})):
-                    (stage / sub).mkdir(parents=True, exist_ok=True)
-                    save_file(tensors, str(stage / sub / name))
+                offsets = torch.tensor([0, rkl.size])
+                writers["score"].write_shard(shard, {"rkl": torch.from_numpy(rkl),
+                                                     "response_offsets": offsets})
+                writers["select"].write_shard(shard, {"selected": torch.from_numpy(kept),
+                                                      "response_offsets": offsets})
                 pooled[it].append((rkl, kept.astype(bool)))
+            for writer in writers.values():
+                writer.finish(num_shards=2)
     (tmp_path / "runs" / "random-0.5-s0").mkdir()  # another row: not pooled
     divergence.main(["--work", str(tmp_path), "--row", "soft-or-0.5"])
     out = capsys.readouterr().out.splitlines()

@@ -14,17 +14,18 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 
 def split(run: Path, iteration: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-token reverse KL of one iteration's training rollouts, and its selection mask."""
-    rkl, kept = [], []
+    import torch
+
+    from tipcli.shards import StageDir
+
     stage = run / f"iter-{iteration:03d}"
-    for shard in sorted((stage / "select").glob("shard-*.safetensors")):
-        rkl.append(load_file(stage / "score" / shard.name)["rkl"])
-        kept.append(load_file(shard)["selected"].astype(bool))
-    return np.concatenate(rkl), np.concatenate(kept)
+    rkl = [s["rkl"] for s in StageDir.open(stage / "score").iter_shards(("rkl",))]
+    kept = [s["selected"] for s in StageDir.open(stage / "select").iter_shards(("selected",))]
+    return torch.cat(rkl).numpy(), torch.cat(kept).bool().numpy()
 
 
 def main(argv: list[str] | None = None) -> None:

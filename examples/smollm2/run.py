@@ -47,7 +47,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-import measure  # noqa: E402
+from measure import Row as BaseRow  # noqa: E402
 from measure import measure_train  # noqa: E402
 
 # decoder layers of SmolLM2-135M-Instruct, least harmful to remove first (forward KL of the
@@ -61,7 +61,7 @@ SETTINGS = dict(iterations=8, prompts_per_iteration=8, num_samples=2, max_new_to
                 keep_students="last", device="cpu")
 
 
-class Row(measure.Row):
+class Row(BaseRow):
     @property
     def name(self) -> str:
         return "all tokens" if self.strategy == "all" else super().name
