@@ -269,9 +269,16 @@ def table(rows: list[dict], unit_name: str) -> str:
         name = "naive (full logits)" if r["config"] == "naive" else \
             f"tip{', FSDP2' if r['config'].startswith('fsdp') else ''}, keep {r['keep']:g}"
         lines.append(f"| {name} | {r['kept_tokens']} | {r['peak_step_bytes'] / 2**20:,.0f} | "
-                     f"{r['peak_step_bytes'] / naive['peak_step_bytes']:.2f} | "
-                     f"{r['step_seconds']:.2f} | {r['step_seconds'] / full['step_seconds']:.2f} |")
+                     f"{ratio(r['peak_step_bytes'], naive['peak_step_bytes'])} | "
+                     f"{r['step_seconds']:.2f} | "
+                     f"{ratio(r['step_seconds'], full['step_seconds'])} |")
     return "\n".join(lines)
+
+
+def ratio(value: float, base: float) -> str:
+    """``value / base`` to two decimals, or "-" where the base reading is 0 (an in-process
+    memory reading can be: the allocator may already hold the pages)."""
+    return f"{value / base:.2f}" if base > 0 else "-"
 
 
 def _version(package: str) -> str:

@@ -87,12 +87,18 @@ def test_run_eval_in_memory_greedy_is_deterministic(tiny_pair, prompts_file, tmp
 
 
 def test_run_eval_grades_a_model_that_knows_the_answers(tmp_path):
-    """Grading end to end: a model that memorised two worked answers scores 1 against the
-    true answers and 0 against answers off by one."""
+    """Grading end to end: a model that writes the two worked answers (set by construction,
+    so on every CPU) scores 1 against the true answers and 0 against answers off by one."""
+    from scripted import scripted_model
+
+    from tipcli.prompts import encode_prompt
     from tipcli.tasks.arithmetic import make_prompts
+    from tipcli.tiny import build_tokenizer
 
     recs = make_prompts(2, seed=0)
-    model, tok = _memorising_model(recs)
+    tok = build_tokenizer()
+    model = scripted_model(tok, {tuple(encode_prompt(tok, r)): tok(r["solution"])["input_ids"]
+                                 for r in recs})
     for shift, expected in ((0, 1.0), (1, 0.0)):
         path = tmp_path / f"p{shift}.jsonl"
         path.write_text("".join(json.dumps({**r, "answer": str(int(r["answer"]) + shift)}) + "\n"
@@ -101,22 +107,6 @@ def test_run_eval_grades_a_model_that_knows_the_answers(tmp_path):
                                   verifier="last-number"), model=model, tokenizer=tok)
         assert [r["response"] for r in res.rows] == [r["solution"] for r in recs]
         assert res.accuracy == expected
-
-
-def _memorising_model(recs):
-    """A real tiny Llama trained to memorise the worked answers of ``recs``."""
-    import torch
-
-    from tipcli.tasks import arithmetic as A
-    from tipcli.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    model = A.new_model(tok, A.TrainSpec("memo", hidden=32, layers=1, heads=2, seed=0))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    batch = A.sft_batch(A.Encoder(tok), recs)
-    for _ in range(60):
-        A._sft_step(model, opt, batch, 2e-2)
-    return model.eval(), tok
 
 
 def test_eval_help_and_listing():
