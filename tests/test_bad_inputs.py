@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from tipcli.cli import app
@@ -284,7 +285,8 @@ CASES = [
           ("schema-version-string", lambda m: m.update(schema_version="1"),
            'schema_version "1"'),
           ("schema-version-2", lambda m: m.update(schema_version=2), "schema_version 2"),
-          ("incomplete", lambda m: m.update(complete=False), "is incomplete")]],
+          ("incomplete", lambda m: m.update(complete=False), "is incomplete"),
+          ("lists-no-shards", lambda m: m.update(shards=[]), "lists no shards")]],
     Case("damaged-manifest-is-a-list", lambda e: [SELECT, e.w / "x", "-o", e.w / "o"],
          "is not a JSON object", lambda e: (e.copy(e.score, "x"), e.write(
              "x/manifest.json", "[" + (e.score / "manifest.json").read_text() + "]"))),
@@ -341,6 +343,16 @@ CASES = [
     Case("vllm-not-installed", lambda e: ["rollout", "-s", e.student, "-p", e.prompts, "-o",
                                           e.w / "o", "--backend", "vllm"],
          "pip install 'tipcli[vllm]'"),
+    *[Case(f"{cmd}-device-{dev}-absent", lambda e, c=cmd, d=dev: {
+        "rollout": ["rollout", "-s", e.student, "-p", e.prompts, "-o", e.w / "o"],
+        "score": [SCORE, e.rollout, "-t", e.teacher, "-o", e.w / "o"],
+        "eval": ["eval", "-m", e.student, "-p", e.prompts],
+        "train": _train_args(e, e.score, e.w / "o"),
+        "distill": ["distill", "-s", e.student, "-t", e.teacher, "-p", e.prompts, "-o",
+                    e.w / "o"]}[c] + ["--device", d], f"no {dev.upper()} device")
+      for cmd, dev in [("rollout", "mps"), ("score", "mps"), ("eval", "xpu"),
+                       ("distill", "mps"),
+                       *([] if torch.cuda.is_available() else [("train", "cuda")])]],
     Case("eval-unknown-verifier", lambda e: ["eval", "-m", e.student, "-p", e.prompts,
                                              "--verifier", "magic"], "--verifier"),
     # --- Ctrl-C -------------------------------------------------------------------------
@@ -403,3 +415,19 @@ def test_bad_input(case, tiny_pair, prompts_file, tiny_rollout, tiny_score, tiny
     after = _digest(roots)
     changed = [p for p in before if after.get(p) != before[p]]
     assert not changed, f"changed or removed: {changed}"
+
+
+def test_a_byte_order_mark_is_read(prompts_file, tmp_path):
+    """Editors and spreadsheet exports often start a UTF-8 file with a byte-order mark: a
+    prompts file or a settings file with one reads as the same file without it."""
+    from tipcli.prompts import load_prompts
+    from tipcli.settings import load_config_file
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + prompts_file.read_bytes())
+    assert load_prompts(str(bom)) == load_prompts(str(prompts_file))
+    for name, text in (("c.json", '{"keep": 0.2}'), ("c.toml", "keep = 0.2\n"),
+                       ("c.yaml", "keep: 0.2\n")):
+        f = tmp_path / name
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_config_file(f, SelectConfig) == {"keep": 0.2}

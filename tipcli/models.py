@@ -34,12 +34,33 @@ def quiet_transformers() -> None:
 
 
 def resolve_device(device: str | None) -> str:
+    """The device to run on: ``auto`` is CUDA when present, else the CPU; an accelerator
+    asked for by name must be present (and its index in range)."""
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TipError(f"--device {device} asked for, but no CUDA device is available; "
-                       "use --device cpu")
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return device
+    names = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU", "npu": "NPU"}
+    count = _device_count(kind)
+    if count == 0:
+        raise TipError(f"--device {device} asked for, but no {names.get(kind, kind)} device is "
+                       "available here; use --device cpu (or auto)")
+    if index and int(index) >= count:
+        raise TipError(f"--device {device} asked for, but this machine has {count} "
+                       f"{names.get(kind, kind)} device(s), numbered from 0")
     return device
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of ``kind`` torch can use here (0 for a kind it does not know)."""
+    if kind == "mps":
+        return int(torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)  # torch.cuda, torch.xpu; torch.npu needs torch_npu
+    try:
+        return int(module.device_count()) if module and module.is_available() else 0
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def resolve_dtype(dtype: str | None, device: str):

@@ -20,7 +20,7 @@ from tipcli.errors import TipError, first_line
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is read, not refused
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[:exc.start].count(b"\n") + 1
         raise TipError(f"{path} line {line} is not UTF-8 text (byte {exc.object[exc.start]:#x}); "

@@ -260,7 +260,7 @@ def load_config_file(path: str | Path, cls: type | None = None) -> dict[str, Any
     if parse is None:
         raise TipError(f"config file {path}: use a .json, .toml or .yaml file")
     try:
-        data = parse(path.read_text(encoding="utf-8"))
+        data = parse(path.read_text(encoding="utf-8-sig"))  # with or without a byte-order mark
     except Exception as exc:  # parse errors of three libraries, and bad bytes
         raise TipError(f"config file {path} could not be parsed: {first_line(exc)}") from None
     if not isinstance(data, dict):

@@ -40,6 +40,7 @@ SEQUENCE_FIELDS = {"prompt_offsets", "response_offsets", "prompt_index", "sample
 PROMPT_TOKEN_FIELDS = {"prompt_ids"}
 
 FINISH_EOS, FINISH_LENGTH = 0, 1
+SHARDED_STAGES = ("rollout", "score", "select")  # a finished one holds at least one shard
 
 
 PROGRESS = ".progress-{}.json"  # a process's record of its finished shards (several processes)
@@ -135,6 +136,9 @@ class StageDir:
         if not manifest.get("complete"):
             raise TipError(f"{path} is incomplete (its {manifest.get('stage')} run did not "
                            "finish); run that stage again to resume it")
+        if manifest["stage"] in SHARDED_STAGES and not manifest["shards"]:
+            raise TipError(f"{mpath} lists no shards, so the directory is damaged or was not "
+                           f"written by this tip: run its {manifest['stage']} stage again")
         return cls(path, manifest)
 
     @property

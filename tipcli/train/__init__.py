@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from tipcli.configs import TrainConfig, to_flat, validate
 from tipcli.errors import TipError, first_line
 from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
-                           tokenizer_info)
+                           resolve_device, tokenizer_info)
 from tipcli.outputs import check_output
 from tipcli.shards import StageWriter, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
@@ -60,6 +60,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     is sharded: load it from the output directory)."""
     validate(cfg)
     check_available(cfg.training.report_to)
+    resolve_device(cfg.runtime.device)  # --device cuda on a machine without one is refused
     check_output(cfg.output, "train", (cfg.input, cfg.student, cfg.teacher), overwrite)
     quiet_transformers()
     acc = make_accelerator(cfg)
