@@ -23,8 +23,13 @@ def _cfg(tiny_pair, prompts_file, out, **kw):
     return resolve(DistillConfig, **base)
 
 
-def test_two_iterations_leave_every_stage(tiny_pair, prompts_file, tmp_path):
+def test_two_iterations_leave_every_stage(tiny_pair, prompts_file, tmp_path, capsys):
     run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run"))
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("initial", "iter"))]
+    assert [ln.split(":")[0] for ln in said] == ["initial student", "iteration 1/2",
+                                                 "iteration 2/2"]
+    assert "accuracy" in said[0] and all("train loss" in ln and "accuracy" in ln
+                                         for ln in said[1:])
     assert {p.name for p in run.iterdir()} == {"manifest.json", "eval-initial", "iter-000",
                                                "iter-001"}
     for i in range(2):

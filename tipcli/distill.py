@@ -29,6 +29,7 @@ import dataclasses
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ class Loop:
                        self.sampler())
         if label == "initial":
             self.history.append({"iteration": "initial", **row})
+            say_row("initial student", row)
         self.tracker.log(_eval_metrics(row), step)
         return row
 
@@ -133,7 +135,9 @@ class Loop:
             self.steps += _train_steps(Path(self.student_name))
             self.history.append(json.loads(done.read_text()))
             _prune(cfg, Path(self.student_name), previous)
+            say_row(f"iteration {i + 1}/{cfg.iterations} (finished earlier)", self.history[-1])
             return
+        started = time.perf_counter()
         student = self.loaded_student()
         select, row = _sample_score_select(cfg, i, self.records, self.student_name, student,
                                            self.teacher, self.tok, self.sampler())
@@ -155,6 +159,7 @@ class Loop:
                 else None
         self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
         self.history.append(row)
+        say_row(f"iteration {i + 1}/{cfg.iterations}", row, time.perf_counter() - started)
         write_json_atomic(done, row)  # before pruning: a resume never needs what is pruned
         _prune(cfg, train, previous)
 
@@ -300,6 +305,17 @@ def _render(history: list[dict[str, Any]]) -> None:
     for h in history:
         table.add_row(*(cell(h) for cell in columns.values()))
     console.print(table)
+
+
+def say_row(label: str, row: dict[str, Any], seconds: float | None = None) -> None:
+    """One line on stderr per iteration (and for the initial evaluation): what a long run
+    is doing, whether or not progress bars are shown."""
+    parts = [f"{name} {_num(row[key])}" for key, name in (
+        ("mean_rkl", "rollout rkl"), ("train_loss", "train loss"), ("accuracy", "accuracy"),
+        ("heldout_rkl", "held-out rkl"), ("heldout_fkl", "held-out fkl")) if key in row]
+    if seconds is not None:
+        parts.append(f"{seconds:.0f} s")
+    console.print(f"{label}: {', '.join(parts)}", markup=False, highlight=False)
 
 
 def _num(v) -> str:
