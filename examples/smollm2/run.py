@@ -54,7 +54,7 @@ from measure import measure_train  # noqa: E402
 # teacher with that single layer removed, on 24 of its own held-out samples)
 LEAST_HARMFUL = [17, 14, 5, 16, 12, 18, 7, 19, 13, 26, 3, 6, 25, 4, 15, 20, 9, 22, 21, 27,
                  10, 23, 24, 8, 28, 2, 29, 11, 1, 0]
-REMOVED = 8
+REMOVED = 8  # the default student; --removed N picks another distance from the teacher
 SETTINGS = dict(iterations=8, prompts_per_iteration=8, num_samples=2, max_new_tokens=48,
                 rollout_batch_size=16, batch_size=4, max_steps=4, lr=1e-4, top_k=64,
                 eval_metric="kl", eval_every=2, eval_max_prompts=48,
@@ -90,19 +90,19 @@ def teacher_gguf() -> str:
     return str(next(Path(spec.origin).parent.glob("*.gguf")))
 
 
-def build_student(teacher: str) -> Path:
-    """The teacher without its REMOVED least harmful layers, saved once in tip's cache."""
+def build_student(teacher: str, removed: int = REMOVED) -> Path:
+    """The teacher without its ``removed`` least harmful layers, saved once in tip's cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tipcli.files import atomic_dir
     from tipcli.models import cache_dir, load_model, load_tokenizer
 
-    out = cache_dir() / "smollm2" / f"student-minus{REMOVED}"
+    out = cache_dir() / "smollm2" / f"student-minus{removed}"
     if (out / "config.json").is_file():
         return out
     model = load_model(teacher, "cpu", torch.float32)
-    drop = set(LEAST_HARMFUL[:REMOVED])
+    drop = set(LEAST_HARMFUL[:removed])
     keep = [i for i in range(model.config.num_hidden_layers) if i not in drop]
     config = model.config
     config.num_hidden_layers = len(keep)
@@ -139,6 +139,9 @@ def run_one(row: Row, seed: int, args, student: str, teacher: str) -> dict[str, 
 
     out = run_dir(args, row, seed)
     reused = is_complete(out)
+    if not reused:
+        print(f"{row.name} seed {seed}: {args.iterations or SETTINGS['iterations']} iterations "
+              f"into {out}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     settings = {**SETTINGS, **{k: v for k, v in vars(args).items()
                                if k in SETTINGS and v is not None}}
@@ -231,6 +234,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    removed = len(result["removed_layers"])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,7 +246,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.plot(xs, ys, marker="o", label=r["name"],
                 ls="--" if r["strategy"] in ("soft-or-bottom", "random") else "-")
     ax.set(xlabel="on-policy iteration", ylabel="held-out reverse KL (nats/token)",
-           title=f"SmolLM2-135M -> minus {REMOVED} layers (mean over "
+           title=f"SmolLM2-135M -> minus {removed} layers (mean over "
                  f"{'/'.join(sorted({str(len(r['runs'])) for r in result['rows']}))} seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -257,7 +261,7 @@ def write_results(args, name: str, student: str, teacher: str, t0: float,
                                if k in SETTINGS and v is not None}}
     seeds = sorted({r["seed"] for row in rows for r in row["runs"]})
     result = {"settings": settings, "seeds": seeds, "student": student, "teacher": teacher,
-              "removed_layers": sorted(LEAST_HARMFUL[:REMOVED]),
+              "removed_layers": sorted(LEAST_HARMFUL[:args.removed]),
               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -278,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompts-per-iteration", type=int, default=None,
                     help="override: larger steps at the same step count, with --batch-size")
     ap.add_argument("--batch-size", type=int, default=None, help="override (sequences a step)")
+    ap.add_argument("--removed", type=int, default=REMOVED,
+                    help="decoder layers the student lacks (least harmful first)")
     ap.add_argument("--work", default="runs/smollm2")
     ap.add_argument("--results", default=str(HERE / "results"))
     ap.add_argument("--name", default="", help="results file name (default: default/full)")
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
     teacher = teacher_gguf()
     t0 = time.perf_counter()
-    student = str(build_student(teacher))
+    student = str(build_student(teacher, args.removed))
     print(f"student {student} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     done: dict[Row, list[dict[str, Any]]] = {row: [] for row in rows}
     name = args.name or ("full" if args.full else "default")
