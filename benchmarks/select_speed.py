@@ -19,7 +19,7 @@ import time
 import torch
 
 from tipcli.configs import Selection
-from tipcli.importance import importance
+from tipcli.importance import token_importance
 
 
 def synthetic(num_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def time_strategy(data: dict[str, torch.Tensor], strategy: str,
     best = (float("inf"), float("inf"))
     for _ in range(repeats):
         wall, cpu = time.perf_counter(), time.process_time()
-        importance(data["offsets"], data["mask"], data["entropy"], data["rkl"], data["fkl"],
+        token_importance(data["offsets"], data["mask"], data["entropy"], data["rkl"], data["fkl"],
                    Selection(strategy=strategy, keep=0.5))
         best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
     return best

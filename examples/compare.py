@@ -127,12 +127,11 @@ def selected_rows(args: argparse.Namespace) -> tuple[Row, ...]:
 
 def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """Models and prompt files: the given ones, or the addition task's."""
+    from tipcli.demo import SHIPPED_MODELS
     from tipcli.tasks import arithmetic
 
-    student, teacher = args.student, args.teacher
-    if not (student and teacher):
-        s, t = arithmetic.build_models()
-        student, teacher = student or str(s), teacher or str(t)
+    student = args.student or str(SHIPPED_MODELS / "student")
+    teacher = args.teacher or str(SHIPPED_MODELS / "teacher")
     prompts, eval_prompts = args.prompts, args.eval_prompts
     held = arithmetic.held_out_prompts(args.num_eval)
     if not eval_prompts:

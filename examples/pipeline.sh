@@ -11,8 +11,8 @@
 #     STUDENT=s TEACHER=t PROMPTS=p.jsonl WORKDIR=runs/mine bash examples/pipeline.sh
 #
 # Settings (environment variables, or positional arguments STUDENT TEACHER PROMPTS):
-#   STUDENT, TEACHER  model directories / hub ids; default: the addition task's cached
-#                     pair (`python -m tipcli.tasks.arithmetic build`, built once)
+#   STUDENT, TEACHER  model directories / hub ids; default: the addition task's pair that
+#                     tip ships (the demo's, tipcli/demo_models)
 #   PROMPTS           prompts file; default: addition prompts written into WORKDIR
 #   WORKDIR           where the stage directories go (default runs/pipeline); stages
 #                     already complete there are resumed, not redone
@@ -43,19 +43,20 @@ mkdir -p "$WORKDIR"
 default_task=0
 if [[ -z "$STUDENT" || -z "$TEACHER" ]]; then
     default_task=1
-    # prints the student directory, then the teacher directory
-    pair=$("$PYTHON" -m tipcli.tasks.arithmetic build)
-    STUDENT=${STUDENT:-$(sed -n 1p <<<"$pair")}
-    TEACHER=${TEACHER:-$(sed -n 2p <<<"$pair")}
+    models=$("$PYTHON" -c 'from tipcli.demo import SHIPPED_MODELS; print(SHIPPED_MODELS)')
+    STUDENT=${STUDENT:-$models/student}
+    TEACHER=${TEACHER:-$models/teacher}
 fi
+# the addition task's prompts: training prompts (seed 1), held-out test prompts (its TEST_SEED)
+write_prompts() {  # N SEED FILE
+    "$PYTHON" -c 'import sys; from tipcli.tasks.arithmetic import write_prompts as w
+print(w(sys.argv[3], int(sys.argv[1]), int(sys.argv[2])))' "$@"
+}
 if [[ -z "$PROMPTS" ]]; then
-    PROMPTS=$("$PYTHON" -m tipcli.tasks.arithmetic prompts -n "$N_PROMPTS" --seed 1 \
-        -o "$WORKDIR/prompts.jsonl")
+    PROMPTS=$(write_prompts "$N_PROMPTS" 1 "$WORKDIR/prompts.jsonl")
 fi
 if [[ -z "${EVAL_PROMPTS:-}" && "$default_task" == 1 && "$QUICK" != 1 ]]; then
-    # seed 12345 gives the task's held-out test prompts (tipcli.tasks.arithmetic.TEST_SEED)
-    EVAL_PROMPTS=$("$PYTHON" -m tipcli.tasks.arithmetic prompts -n "$N_EVAL" --seed 12345 \
-        -o "$WORKDIR/eval-prompts.jsonl")
+    EVAL_PROMPTS=$(write_prompts "$N_EVAL" 12345 "$WORKDIR/eval-prompts.jsonl")
 fi
 EVAL_PROMPTS=${EVAL_PROMPTS:-}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tipcli.configs import TOPK_LOSSES
+from tipcli.catalog import LOSSES
 
 
 def reference_stats(s_logits_PV: torch.Tensor, t_logits_PV: torch.Tensor,
@@ -37,8 +37,8 @@ def reference_token_loss(loss: str, s_logits_KV: torch.Tensor, targets: dict[str
 
     ls = torch.log_softmax(s_logits_KV, -1)
     ps = ls.exp()
-    kind = loss.split("-")[0]
-    if loss in TOPK_LOSSES:
+    kind, form = LOSSES[loss].divergence, LOSSES[loss].form
+    if form == "topk":
         ids = targets["teacher_topk_ids"].long()
         lt = targets["teacher_topk_logprobs"].to(ls.dtype)
         q_k = ps.gather(-1, ids)

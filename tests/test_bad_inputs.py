@@ -268,7 +268,7 @@ CASES = [
          "holds no run written by tip", lambda e: e.write("d/notes.txt", "x")),
     Case("eval-output-earlier-results", lambda e: ["eval", "-m", e.student, "-p", e.prompts,
                                                    "-o", e.w / "d"],
-         "earlier evaluation", lambda e: (e.write("d/summary.json", "{}"),
+         "earlier eval run", lambda e: (e.write("d/summary.json", "{}"),
                                           e.write("d/results.jsonl", ""))),
     Case("distill-output-foreign-dir", lambda e: ["distill", "-s", e.student, "-t", e.teacher,
                                                   "-p", e.prompts, "-o", e.w / "d"],
@@ -357,13 +357,13 @@ CASES = [
                                              "--verifier", "magic"], "--verifier"),
     # --- Ctrl-C -------------------------------------------------------------------------
     Case("ctrl-c-select", lambda e: [SELECT, e.score, "-o", e.w / "o"],
-         "run the same command again", code=130, interrupt="tipcli.select:compute"),
+         "run the same command again", code=130, interrupt="tipcli.select:select_tokens"),
     Case("ctrl-c-train", lambda e: _train_args(e, e.score, e.w / "o", "--save-every", "1"),
          "--resume", code=130, interrupt="tipcli.train.loop:train_step"),
     Case("ctrl-c-rollout", lambda e: ["rollout", "-s", e.student, "-p", e.prompts, "-o",
                                       e.w / "o", "--max-new-tokens", "3"],
          "keeps everything that was complete", code=130,
-         interrupt="tipcli.sampling:batch_seed"),
+         interrupt="tipcli.sampling.hf:batch_seed"),
 ]
 
 

@@ -46,7 +46,7 @@ def test_two_iterations_leave_every_stage(tiny_pair, prompts_file, tmp_path, cap
     history = m["summary"]["history"]
     assert [h["iteration"] for h in history] == ["initial", 0, 1]
     for h, where in zip(history, ("eval-initial", "iter-000/eval", "iter-001/eval")):
-        summary = json.loads((run / where / "summary.json").read_text())
+        summary = json.loads((run / where / "manifest.json").read_text())["summary"]
         assert summary["n"] == 3 and h["accuracy"] == summary["correct"] / 3
 
 
@@ -152,8 +152,8 @@ def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     for i in range(2):
-        ea = json.loads((kept / f"iter-{i:03d}" / "eval" / "summary.json").read_text())
-        eb = json.loads((reloaded / f"iter-{i:03d}" / "eval" / "summary.json").read_text())
+        ea, eb = (json.loads((run / f"iter-{i:03d}" / "eval" / "manifest.json").read_text())
+                  ["summary"] for run in (kept, reloaded))
         assert ea["accuracy"] == eb["accuracy"]
 
 
@@ -191,12 +191,18 @@ def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_pat
     from tipcli.cli import app
 
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "manifest.json").write_text(json.dumps({"stage": "distill", "config": {}}))
+    run_distill(_cfg(tiny_pair, prompts_file, out, iterations=1, eval_prompts=""))
     r = CliRunner().invoke(app, ["distill", "--student", str(tiny_pair[0]), "--teacher",
                                  str(tiny_pair[1]), "--prompts", str(prompts_file), "-o",
                                  str(out), "--iterations", "1"])
-    assert r.exit_code == 2 and "different run" in r.stderr
+    assert r.exit_code == 2 and "different distill run (its settings differ)" in r.stderr
+    # a planted manifest that is no distill run tip wrote is refused too
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text(json.dumps({"stage": "distill"}))
+    r = CliRunner().invoke(app, ["distill", "--student", str(tiny_pair[0]), "--teacher",
+                                 str(tiny_pair[1]), "--prompts", str(prompts_file), "-o",
+                                 str(tmp_path / "other"), "--iterations", "1"])
+    assert r.exit_code == 2 and "holds another tip run" in r.stderr
 
 
 def test_demo_quick_form(tiny_pair, tmp_path):

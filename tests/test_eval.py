@@ -34,19 +34,31 @@ def test_cli_eval_files_and_summary(tiny_pair, prompts_file, tmp_path):
                  "--temperature", 1.0, "--verifier", "exact"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(out)
-    assert {p.name for p in out.iterdir()} == {"results.jsonl", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {"results.jsonl", "manifest.json"}
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 12
     assert {"prompt", "answer", "response", "correct"} <= set(rows[0])
     assert [(r["prompt_index"], r["sample_index"]) for r in rows[:3]] == [(0, 0), (0, 1), (1, 0)]
     assert rows[2]["prompt"] == "Say hi." and rows[2]["answer"] == "1"
-    s = json.loads((out / "summary.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    s = m["summary"]
+    assert m["stage"] == "eval" and m["complete"]
     assert s["n"] == 12 and s["num_prompts"] == 6
     assert s["correct"] == sum(r["correct"] for r in rows)
     assert s["accuracy"] == s["correct"] / 12
     lo, hi = s["interval_95"]
     assert [lo, hi] == pytest.approx(list(wilson_interval(s["correct"], 12)))
-    assert s["config"]["verifier"] == "exact" and s["tokenizer"]["vocab_size"] == 100
+    assert m["config"]["verifier"] == "exact" and m["tokenizer"]["vocab_size"] == 100
+    assert m["models"]["model"]["id"] == str(tiny_pair[0]) and m["inputs"]["prompts_sha256"]
+    # the same command again reads the finished evaluation back; other settings are refused
+    again = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file, "-o", out,
+                     "--max-new-tokens", 6, "--batch-size", 4, "--num-samples", 2,
+                     "--temperature", 1.0, "--verifier", "exact"])
+    assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == str(out)
+    assert json.loads((out / "manifest.json").read_text()) == m
+    other = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file, "-o", out,
+                     "--max-new-tokens", 5, "--verifier", "exact"])
+    assert_one_line_error(other, "its settings differ", "--overwrite")
 
 
 def test_cli_eval_missing_answer_field_is_one_line_exit_2(tiny_pair, prompts_file, tmp_path):

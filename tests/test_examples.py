@@ -85,8 +85,8 @@ def test_compare_quick(tiny_pair, prompts_file, tmp_path):
     steps = data["settings"]["max_steps"]
     for r in rows:
         assert len(r["runs"]) == 1 and r["accuracy_mean"] == r["runs"][0]["accuracy"]
-        last = json.loads((Path(r["runs"][0]["run"]) / "iter-000" / "eval" / "summary.json")
-                          .read_text())
+        last = json.loads((Path(r["runs"][0]["run"]) / "iter-000" / "eval" / "manifest.json")
+                          .read_text())["summary"]
         assert r["runs"][0]["accuracy"] == last["correct"] / last["n"]
         assert r["accuracy_std"] == 0.0  # one seed
         assert r["peak_mib"] > r["train_mib"] > 0
@@ -98,8 +98,8 @@ def test_compare_quick(tiny_pair, prompts_file, tmp_path):
     share = {r["strategy"]: r["token_share"] for r in rows}
     assert share["all"] == 1.0
     assert 0 < share["soft-or"] < 1.0
-    first = json.loads((Path(rows[0]["runs"][0]["run"]) / "eval-initial" / "summary.json")
-                       .read_text())
+    first = json.loads((Path(rows[0]["runs"][0]["run"]) / "eval-initial" / "manifest.json")
+                       .read_text())["summary"]
     assert data["initial_accuracy"] == first["correct"] / first["n"]
 
     table = (results / "compare.md").read_text()

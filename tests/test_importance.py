@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from tipcli.configs import Selection
-from tipcli.importance import (Rows, budget, importance, normalize, parse_quadrants, row_quantile,
-                               select_mask, strategy_problem)
+from tipcli import catalog
+from tipcli.catalog import strategy_problem
+from tipcli.importance import (Rows, budget, normalize, row_quantile, select_mask,
+                               token_importance)
 
 TOPK = ("entropy", "divergence", "soft-or", "soft-or-bottom", "q3")
 
@@ -124,7 +126,7 @@ def test_bound_and_rank_normalisation():
 @pytest.mark.parametrize("group_size", [1, 3, 64])
 def test_h_d_thresholds_quadrants_against_reference(group_size):
     off, mask, H, D, F = make_batch(seed=group_size)
-    out = importance(off, mask, H, D, F, Selection(group_size=group_size))
+    out = token_importance(off, mask, H, D, F, Selection(group_size=group_size))
     h, d, tau = ref_normalize(off, mask, H, D, group_size)
     for t in range(len(mask)):
         if not mask[t]:
@@ -142,7 +144,7 @@ def test_h_d_thresholds_quadrants_against_reference(group_size):
 def test_topk_strategies_against_reference(strategy, scope):
     off, mask, H, D, F = make_batch(seed=7)
     st = Selection(strategy=strategy, keep=0.3, scope=scope, group_size=4)
-    out = importance(off, mask, H, D, F, st)
+    out = token_importance(off, mask, H, D, F, st)
     h = dict(enumerate(out["h"].tolist()))
     d = dict(enumerate(out["d"].tolist()))
     for toks in ref_scopes(off, mask, 4, scope):
@@ -158,7 +160,7 @@ def test_topk_strategies_against_reference(strategy, scope):
 @pytest.mark.parametrize("wanted,keep", [("Q3", 1.0), ("Q1+Q3", 0.2), ("Q2+Q4", 0.5)])
 def test_quadrant_sets_against_reference(wanted, keep):
     off, mask, H, D, F = make_batch(seed=3, n_seq=20)
-    out = importance(off, mask, H, D, F, Selection(strategy=f"quadrant:{wanted}", keep=keep))
+    out = token_importance(off, mask, H, D, F, Selection(strategy=f"quadrant:{wanted}", keep=keep))
     codes = {int(q[1]) for q in wanted.split("+")}
     s = out["soft_or"].tolist()
     for toks in ref_scopes(off, mask, 64, "sequence"):
@@ -171,7 +173,7 @@ def test_quadrant_sets_against_reference(wanted, keep):
 
 def test_quadrant_q3_keeps_low_h_high_d_only():
     off, mask, H, D, F = make_batch(seed=5, n_seq=30)
-    out = importance(off, mask, H, D, F, Selection(strategy="quadrant:Q3", keep=1.0,
+    out = token_importance(off, mask, H, D, F, Selection(strategy="quadrant:Q3", keep=1.0,
                                                   group_size=8))
     group_T = torch.repeat_interleave(torch.arange(30), off.diff()) // 8
     sel = out["selected"]
@@ -183,7 +185,7 @@ def test_quadrant_q3_keeps_low_h_high_d_only():
 
 def test_absolute_thresholds_and_quadrant_counts_sum():
     off, mask, H, D, F = make_batch(seed=9, n_seq=25)
-    out = importance(off, mask, H, D, F, Selection(tau_h=0.2, tau_d=0.7))
+    out = token_importance(off, mask, H, D, F, Selection(tau_h=0.2, tau_d=0.7))
     q = out["quadrant"][mask]
     counts = [int((q == c).sum()) for c in range(1, 5)]
     assert sum(counts) == int(mask.sum())
@@ -195,10 +197,11 @@ def test_absolute_thresholds_and_quadrant_counts_sum():
 
 def test_all_and_exact_k_both_scopes():
     off, mask, H, D, F = make_batch(seed=11, n_seq=40, max_len=30)
-    assert torch.equal(importance(off, mask, H, D, F, Selection(strategy="all"))["selected"], mask)
+    every = token_importance(off, mask, H, D, F, Selection(strategy="all"))["selected"]
+    assert torch.equal(every, mask)
     for strategy in ("random", "entropy-sample", "soft-or", "q3"):
         for scope in ("sequence", "group"):
-            out = importance(off, mask, H, D, F, Selection(strategy=strategy, keep=0.37,
+            out = token_importance(off, mask, H, D, F, Selection(strategy=strategy, keep=0.37,
                                                           scope=scope, group_size=6))
             for toks in ref_scopes(off, mask, 6, scope):
                 assert sum(bool(out["selected"][t]) for t in toks) == ref_k(len(toks), 0.37)
@@ -207,9 +210,9 @@ def test_all_and_exact_k_both_scopes():
 def test_seed_determinism_and_variation():
     off, mask, H, D, F = make_batch(seed=12, n_seq=40, max_len=30)
     for strategy in ("random", "entropy-sample"):
-        a = importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
-        b = importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
-        c = importance(off, mask, H, D, F, Selection(strategy=strategy), 5)["selected"]
+        a = token_importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
+        b = token_importance(off, mask, H, D, F, Selection(strategy=strategy), 4)["selected"]
+        c = token_importance(off, mask, H, D, F, Selection(strategy=strategy), 5)["selected"]
         assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -217,7 +220,7 @@ def test_ties_are_seeded_and_exact():
     off = torch.tensor([0, 10, 20])
     mask = torch.ones(20, dtype=torch.bool)
     const = torch.ones(20)
-    sel = [importance(off, mask, const, const, const, Selection(keep=0.3), s)["selected"]
+    sel = [token_importance(off, mask, const, const, const, Selection(keep=0.3), s)["selected"]
            for s in (0, 0, 1, 2, 3)]
     assert all(int(m[:10].sum()) == 3 and int(m[10:].sum()) == 3 for m in sel)
     assert torch.equal(sel[0], sel[1])
@@ -261,7 +264,7 @@ def test_random_is_uniform():
 
 def test_budget_and_strategy_names():
     assert budget(torch.tensor([100, 1, 0, 3]), 0.29).tolist() == [29, 1, 0, 1]
-    assert parse_quadrants("quadrant:Q1+Q3") == {1, 3}
+    assert catalog.strategy("quadrant:Q1+Q3").quadrants == {1, 3}
     assert strategy_problem("soft-or") is None
     assert strategy_problem("quadrant:Q2") is None
     msg = strategy_problem("bogus")

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 from tipcli.configs import Selection, resolve, to_flat
 from tipcli.errors import ConfigError
-from tipcli.importance import importance
-from tipcli.select import SELECT_TENSORS, SelectConfig, compute_selection, run_select
+from tipcli.importance import token_importance
+from tipcli.select import SELECT_TENSORS, SelectConfig, selection_by_shard, run_select
 from tipcli.shards import StageDir
 
 runner = CliRunner()
@@ -55,18 +55,18 @@ def test_select_reads_path_from_stdin(tiny_score, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "s")
 
 
-def test_compute_selection_groups_span_shards(tiny_score):
+def test_selection_by_shard_groups_span_shards(tiny_score):
     """Groups of 5 sequences over shards of 4: equal to one pass over the whole directory."""
     score = StageDir.open(tiny_score, stage="score")
     cfg = resolve(SelectConfig, score=str(tiny_score), output="-", group_size=5, keep=0.3)
-    parts = compute_selection(score, cfg.selection, cfg.seed)
+    parts = selection_by_shard(score, cfg.selection, cfg.seed)
     assert len(parts) == len(score.shards)
     seqs = list(score.iter_sequences())
     lengths = torch.tensor([len(s["rkl"]) for s in seqs])
     off = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     cat = {k: torch.cat([s[k] for s in seqs]) for k in ("response_mask", "student_entropy",
                                                         "rkl", "fkl")}
-    whole = importance(off, cat["response_mask"], cat["student_entropy"], cat["rkl"],
+    whole = token_importance(off, cat["response_mask"], cat["student_entropy"], cat["rkl"],
                        cat["fkl"], Selection(group_size=5, keep=0.3), 0, 100)
     for name in ("selected", "h", "d", "soft_or", "quadrant"):
         assert torch.equal(torch.cat([p[name] for p in parts]), whole[name]), name
@@ -79,7 +79,7 @@ def test_compute_selection_groups_span_shards(tiny_score):
 
 def test_exact_k_per_sequence_on_fixture(tiny_score):
     score = StageDir.open(tiny_score, stage="score")
-    parts = compute_selection(score, Selection(keep=0.25, strategy="entropy-sample"), seed=3)
+    parts = selection_by_shard(score, Selection(keep=0.25, strategy="entropy-sample"), seed=3)
     sel = torch.cat([p["selected"] for p in parts])
     a = 0
     for seq in score.iter_sequences():

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 from tipcli.configs import resolve
 from tipcli.errors import ConfigError
-from tipcli.losses import LOSSES
+from tipcli.catalog import LOSSES
 from tipcli.shards import StageDir, StageWriter
 from tipcli.train import TrainConfig, run_train
 
@@ -57,7 +57,7 @@ def _assert_same_metrics(a, b, rtol=1e-5):
 # ----------------------------------------------------------------------------- exactness
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", tuple(LOSSES))
 def test_gathered_positions_equal_masked_full_logits(tiny_pair, tiny_score, loss):
     """Loss and every parameter gradient of the body -> gather -> chunked head path equal
     those of full logits for every position, masked to the kept tokens (float64, the tiny
@@ -276,13 +276,13 @@ def test_selection_directory_trains_on_its_tokens_only(tiny_score, tmp_path):
     assert manifest["config"]["selection"] == {"strategy": "handmade"}
 
 
-def test_soft_or_on_the_fly_matches_compute_selection(tiny_score, tmp_path):
+def test_soft_or_on_the_fly_matches_selection_by_shard(tiny_score, tmp_path):
     from tipcli.configs import Selection
-    from tipcli.select import compute_selection
+    from tipcli.select import selection_by_shard
 
     out = run_train(_cfg(tiny_score, tmp_path / "t", strategy="soft-or", keep=0.5,
                          batch_size=12, max_steps=1))
-    masks = compute_selection(StageDir.open(tiny_score), Selection(strategy="soft-or", keep=0.5),
+    masks = selection_by_shard(StageDir.open(tiny_score), Selection(strategy="soft-or", keep=0.5),
                               seed=0)
     m = _metrics(out)[0]
     assert m["kept_tokens"] == sum(int(x["selected"].sum()) for x in masks)

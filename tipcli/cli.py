@@ -37,7 +37,7 @@ COMMANDS = {
     "train": ("tipcli.train:run_train", ("overwrite", "resume")),
     "report": ("tipcli.report:run_report_cli", ()),
     "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",)),
-    "distill": ("tipcli.distill:run_distill", ()),
+    "distill": ("tipcli.distill:run_distill", ("overwrite",)),
     "demo": ("tipcli.demo:run_demo", ()),
 }
 EXTRAS = {

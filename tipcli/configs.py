@@ -15,53 +15,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tipcli.catalog import DIVERGENCES, LOSSES, STRATEGIES, strategy_problem
 from tipcli.settings import from_flat, group, resolve, setting, to_flat, validate
 
 __all__ = ["from_flat", "resolve", "to_flat", "validate"]
 
 # ----------------------------------------------------------------------------- names
 
-DIVERGENCES = ("rkl", "fkl", "jsd")
 NORMALIZERS = ("minmax", "bound", "rank")
 SCOPES = ("sequence", "group")
-TOPK_STRATEGIES = ("random", "entropy", "entropy-sample", "divergence", "soft-or",
-                   "soft-or-bottom", "q3")
-STRATEGIES = ("all", *TOPK_STRATEGIES)  # and quadrant sets, quadrant:Q1+Q3
-QUADRANTS = ("Q1", "Q2", "Q3", "Q4")    # codes 1..4 in shards
-QUADRANT_LABELS = {"Q1": "high h, high d", "Q2": "high h, low d", "Q3": "low h, high d",
-                   "Q4": "low h, low d"}
-TOPK_LOSSES = ("rkl-topk", "fkl-topk", "jsd-topk")
-FULL_LOSSES = ("rkl-full", "fkl-full", "jsd-full")
-LOSSES = (*TOPK_LOSSES, "rkl-sampled", *FULL_LOSSES)
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16")
 TRACKERS = ("none", "tensorboard", "wandb", "trackio")
 VERIFIERS = ("auto", "exact", "last-number", "boxed")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu|npu)(:\d+)?")
-
-
-def parse_quadrants(strategy: str) -> set[int] | None:
-    """{1, 3} for ``quadrant:Q1+Q3``; None for other strategies; ValueError when malformed."""
-    if not strategy.startswith("quadrant:"):
-        return None
-    names = [p.strip().upper() for p in strategy.split(":", 1)[1].split("+")]
-    if not names or any(n not in QUADRANTS for n in names):
-        raise ValueError(f"bad quadrant set in '{strategy}'; write e.g. quadrant:Q1+Q3")
-    return {QUADRANTS.index(n) + 1 for n in names}
-
-
-def strategy_problem(strategy: str) -> str | None:
-    """None when ``strategy`` is valid, else a message listing the valid ones."""
-    if strategy in STRATEGIES:
-        return None
-    try:
-        if parse_quadrants(strategy) is not None:
-            return None
-    except ValueError as exc:
-        return str(exc)
-    return (f"unknown strategy '{strategy}'; valid: {', '.join(STRATEGIES)}, "
-            "quadrant:Q1+Q3 (any + of Q1..Q4)")
 
 
 def _device_problem(device: str) -> str | None:
@@ -177,9 +145,8 @@ class Scoring:
 class Selection:
     """Which response tokens are trained on (docs/selection.md)."""
 
-    strategy: str = setting("soft-or", "all, random, entropy, entropy-sample, divergence, "
-                            "soft-or, soft-or-bottom, q3, or quadrant:Q1+Q3 (any + of Q1..Q4).",
-                            check=strategy_problem)
+    strategy: str = setting("soft-or", f"{', '.join(STRATEGIES)}, or quadrant:Q1+Q3 (any + "
+                            "of Q1..Q4).", check=strategy_problem)
     keep: float = setting(0.5, "Fraction of response tokens kept (quadrant sets: at most this "
                                "many; ignored by all).", gt=0, le=1)
     scope: str = setting("sequence", "Budget per sequence, or per normalisation group.",
@@ -215,7 +182,8 @@ class Optim:
 class Training:
     """The distillation loss and how a training step runs."""
 
-    loss: str = setting("rkl-topk", "Loss on the kept tokens (docs/training.md).", choices=LOSSES)
+    loss: str = setting("rkl-topk", "Loss on the kept tokens (docs/training.md).",
+                        choices=tuple(LOSSES))
     chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1)
     gradient_checkpointing: bool = setting(False, "Recompute the body's activations in "
                                                   "backward.")
@@ -308,7 +276,8 @@ class TrainConfig:
 
     def rules(self) -> list[str]:
         p = []
-        if self.training.loss in FULL_LOSSES and not self.teacher:
+        loss = LOSSES.get(self.training.loss)
+        if loss is not None and loss.needs_teacher and not self.teacher:
             p.append(f"--loss {self.training.loss} needs --teacher")
         if self.runtime.device not in ("auto", "cpu", "cuda"):
             p.append("--device must be auto, cpu or cuda for tip train (accelerate places "
@@ -398,6 +367,11 @@ class DemoConfig:
 
     output: str = setting("runs/demo", "Where the demo writes its run.", short="-o")
     quick: bool = setting(False, "A seconds-long version (one short iteration).")
+    models: str = setting("", "A folder with student/ and teacher/ to run the demo on "
+                          "(default: the pair the package ships; with --rebuild, where to "
+                          "build: default tip's cache).")
+    rebuild: bool = setting(False, "Train a new pair first (a few minutes; another CPU builds "
+                            "other models), then run the demo on it.")
 
 
 STAGE_CONFIGS = {"rollout": RolloutConfig, "score": ScoreConfig, "select": SelectConfig,

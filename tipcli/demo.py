@@ -1,11 +1,16 @@
 """`tip demo`: on-policy distillation of the embedded addition task, end to end.
 
-    tip demo -o runs/demo
+    tip demo -o runs/demo                    # the pair the package ships
+    tip demo --rebuild                       # train a new pair first (minutes), then the demo
 
-Builds (once, cached) a teacher that adds 2-3 digit numbers with a worked scratchpad
-and a weaker student, then runs `tip distill` with Soft-OR at keep 0.5, prints the
-token-importance report of the last iteration and the student's held-out accuracy
-before and after. A second run with the same -o reuses the finished stages.
+The package ships a teacher that adds 2-3 digit numbers with a worked scratchpad and a
+weaker student (``tipcli/demo_models``, with ``build.json``: what built them), so the
+demo gives the same figures on every machine. `tip demo` runs `tip distill` on them
+with Soft-OR at keep 0.5, prints the token-importance report of the last iteration and
+the student's held-out accuracy before and after. ``--models DIR`` runs it on another
+pair (``DIR/student``, ``DIR/teacher``); ``--rebuild`` trains one first
+(``tipcli.tasks.build``), into ``DIR`` or tip's cache. A second run with the same -o
+reuses the finished stages.
 """
 
 from __future__ import annotations
@@ -14,11 +19,16 @@ import json
 from pathlib import Path
 
 from tipcli.configs import DemoConfig, DistillConfig, ReportConfig, resolve
-from tipcli.distill import run_distill
+from tipcli.distill import iteration_dir, run_distill
+from tipcli.errors import TipError
 from tipcli.files import write_atomic
+from tipcli.models import cache_dir
 from tipcli.progress import Timer, console
 from tipcli.report import run_report
-from tipcli.tasks.arithmetic import build_models, held_out_prompts, write_prompts
+from tipcli.shards import StageDir
+from tipcli.tasks.arithmetic import held_out_prompts, write_prompts
+
+SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
 
 # The settings the demo runs with; `tip distill --help` documents each one.
 DEMO_SETTINGS = dict(iterations=3, prompts_per_iteration=64, num_samples=4, max_new_tokens=40,
@@ -27,14 +37,31 @@ DEMO_SETTINGS = dict(iterations=3, prompts_per_iteration=64, num_samples=4, max_
 TRAIN_PROMPTS, EVAL_PROMPTS = 512, 200
 
 
+def demo_models(cfg: DemoConfig) -> tuple[Path, Path]:
+    """(student, teacher) directories: the shipped pair, ``--models DIR``'s, or with
+    ``--rebuild`` a pair trained now into ``--models DIR`` (default: tip's cache)."""
+    if cfg.rebuild:
+        from tipcli.tasks.build import build_models
+
+        return build_models(Path(cfg.models) if cfg.models else cache_dir() / "arith")
+    where = Path(cfg.models) if cfg.models else SHIPPED_MODELS
+    pair = (where / "student", where / "teacher")
+    missing = [str(d) for d in pair if not (d / "config.json").is_file()]
+    if missing:
+        raise TipError(f"--models {where} holds no model at {', '.join(missing)}; give a "
+                       "folder with student/ and teacher/ model directories, or --rebuild")
+    return pair
+
+
 def run_demo(cfg: DemoConfig, models: tuple[str | Path, str | Path] | None = None) -> Path:
     """Run the demo into ``cfg.output``; ``cfg.quick`` shrinks it to seconds. ``models``
-    gives a (student, teacher) pair to use instead of the embedded task's cached pair."""
+    gives a (student, teacher) pair to use instead of ``demo_models(cfg)``."""
     out, quick = Path(cfg.output), cfg.quick
-    out.mkdir(parents=True, exist_ok=True)
     with Timer() as build:
-        student, teacher = models or build_models()
-    console.print(f"models: student {student}, teacher {teacher} ({build.seconds:.0f} s)")
+        student, teacher = models or demo_models(cfg)
+    console.print(f"models: student {student}, teacher {teacher}"
+                  + (f" (built in {build.seconds:.0f} s)" if cfg.rebuild else ""))
+    out.mkdir(parents=True, exist_ok=True)
     train = write_prompts(out / "train.jsonl", TRAIN_PROMPTS, seed=1)
     heldout = out / "heldout.jsonl"
     n_eval = 20 if quick else EVAL_PROMPTS
@@ -51,13 +78,13 @@ def run_demo(cfg: DemoConfig, models: tuple[str | Path, str | Path] | None = Non
 
 
 def _summarise(run: Path, iterations: int, seconds: float) -> None:
-    last = run / f"iter-{iterations - 1:03d}" / "select"
+    last = iteration_dir(run, iterations - 1) / "select"
     console.rule(f"token importance in the last iteration ({last})")
     run_report(resolve(ReportConfig, path=str(last)))
-    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
-    first, final = history[0], history[-1]
+    history = StageDir.open(run, stage="distill").manifest["summary"]["history"]
     console.rule("student accuracy on held-out prompts (greedy)")
-    for label, h in (("before", first), ("after", final)):
+    for h in history:
+        label = "before" if h["iteration"] == "initial" else f"after iteration {h['iteration']}"
         lo, hi = h["interval_95"]
-        console.print(f"{label:>6}: {h['accuracy']:.3f}  (95% CI {lo:.3f}-{hi:.3f})")
+        console.print(f"{label:>17}: {h['accuracy']:.3f}  (95% CI {lo:.3f}-{hi:.3f})")
     console.print(f"distill time: {seconds:.0f} s")

@@ -36,73 +36,75 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from tipcli.catalog import LOSSES
 from tipcli.configs import (DistillConfig, RolloutConfig, ScoreConfig, SelectConfig,
                             TrainConfig, to_flat, validate)
-from tipcli.errors import TipError
-from tipcli.heldout import evaluate, mean
 from tipcli.files import write_atomic, write_json_atomic
-from tipcli.models import (check_same_vocab, load_model, load_tokenizer, resolve_device,
-                           resolve_dtype)
-from tipcli.outputs import check_output
+from tipcli.heldout import heldout_metrics, mean
+from tipcli.models import (check_same_vocab, load_model, load_tokenizer, model_ref,
+                           resolve_device, resolve_dtype, tokenizer_info)
 from tipcli.progress import console
 from tipcli.prompts import load_prompts
 from tipcli.rollout import run_rollout
+from tipcli.sampling import Sampler, make_sampler
 from tipcli.score import run_score
 from tipcli.select import run_select
-from tipcli.shards import MANIFEST, SCHEMA_VERSION, StageDir, is_complete, read_manifest
+from tipcli.shards import StageDir, StageRun, is_complete, read_manifest
+from tipcli.stages import (CHECKPOINTS, DISTILL, ITERATION, ITERATION_PROMPTS, ITERATION_ROW,
+                           METRICS)
 from tipcli.tracking import Tracker, check_available
-from tipcli.train import METRICS, train_model
-from tipcli.train.checkpoint import CHECKPOINTS, checkpoint_dirs
+from tipcli.train import train_model
+from tipcli.train.checkpoint import checkpoint_dirs
 
 
-ITERATION_ROW = "iteration.json"  # an iteration's summary row, written once it has finished
+def iteration_dir(run: str | Path, i: int) -> Path:
+    """Where iteration ``i`` of the run in ``run`` keeps its stages."""
+    return Path(run) / ITERATION.format(i)
 
 
-def iter_dir(cfg: DistillConfig, i: int) -> Path:
-    return Path(cfg.output) / f"iter-{i:03d}"
-
-
-def run_distill(cfg: DistillConfig) -> Path:
+def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     """Run (or resume) the loop; returns the run directory."""
-    validate(cfg)
+    run = StageRun(DISTILL, cfg, overwrite)
     check_available(cfg.training.report_to)
-    check_output(cfg.output, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
-    old = read_manifest(Path(cfg.output))
-    if old is not None and old.get("complete") and old.get("config") == to_flat(cfg):
-        _render(old["summary"]["history"])  # finished before: nothing to load or redo
-        return Path(cfg.output)
-    loop = Loop(cfg)
+    rt = cfg.runtime
+    tok = load_tokenizer(cfg.student, rt.trust_remote_code)
+    check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), cfg.student,
+                     cfg.teacher)
+    writer = run.writer({"student": model_ref(cfg.student), "teacher": model_ref(cfg.teacher)},
+                        tokenizer_info(tok))
+    if writer.complete:  # finished before: nothing to load or redo
+        _render(writer.manifest["summary"]["history"])
+        return writer.path
+    loop = Loop(cfg, tok)
     try:
         if cfg.eval_prompts:
-            loop.evaluate("initial", cfg.student, Path(cfg.output) / "eval-initial", 0)
+            loop.evaluate_student("initial", cfg.student, Path(cfg.output) / "eval-initial", 0)
         for i in range(cfg.iterations):
             loop.iteration(i)
     finally:
         loop.close()
-    _write_run_manifest(cfg, complete=True, summary={"history": loop.history,
-                                                     "final_student": loop.student_name})
+    writer.finish({"history": loop.history, "final_student": loop.student_name})
     _render(loop.history)
-    return Path(cfg.output)
+    return writer.path
 
 
 class Loop:
     """The run's models and record: the teacher, the current student (loaded once, kept
-    between iterations), a vLLM engine with ``--backend vllm``, the tracker."""
+    between iterations), the sampler (with ``--backend vllm`` an engine started once and
+    given each trained student's weights in place), the tracker."""
 
-    def __init__(self, cfg: DistillConfig):
+    def __init__(self, cfg: DistillConfig, tok):
         rt = cfg.runtime
-        self.cfg, self.run = cfg, Path(cfg.output)
+        self.cfg, self.run, self.tok = cfg, Path(cfg.output), tok
         self.records = load_prompts(cfg.prompts, cfg.source)
-        self.tok = load_tokenizer(cfg.student, rt.trust_remote_code)
-        check_same_vocab(self.tok, load_tokenizer(cfg.teacher, rt.trust_remote_code),
-                         cfg.student, cfg.teacher)
-        _write_run_manifest(cfg, complete=False)
         self.device = resolve_device(rt.device)
         self.dtype = resolve_dtype(rt.dtype, self.device)
         self.teacher = load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code)
         self.tracker = Tracker(cfg.training.report_to, self.run, "tip-distill", to_flat(cfg))
-        self.engine = VLLMEngine(cfg, self.tok) if cfg.sampling.backend == "vllm" else None
         self.student_name, self.student, self.steps = cfg.student, None, 0
+        self._sampler: Sampler | None = None
+        self.sampler_holds = ""  # the student whose weights the sampler has
+        self.reload_seconds: list[float] = []
         self.history: list[dict[str, Any]] = []
 
     def loaded_student(self):
@@ -111,15 +113,26 @@ class Loop:
                                       self.cfg.runtime.trust_remote_code)
         return self.student
 
-    def sampler(self):
-        """The vLLM sampler holding the current student's weights (None: the hf one)."""
-        if self.engine is None:
-            return None
-        return self.engine.serve(self.student_name, self.loaded_student())
+    def sampler(self) -> Sampler:
+        """The sampler, holding the current student's weights (made on first use)."""
+        student = self.loaded_student()
+        if self._sampler is None:
+            self._sampler = make_sampler(self.cfg.student, self.tok, self.cfg.sampling,
+                                         self.cfg.runtime, model=student)
+            self.sampler_holds = self.cfg.student
+        stale_model = self._sampler.model is not None and self._sampler.model is not student
+        if self.sampler_holds != self.student_name or stale_model:
+            seconds = self._sampler.update_weights(student)
+            if seconds is not None:
+                self.reload_seconds.append(seconds)
+            self.sampler_holds = self.student_name
+        return self._sampler
 
-    def evaluate(self, label, name: str, out: Path, step: int) -> dict[str, Any]:
-        row = evaluate(self.cfg, name, self.loaded_student(), out, self.tok, self.teacher,
-                       self.sampler())
+    def evaluate_student(self, label, name: str, out: Path, step: int) -> dict[str, Any]:
+        """Held-out metrics of the student ``name`` into ``out`` (logged; the initial
+        evaluation also goes into the history)."""
+        row = heldout_metrics(self.cfg, name, self.loaded_student(), out, self.tok,
+                              self.teacher, self.sampler())
         if label == "initial":
             self.history.append({"iteration": "initial", **row})
             say_row("initial student", row)
@@ -128,9 +141,10 @@ class Loop:
 
     def iteration(self, i: int) -> None:
         cfg = self.cfg
-        done = iter_dir(cfg, i) / ITERATION_ROW
+        d = iteration_dir(cfg.output, i)
+        done = d / ITERATION_ROW
         if done.is_file():  # finished in an earlier run: its student may be pruned already
-            previous, self.student_name = self.student_name, str(iter_dir(cfg, i) / "train")
+            previous, self.student_name = self.student_name, str(d / "train")
             self.student = None
             self.steps += _train_steps(Path(self.student_name))
             self.history.append(json.loads(done.read_text()))
@@ -143,8 +157,8 @@ class Loop:
                                            self.teacher, self.tok, self.sampler())
         if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
             self.student = None
-        train, self.student = _train(cfg, select, iter_dir(cfg, i) / "train", self.student,
-                                     self.teacher, lambda m, offset=self.steps: self.tracker.log(
+        train, self.student = _train(cfg, select, d / "train", self.student, self.teacher,
+                                     lambda m, offset=self.steps: self.tracker.log(
                                          m, offset + m["step"]))
         if self.student is not None:  # the trained student stays loaded for the next one
             self.student.to(self.dtype)
@@ -152,10 +166,9 @@ class Loop:
         row["train_loss"] = _last_metrics(train).get("loss")
         previous, self.student_name = self.student_name, str(train)
         if cfg.eval_prompts and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.iterations):
-            row.update(self.evaluate(i, self.student_name, iter_dir(cfg, i) / "eval",
-                                     self.steps))
-        if self.engine is not None:
-            row["sampler_reload_seconds"] = self.engine.seconds[-1] if self.engine.seconds \
+            row.update(self.evaluate_student(i, self.student_name, d / "eval", self.steps))
+        if self.cfg.sampling.backend == "vllm":
+            row["sampler_reload_seconds"] = self.reload_seconds[-1] if self.reload_seconds \
                 else None
         self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
         self.history.append(row)
@@ -165,8 +178,8 @@ class Loop:
 
     def close(self) -> None:
         self.tracker.close()
-        if self.engine is not None:
-            self.engine.sampler.close()
+        if self._sampler is not None:
+            self._sampler.close()
 
 
 def _prune(cfg: DistillConfig, train: Path, previous: str) -> None:
@@ -184,32 +197,13 @@ def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {f"eval/{k}": row[k] for k in ("accuracy", "heldout_rkl", "heldout_fkl") if k in row}
 
 
-class VLLMEngine:
-    """The run's vLLM engine (``--backend vllm``): started once, and given each trained
-    student's weights in place before it samples from them."""
-
-    def __init__(self, cfg: DistillConfig, tok):
-        from tipcli.vllm_sampler import VLLMSampler
-
-        self.sampler = VLLMSampler(cfg.student, tok, cfg.runtime,
-                                   gpu_memory=cfg.sampling.vllm_gpu_memory)
-        self.holds, self.seconds = cfg.student, []  # whose weights it has; reload times
-
-    def serve(self, name: str, model):
-        """The sampler, holding the weights of ``name`` (``model`` is them, loaded)."""
-        if name != self.holds:
-            self.seconds.append(self.sampler.update_weights(model))
-            self.holds = name
-        return self.sampler
-
-
 def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str, student,
                          teacher, tok, sampler=None) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
     are kept); returns the selection directory and the iteration's summary row."""
-    d = iter_dir(cfg, i)
+    d = iteration_dir(cfg.output, i)
     d.mkdir(parents=True, exist_ok=True)
-    prompts = _iteration_prompts(cfg, i, records, d / "prompts.jsonl")
+    prompts = _iteration_prompts(cfg, i, records, d / ITERATION_PROMPTS)
     rollout = run_rollout(validate(RolloutConfig(
         student=student_name, prompts=str(prompts), output=str(d / "rollout"),
         sampling=cfg.sampling, seed=cfg.seed * 1000 + i,
@@ -231,7 +225,7 @@ def train_config(cfg: DistillConfig, select: Path, out: Path) -> TrainConfig:
     """The ``tip train`` settings of one iteration: the loop's own, on its CPU or GPU."""
     return validate(TrainConfig(
         input=str(select), output=str(out),
-        teacher=cfg.teacher if cfg.training.loss.endswith("-full") else "",
+        teacher=cfg.teacher if LOSSES[cfg.training.loss].needs_teacher else "",
         training=dataclasses.replace(cfg.training, report_to="none"),  # the loop logs
         selection=cfg.selection, optim=cfg.optim, seed=cfg.seed,
         save_every=max(1, cfg.optim.max_steps // 4) if cfg.optim.max_steps else 0,
@@ -271,19 +265,6 @@ def _last_metrics(train: Path) -> dict[str, Any]:
 
 def _train_steps(train: Path) -> int:
     return int((read_manifest(train) or {}).get("summary", {}).get("steps", 0))
-
-
-def _write_run_manifest(cfg: DistillConfig, complete: bool, summary: dict | None = None) -> None:
-    run = Path(cfg.output)
-    check_output(run, "distill", (cfg.prompts, cfg.student, cfg.teacher, cfg.eval_prompts))
-    old = read_manifest(run)
-    if (run / MANIFEST).exists() and (old is None or old.get("stage") != "distill"
-                                      or old.get("config") != to_flat(cfg)):
-        raise TipError(f"{run} holds a different run (other settings); choose another -o")
-    run.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run / MANIFEST, {
-        "schema_version": SCHEMA_VERSION, "stage": "distill", "complete": complete,
-        "config": to_flat(cfg), "shards": [], "summary": summary or {}})
 
 
 def _render(history: list[dict[str, Any]]) -> None:

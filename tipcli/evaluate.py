@@ -1,7 +1,6 @@
 """`tip eval`: generate answers to prompts and grade them against reference answers.
 
-    python -m tipcli.tasks.arithmetic prompts -n 100 -o arith.jsonl --seed 7
-    tip eval --model ~/.cache/tip/arith/student --prompts arith.jsonl -o runs/eval
+    tip eval --model runs/train --prompts heldout.jsonl -o runs/eval --verifier last-number
 
 Generation is the rollout stage's sampler (``tipcli.sampling``: transformers, or vLLM
 with ``--backend vllm``), greedy by default (``--temperature 0``). Each response is
@@ -13,8 +12,8 @@ The output directory holds exactly two files:
 
 - ``results.jsonl``: one line per response: prompt_index, sample_index, prompt,
   answer, response, correct;
-- ``summary.json``: accuracy, interval, counts, the resolved config, the model and the
-  tokenizer fingerprint.
+- ``manifest.json`` (stage ``eval``): the resolved config, the model, the tokenizer
+  fingerprint, the prompts' checksum and, as its summary, accuracy, interval and counts.
 
 `run_eval` also takes a model and tokenizer already in memory (the distillation loop
 evaluates its student without reloading it), and writes nothing when no output is given.
@@ -22,26 +21,25 @@ evaluates its student without reloading it), and writes nothing when no output i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from tipcli.configs import EvalConfig, Sampling, to_flat, validate
+from tipcli.configs import EvalConfig, Sampling, validate
 from tipcli.errors import TipError, first_line
-from tipcli.files import write_atomic
 from tipcli.models import load_tokenizer, model_ref, tokenizer_info
-from tipcli.outputs import check_output, prepare_output, written_stage
-from tipcli.progress import console, progress
+from tipcli.progress import console, progress_task
 from tipcli.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.sampling import make_sampler
+from tipcli.shards import StageRun
+from tipcli.stages import EVAL, RESULTS
 from tipcli.verify import get_verifier
 
-RESULTS, SUMMARY = "results.jsonl", "summary.json"
 
 
 @dataclass
@@ -73,17 +71,21 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = True,
              overwrite: bool = False, sampler=None) -> EvalResult:
     """Generate, grade and (when ``cfg.output`` is set) write results; see the module doc.
-    Pass ``show_progress=False`` when called inside another live progress display. Earlier
-    results in ``cfg.output`` are replaced only with ``overwrite``."""
-    validate(cfg)
-    if cfg.output:
-        check_output(cfg.output, "eval", (cfg.model, cfg.prompts), overwrite)
-        if written_stage(Path(cfg.output)) == "eval" and not overwrite:
-            raise TipError(f"{cfg.output} holds an earlier evaluation; pass --overwrite to "
-                           "replace it, or choose another -o")
+    Pass ``show_progress=False`` when called inside another live progress display. An
+    output holding the same evaluation, finished, is read back instead of generated
+    again; one holding another is replaced only with ``overwrite``."""
+    run = StageRun(EVAL, cfg, overwrite) if cfg.output else None
+    if run is None:
+        validate(cfg)
     verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
     tok = tokenizer or load_tokenizer(cfg.model, cfg.runtime.trust_remote_code)
+    writer = None
+    if run is not None:
+        writer = run.writer({"model": model_ref(cfg.model, model)}, tokenizer_info(tok),
+                            inputs={"prompts_sha256": records_sha256(records)})
+        if writer.complete:
+            return _read_back(writer)
     sampler = sampler or make_sampler(cfg.model, tok, cfg.sampling, cfg.runtime, model=model)
     prompt_ids = fit_context(_encode(tok, records, cfg), sampler.context, cfg.sampling,
                              cfg.prompts)
@@ -96,9 +98,26 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
     correct = sum(r["correct"] for r in rows)
     result = EvalResult(correct / len(rows), wilson_interval(correct, len(rows)), len(rows),
                         correct, rows)
-    if cfg.output:
-        result.output = _write(cfg, result, getattr(sampler, "model", None), tok)
+    if writer is not None:
+        writer.write_file(RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                           for r in rows))
+        result.output = writer.finish({**result.summary(),
+                                       "num_prompts": len(records)})
     return result
+
+
+def records_sha256(records: list[dict[str, Any]]) -> str:
+    """A checksum of the prompt records as read (prompts and answers)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_back(writer) -> EvalResult:
+    """The finished evaluation in ``writer``'s directory."""
+    s = writer.manifest["summary"]
+    text = (writer.path / RESULTS).read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return EvalResult(s["accuracy"], tuple(s["interval_95"]), s["n"], s["correct"], rows,
+                      writer.path)
 
 
 def _load_records(cfg: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
@@ -126,24 +145,9 @@ def generate_responses(sampler, tok, prompts: list[list[int]], keys: list[tuple[
     """Decoded responses to token-id prompts from ``sampler`` (``keys``: each one's (prompt,
     sample) index); seeded as the rollout's shard 0 is. A progress bar is drawn only when
     ``progress_label`` is given."""
-    with _bar(progress_label, len(prompts)) as advance:
+    with progress_task(progress_label, len(prompts)) as advance:
         batch = sampler.sample_shard(prompts, keys, sampling, seed, 0, advance)
     return _decode(tok, batch)
-
-
-@contextmanager
-def _bar(label: str | None, total: int):
-    """Yields ``advance(sequences, tokens)``; a no-op without a label."""
-    if label is None:
-        yield lambda n, t: None
-        return
-    with progress() as bar:
-        task = bar.add_task(label, total=total, tokens=0)
-
-        def advance(n: int, tokens: int) -> None:
-            bar.update(task, advance=n, tokens=bar.tasks[task].fields["tokens"] + tokens)
-
-        yield advance
 
 
 def _decode(tok, batch) -> list[str]:
@@ -166,18 +170,6 @@ def _row(rec, p: int, s: int, answer: str, response: str, verify, cfg: EvalConfi
                        f"prompt {p}: {first_line(exc)}") from None
     return {"prompt_index": p, "sample_index": s, "prompt": _prompt_text(rec, cfg),
             "answer": answer, "response": response, "correct": ok}
-
-
-def _write(cfg: EvalConfig, result: EvalResult, model, tok) -> Path:
-    out = prepare_output(cfg.output, "eval", (cfg.model, cfg.prompts), overwrite=True)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.rows)
-    summary = {**result.summary(), "num_prompts": result.n // cfg.sampling.num_samples,
-               "config": to_flat(cfg), "model": model_ref(cfg.model, model),
-               "tokenizer": tokenizer_info(tok)}
-    write_atomic(out / RESULTS, lines)
-    write_atomic(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    return out
 
 
 def render_summary(cfg: EvalConfig, result: EvalResult) -> None:

@@ -23,12 +23,10 @@ run reuses what was measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from tipcli.configs import (DistillConfig, EvalConfig, RolloutConfig, ScoreConfig, validate)
-from tipcli.evaluate import SUMMARY as EVAL_SUMMARY
 from tipcli.evaluate import run_eval
 from tipcli.rollout import run_rollout
 from tipcli.score import run_score
@@ -37,8 +35,8 @@ from tipcli.shards import StageDir
 EVAL_SEED_OFFSET = 7919  # the eval samples' seed, apart from the training rollouts' seeds
 
 
-def evaluate(cfg: DistillConfig, name: str, model, out: Path, tok, teacher,
-             sampler=None) -> dict[str, Any]:
+def heldout_metrics(cfg: DistillConfig, name: str, model, out: Path, tok, teacher,
+                    sampler=None) -> dict[str, Any]:
     """The student ``name`` (``model``, loaded) on the eval prompts, into ``out`` (an
     accuracy evaluation) and ``out-kl`` (the KL stages); finished parts are reused."""
     row: dict[str, Any] = {}
@@ -51,18 +49,15 @@ def evaluate(cfg: DistillConfig, name: str, model, out: Path, tok, teacher,
 
 def accuracy(cfg: DistillConfig, name: str, model, out: Path, tok, sampler=None
              ) -> dict[str, Any]:
-    if (out / EVAL_SUMMARY).is_file():
-        s = json.loads((out / EVAL_SUMMARY).read_text())
-    else:
-        # tip eval's own sampling (greedy, one answer each), at the loop's response length
-        sampling = dataclasses.replace(EvalConfig().sampling,
-                                       max_new_tokens=cfg.sampling.max_new_tokens)
-        res = run_eval(validate(EvalConfig(
-            model=name, prompts=cfg.eval_prompts, output=str(out), grading=cfg.grading,
-            sampling=sampling, seed=cfg.seed, source=_source(cfg), runtime=cfg.runtime)),
-            model=model, tokenizer=tok, sampler=sampler)
-        s = res.summary()
-    return {"accuracy": s["accuracy"], "interval_95": s["interval_95"]}
+    """`tip eval` of the student on the eval prompts into ``out`` (read back when it has
+    finished before): greedy, one answer each, at the loop's response length."""
+    sampling = dataclasses.replace(EvalConfig().sampling,
+                                   max_new_tokens=cfg.sampling.max_new_tokens)
+    res = run_eval(validate(EvalConfig(
+        model=name, prompts=cfg.eval_prompts, output=str(out), grading=cfg.grading,
+        sampling=sampling, seed=cfg.seed, source=_source(cfg), runtime=cfg.runtime)),
+        model=model, tokenizer=tok, sampler=sampler)
+    return {"accuracy": res.accuracy, "interval_95": list(res.interval)}
 
 
 def kl(cfg: DistillConfig, name: str, model, out: Path, tok, teacher, sampler=None

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tipcli.configs import NORMALIZERS, Selection, parse_quadrants, strategy_problem
+from tipcli.catalog import strategy
+from tipcli.configs import NORMALIZERS, Selection
 
 CLIP_QUANTILE = 0.98
 KEEP_EPS = 1e-9
@@ -282,37 +283,35 @@ def gumbel(n: int, seed: int) -> torch.Tensor:
     return u.log_().neg_().log_().neg_()
 
 
-def strategy_score(strategy: str, h_C, d_C, s_C, fkl_C, alpha: float, seed: int) -> torch.Tensor:
-    """The key whose top-K a top-K strategy keeps."""
-    if strategy == "random":
-        return gumbel(h_C.numel(), seed)
-    if strategy == "entropy":
-        return h_C
-    if strategy == "entropy-sample":  # Gumbel top-K = sampling without replacement, p ~ h^alpha
-        logw_C = alpha * torch.log(h_C) if alpha != 0 else torch.zeros_like(h_C)
-        return logw_C + gumbel(h_C.numel(), seed)
-    if strategy == "divergence":
-        return d_C
-    if strategy in ("soft-or",) or strategy.startswith("quadrant:"):
-        return s_C
-    if strategy == "soft-or-bottom":
-        return -s_C
-    if strategy == "q3":
-        return fkl_C.float() * (1 - h_C)
-    raise ValueError(strategy_problem(strategy) or strategy)
+def _entropy_sample_key(h_C, alpha: float, seed: int) -> torch.Tensor:
+    """Gumbel top-K: sampling without replacement with probability proportional to h^alpha."""
+    logw_C = alpha * torch.log(h_C) if alpha != 0 else torch.zeros_like(h_C)
+    return logw_C + gumbel(h_C.numel(), seed)
 
 
-def select_mask(strategy: str, keep: float, h_C, d_C, s_C, quad_C, fkl_C, scope: Rows,
+# what each strategy's ``ranks`` (tipcli.catalog) means: (h, d, soft_or, fkl, alpha, seed) -> key
+RANK_KEYS = {
+    "gumbel": lambda h, d, s, fkl, alpha, seed: gumbel(h.numel(), seed),
+    "h": lambda h, d, s, fkl, alpha, seed: h,
+    "h^alpha+gumbel": lambda h, d, s, fkl, alpha, seed: _entropy_sample_key(h, alpha, seed),
+    "d": lambda h, d, s, fkl, alpha, seed: d,
+    "soft_or": lambda h, d, s, fkl, alpha, seed: s,
+    "-soft_or": lambda h, d, s, fkl, alpha, seed: -s,
+    "fkl*(1-h)": lambda h, d, s, fkl, alpha, seed: fkl.float() * (1 - h),
+}
+
+
+def select_mask(name: str, keep: float, h_C, d_C, s_C, quad_C, fkl_C, scope: Rows,
                 alpha: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """bool [C]: the candidate tokens a strategy keeps, budgeted per ``scope`` row."""
-    if strategy == "all":
+    """bool [C]: the candidate tokens strategy ``name`` keeps, budgeted per ``scope`` row."""
+    st = strategy(name)
+    if not st.top_k:
         return torch.ones_like(h_C, dtype=torch.bool)
     k_R = budget(scope.count_R, keep)
-    score_C = strategy_score(strategy, h_C, d_C, s_C, fkl_C, alpha, seed)
-    wanted = parse_quadrants(strategy)
-    if wanted is None:
+    score_C = RANK_KEYS[st.ranks](h_C, d_C, s_C, fkl_C, alpha, seed)
+    if not st.quadrants:
         return top_k_mask(score_C, scope, k_R, seed)
-    inside_C = torch.isin(quad_C, torch.tensor(sorted(wanted), dtype=quad_C.dtype))
+    inside_C = torch.isin(quad_C, torch.tensor(sorted(st.quadrants), dtype=quad_C.dtype))
     sub = Rows.build(scope.row_C[inside_C], scope.num_rows)
     out_C = torch.zeros_like(inside_C)
     out_C[inside_C] = top_k_mask(score_C[inside_C], sub, k_R, seed)
@@ -322,9 +321,9 @@ def select_mask(strategy: str, keep: float, h_C, d_C, s_C, quad_C, fkl_C, scope:
 # ----------------------------------------------------------------------------- whole pass
 
 
-def importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.Tensor,
-               div_T: torch.Tensor, fkl_T: torch.Tensor, st: Selection, seed: int = 0,
-               vocab_size: int = 0) -> dict[str, torch.Tensor]:
+def token_importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.Tensor,
+                     div_T: torch.Tensor, fkl_T: torch.Tensor, st: Selection, seed: int = 0,
+                     vocab_size: int = 0) -> dict[str, torch.Tensor]:
     """Per-token h, d, soft_or, quadrant and selected (all [T]) plus per-group tau_h, tau_d [G].
 
     ``offsets_N1`` are the response offsets of the whole directory in sequence order;
@@ -348,7 +347,7 @@ def importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.
         return select_mask(st.strategy, st.keep, h_C, d_C, s_C, quad_C, pick(fkl_T), scope,
                            st.alpha, seed)
 
-    if parse_quadrants(st.strategy) is None:  # the mask does not need the quadrants
+    if not strategy(st.strategy).quadrants:  # the mask does not need the quadrants
         sel_C, (tau_h_G, tau_d_G, quad_C) = both(lambda: select(None), quadrants)
     else:
         tau_h_G, tau_d_G, quad_C = quadrants()

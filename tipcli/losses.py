@@ -32,20 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tipcli.configs import FULL_LOSSES, LOSSES, TOPK_LOSSES
+from tipcli.catalog import LOSSES
 
 LN2 = math.log(2.0)
 TAIL_FLOOR = 1e-12
 LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
-
-
-def loss_targets(loss: str) -> tuple[str, ...]:
-    """The per-token score tensors a loss reads."""
-    if loss in TOPK_LOSSES:
-        return ("teacher_topk_ids", "teacher_topk_logprobs")
-    if loss == "rkl-sampled":
-        return ("response_ids", "teacher_logprob", "rollout_logprob")
-    return ()
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -147,19 +138,19 @@ def full_loss(kind: str, s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor) -
 
 def token_loss(loss: str, s_logits_CV: torch.Tensor, targets: dict[str, torch.Tensor],
                t_logits_CV: torch.Tensor | None = None) -> torch.Tensor:
-    """One loss value per position of a chunk."""
-    kind = loss.split("-")[0]
-    if loss in TOPK_LOSSES:
-        return topk_loss(kind, s_logits_CV, targets["teacher_topk_ids"],
+    """One loss value per position of a chunk (``loss``: a name of ``tipcli.catalog.LOSSES``)."""
+    spec = LOSSES.get(loss)
+    if spec is None:
+        raise ValueError(f"unknown loss {loss!r}; one of {', '.join(LOSSES)}")
+    if spec.form == "topk":
+        return topk_loss(spec.divergence, s_logits_CV, targets["teacher_topk_ids"],
                          targets["teacher_topk_logprobs"])
-    if loss == "rkl-sampled":
+    if spec.form == "sampled":
         return sampled_loss(s_logits_CV, targets["response_ids"], targets["teacher_logprob"],
                             targets["rollout_logprob"])
-    if loss in FULL_LOSSES:
-        if t_logits_CV is None:
-            raise ValueError(f"{loss} needs teacher logits")
-        return full_loss(kind, s_logits_CV, t_logits_CV)
-    raise ValueError(f"unknown loss {loss!r}; one of {', '.join(LOSSES)}")
+    if t_logits_CV is None:
+        raise ValueError(f"{loss} needs teacher logits")
+    return full_loss(spec.divergence, s_logits_CV, t_logits_CV)
 
 
 def chunked_token_loss(loss: str, hidden_KH: torch.Tensor, head: Callable,

@@ -5,11 +5,11 @@ Rules, checked before anything is written:
 - the output is a directory (or does not exist yet) whose parent is a directory;
 - it is not one of the run's inputs (a stage directory, a model, a prompts file) nor a
   folder holding one;
-- a non-empty output holds a run tip wrote (its ``manifest.json``, or an evaluation's
-  ``summary.json``); anything else is refused, with or without ``--overwrite``;
-- ``--overwrite`` deletes only the files and folders that stage writes, never the
-  working directory, the home directory or ``/``; if the directory holds anything else,
-  it is refused and nothing is deleted.
+- a non-empty output holds a run tip wrote (its ``manifest.json``); anything else is
+  refused, with or without ``--overwrite``;
+- ``--overwrite`` deletes only the files and folders that stage writes
+  (``tipcli.stages``), never the working directory, the home directory or ``/``; if the
+  directory holds anything else, it is refused and nothing is deleted.
 
 Report files (``--json``, ``--png``, ``--export``) must go into an existing directory
 that is not a stage directory, and not onto a directory.
@@ -25,23 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tipcli.errors import TipError
+from tipcli.stages import (HIDDEN_TMP, LEGACY_EVAL_SUMMARY, MANIFEST, RESULTS, SHARD, STAGES,
+                           pattern)
 
-MANIFEST = "manifest.json"
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors",
-               "model-*-of-*.safetensors", "model.safetensors.index.json", "tokenizer.json",
-               "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-               "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt")
-STAGE_FILES = {
-    "rollout": (MANIFEST, "shard-*.safetensors"),
-    "score": (MANIFEST, "shard-*.safetensors"),
-    "select": (MANIFEST, "shard-*.safetensors"),
-    "train": (MANIFEST, "metrics.jsonl", "checkpoints", "logs", *MODEL_FILES),
-    "distill": (MANIFEST, "iter-[0-9][0-9][0-9]", "eval-*", "logs"),
-    "eval": ("results.jsonl", "summary.json"),
-    "unknown": (MANIFEST, "shard-*.safetensors"),  # a manifest torn by a crash
-}
-HIDDEN_TMP = ".*.tmp"  # what an interrupted write leaves; every stage removes its own
-PROGRESS = ".progress-*.json"  # shards finished by each of several processes
+UNKNOWN = (MANIFEST, pattern(SHARD))  # a manifest torn by a crash: still tip's directory
 
 
 def real(path: str | Path) -> Path:
@@ -61,8 +48,8 @@ def written_stage(path: Path) -> str | None:
         except (ValueError, OSError):
             return "unknown"  # a manifest torn by a crash: still tip's directory
         return m.get("stage", "unknown") if isinstance(m, dict) else None
-    if (path / "summary.json").is_file() and (path / "results.jsonl").is_file():
-        return "eval"
+    if (path / LEGACY_EVAL_SUMMARY).is_file() and (path / RESULTS).is_file():
+        return "eval"  # an evaluation tip 0.1 wrote
     return None
 
 
@@ -121,7 +108,8 @@ def prepare_output(path: str | Path, stage: str, inputs: Iterable[str | Path | N
 
 def _foreign(path: Path, stage: str) -> list[str]:
     """Entries of ``path`` that ``stage`` does not write."""
-    patterns = (*STAGE_FILES.get(stage, (MANIFEST,)), HIDDEN_TMP, PROGRESS)
+    known = STAGES.get(stage)
+    patterns = known.patterns if known else (*UNKNOWN, HIDDEN_TMP)
     return sorted(e.name for e in path.iterdir()
                   if not any(fnmatch.fnmatch(e.name, p) for p in patterns))
 

@@ -31,6 +31,15 @@ class Processes:
         """The shard indices this process works on."""
         return [i for i in indices if i % self.world == self.rank]
 
+    def device_for(self, device: str) -> str:
+        """Where this process runs a model asked for on ``device``: under a launcher,
+        ``auto`` is the process's own device; else the device itself, checked."""
+        if self.world > 1 and device == "auto" and self.device:
+            return self.device
+        from tipcli.models import resolve_device
+
+        return resolve_device(device)
+
     def barrier(self) -> None:
         if self.world > 1:
             from accelerate import PartialState

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -64,6 +66,31 @@ def progress() -> Progress:
                           MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(),
                           TimeRemainingColumn(), console=console,
                           disable=bool(os.environ.get("TIP_QUIET")), transient=False)
+
+
+Advance = Callable[..., None]
+
+
+@contextmanager
+def progress_task(label: str | None, total: float, show: bool = True,
+                  completed: float = 0) -> Iterator[Advance]:
+    """One task's progress bar on stderr; yields ``advance(n=1, tokens=0, description=None,
+    total=None)``: ``n`` more done, ``tokens`` more generated or scored (the tok/s column),
+    a new description or total. Without a ``label``, or with ``show`` false (every process
+    but the main one), nothing is drawn and ``advance`` does nothing."""
+    if label is None or not show:
+        yield lambda *a, **kw: None
+        return
+    with progress() as bar:
+        task = bar.add_task(label, total=total, completed=completed, tokens=0)
+
+        def advance(n: float = 1, tokens: int = 0, description: str | None = None,
+                    total: float | None = None) -> None:
+            fields = bar.tasks[task].fields
+            bar.update(task, advance=n, tokens=fields["tokens"] + tokens, total=total,
+                       description=description)
+
+        yield advance
 
 
 class Timer:

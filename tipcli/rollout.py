@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
-from tipcli.configs import RolloutConfig, to_flat, validate
+from tipcli.configs import RolloutConfig
 from tipcli.errors import TipError
 from tipcli.models import load_tokenizer, model_ref, tokenizer_info
-from tipcli.outputs import check_output
 from tipcli.parallel import processes
-from tipcli.progress import progress
+from tipcli.progress import progress_task
 from tipcli.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.sampling import make_sampler
-from tipcli.shards import StageWriter
+from tipcli.shards import StageRun
+from tipcli.stages import ROLLOUT
 
 
 def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokenizer=None,
@@ -38,10 +38,9 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     A ``model``/``tokenizer`` (or a whole ``sampler``) may be passed in already loaded
     (the on-policy loop does). Under a launcher each process samples its share of the
     shards (``tipcli.parallel``)."""
-    validate(cfg)
+    run = StageRun(ROLLOUT, cfg, overwrite)
     rt, sampling = cfg.runtime, cfg.sampling
     procs = processes(rt.device)
-    check_output(cfg.output, "rollout", (cfg.prompts, cfg.student), overwrite)
     records = load_prompts(cfg.prompts, cfg.source)
     tok = tokenizer or load_tokenizer(cfg.student, rt.trust_remote_code)
     prompt_ids = [encode_prompt(tok, r, cfg.source) for r in records]
@@ -50,24 +49,14 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
             raise TipError(f"prompt {i} of {cfg.prompts} encodes to no tokens")
     sampler = sampler or make_sampler(cfg.student, tok, sampling, rt, procs, model)
     prompt_ids = fit_context(prompt_ids, sampler.context, sampling, cfg.prompts)
-    writer = StageWriter(cfg.output, "rollout", to_flat(cfg),
-                         {"student": model_ref(cfg.student, getattr(sampler, "model", None))},
-                         tokenizer_info(tok), overwrite=overwrite,
-                         sources=(cfg.prompts, cfg.student),
-                         inputs={"prompts_sha256": ids_sha256(prompt_ids)}, procs=procs)
+    writer = run.writer({"student": model_ref(cfg.student, sampler.model)}, tokenizer_info(tok),
+                        inputs={"prompts_sha256": ids_sha256(prompt_ids)}, procs=procs)
     seqs = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.num_samples)]
     shards = [seqs[a:a + cfg.shard_size] for a in range(0, len(seqs), cfg.shard_size)]
     if writer.complete:
         return writer.path
-    todo = [si for si in procs.mine(range(len(shards))) if not writer.is_done(si)]
-    bar = progress()
-    bar.disable = bar.disable or not procs.main
-    with bar:
-        task = bar.add_task("rollout", total=sum(len(shards[si]) for si in todo), tokens=0)
-
-        def advance(n: int, tokens: int) -> None:
-            bar.update(task, advance=n, tokens=bar.tasks[task].fields["tokens"] + tokens)
-
+    todo = writer.todo(len(shards))
+    with progress_task("rollout", sum(len(shards[si]) for si in todo), procs.main) as advance:
         for si in todo:
             items = shards[si]
             out = sampler.sample_shard([prompt_ids[p] for p, _ in items], items, sampling,

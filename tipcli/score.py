@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from tipcli.configs import ScoreConfig, to_flat, validate
+from tipcli.configs import ScoreConfig, to_flat
 from tipcli.forward import collate, head_logits, response_hidden
 from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
                            input_device, load_model, load_tokenizer, model_ref,
-                           real_vocab_size, resolve_device, resolve_dtype, tokenizer_info)
-from tipcli.outputs import check_output
+                           real_vocab_size, resolve_dtype, tokenizer_info)
 from tipcli.parallel import processes
-from tipcli.progress import progress
-from tipcli.shards import StageDir, StageWriter, split_sequences
+from tipcli.progress import progress_task
+from tipcli.shards import StageDir, StageRun, split_sequences
+from tipcli.stages import SCORE
 from tipcli.stats import auto_chunk, token_stats
 
 
@@ -33,18 +33,16 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
 
     Already loaded ``student``/``teacher``/``tokenizer`` may be passed in. Under a launcher
     each process scores its share of the shards (``tipcli.parallel``)."""
-    validate(cfg)
+    run = StageRun(SCORE, cfg, overwrite)
     rt = cfg.runtime
     procs = processes(rt.device)
-    check_output(cfg.output, "score", (cfg.rollout, cfg.teacher, cfg.student), overwrite)
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
     s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)
     t_tok = load_tokenizer(cfg.teacher, rt.trust_remote_code) if teacher is None else s_tok
     check_same_vocab(s_tok, t_tok, student_name, cfg.teacher)
     check_tokenizer_matches(s_tok, rollout.manifest, student_name, cfg.rollout)
-    device = procs.device if procs.world > 1 and rt.device == "auto" else \
-        resolve_device(rt.device)
+    device = procs.device_for(rt.device)
     dtype = resolve_dtype(rt.dtype, device)
     student = student or load_model(student_name, device, dtype, rt.trust_remote_code,
                                     rt.device_map, rt.max_memory)
@@ -55,14 +53,13 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     # what is stored: the student actually used, and no more top-k columns than tokens
     resolved = {**to_flat(cfg), "student": student_name,
                 "top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
-    writer = StageWriter(cfg.output, "score", resolved,
-                         {"student": model_ref(student_name, student),
-                          "teacher": model_ref(cfg.teacher, teacher)},
-                         tokenizer_info(s_tok), parent=rollout, overwrite=overwrite,
-                         sources=(cfg.teacher, student_name), procs=procs)
+    writer = run.writer({"student": model_ref(student_name, student),
+                         "teacher": model_ref(cfg.teacher, teacher)},
+                        tokenizer_info(s_tok), parent=rollout, config=resolved,
+                        reads=(student_name,), procs=procs)
     if not writer.complete:
-        todo = [i for i in procs.mine(range(len(rollout.shards))) if not writer.is_done(i)]
-        _score_shards(cfg, rollout, writer, student, teacher, s_tok, todo, procs.main)
+        _score_shards(cfg, rollout, writer, student, teacher, s_tok,
+                      writer.todo(len(rollout.shards)), procs.main)
     return writer.finish(num_shards=len(rollout.shards))
 
 
@@ -74,12 +71,8 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
     s_logits = head_logits(student, vocab, sc.temperature)
     t_logits = head_logits(teacher, vocab, sc.temperature)
     s_dev, t_dev = input_device(student), input_device(teacher)
-    bar = progress()
-    bar.disable = bar.disable or not show
-    with bar:
-        task = bar.add_task("score", total=sum(rollout.shards[i]["num_tokens"] for i in todo),
-                            tokens=0)
-        scored = 0
+    total = sum(rollout.shards[i]["num_tokens"] for i in todo)
+    with progress_task("score", total, show) as advance:
         for si in todo:
             shard = rollout.load_shard(si)
             seqs = split_sequences(shard)
@@ -93,8 +86,7 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
                                         auto_chunk(sc.chunk_size, vocab))
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
-                scored += int(batch.tokens_P.numel())
-                bar.update(task, advance=int(batch.tokens_P.numel()), tokens=scored)
+                advance(int(batch.tokens_P.numel()), tokens=int(batch.tokens_P.numel()))
             out = dict(shard)
             out.update({k: torch.cat(v) for k, v in parts.items()})
             out["prompt_lengths"] = shard["prompt_offsets"].diff()

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from tipcli.configs import QUADRANTS, SelectConfig, Selection, to_flat, validate
-from tipcli.importance import importance
-from tipcli.outputs import check_output
-from tipcli.shards import PROMPT_TOKEN_FIELDS, StageDir, StageWriter
+from tipcli.catalog import QUADRANTS
+from tipcli.configs import SelectConfig, Selection
+from tipcli.importance import token_importance
+from tipcli.shards import PROMPT_TOKEN_FIELDS, StageDir, StageRun
+from tipcli.stages import SELECT
 
 # what selection reads from a score directory, and what a selection shard holds
 SELECTION_FIELDS = ("response_offsets", "response_mask", "student_entropy", "rkl", "fkl", "jsd")
@@ -53,20 +54,21 @@ def load_flat(score: StageDir, fields: tuple[str, ...] = SELECTION_FIELDS
     return flat, shard_offsets
 
 
-def compute(flat: dict[str, Any], sel: Selection, seed: int, vocab_size: int) -> dict[str, Any]:
+def select_tokens(flat: dict[str, Any], sel: Selection, seed: int,
+                  vocab_size: int) -> dict[str, Any]:
     """Per-token h, d, soft_or, quadrant, selected [T] and per-group tau_h, tau_d of the
     flat fields of a whole score directory."""
-    out = importance(flat["response_offsets"], flat["response_mask"], flat["student_entropy"],
+    out = token_importance(flat["response_offsets"], flat["response_mask"], flat["student_entropy"],
                      flat[sel.divergence], flat["fkl"], sel, seed, vocab_size)
     out["response_mask"] = flat["response_mask"].bool()
     return out
 
 
-def compute_selection(score: StageDir, sel: Selection, seed: int) -> list[dict[str, Any]]:
+def selection_by_shard(score: StageDir, sel: Selection, seed: int) -> list[dict[str, Any]]:
     """For each score shard in order: ``selected`` (bool [T]), ``h``, ``d``, ``soft_or``
     (float32 [T]) and ``quadrant`` (uint8 [T], 1..4) of its tokens."""
     flat, shard_offsets = load_flat(score)
-    out = compute(flat, sel, seed, score.manifest["tokenizer"]["vocab_size"])
+    out = select_tokens(flat, sel, seed, score.manifest["tokenizer"]["vocab_size"])
     return split_shards(out, shard_offsets)
 
 
@@ -99,15 +101,13 @@ def summarize(out: dict[str, Any], sel: Selection) -> dict[str, Any]:
 
 def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
     """Write a selection directory for ``cfg.score``; returns its path."""
-    validate(cfg)
-    check_output(cfg.output, "select", (cfg.score,), overwrite)
+    run = StageRun(SELECT, cfg, overwrite)
     score = StageDir.open(cfg.score, stage="score")
-    writer = StageWriter(cfg.output, "select", to_flat(cfg), score.manifest["models"],
-                         score.manifest["tokenizer"], parent=score, overwrite=overwrite)
+    writer = run.writer(score.manifest["models"], score.manifest["tokenizer"], parent=score)
     if writer.complete:
         return writer.path
     flat, shard_offsets = load_flat(score)
-    out = compute(flat, cfg.selection, cfg.seed, score.manifest["tokenizer"]["vocab_size"])
+    out = select_tokens(flat, cfg.selection, cfg.seed, score.manifest["tokenizer"]["vocab_size"])
     for i, part in enumerate(split_shards(out, shard_offsets)):
         if writer.is_done(i):
             continue

@@ -27,12 +27,13 @@ from safetensors.torch import load_file
 
 from tipcli import __version__
 from tipcli.errors import TipError, first_line
-from tipcli.files import save_tensors, sha256_file, write_json_atomic
-from tipcli.outputs import prepare_output
+from tipcli.files import save_tensors, sha256_file, write_atomic, write_json_atomic
+from tipcli.outputs import check_output, prepare_output
 from tipcli.parallel import Processes
+from tipcli.settings import to_flat, validate
+from tipcli.stages import MANIFEST, PROGRESS, SHARD, STAGES, Stage, pattern
 
 SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 
 # How each tensor name is laid out. Names not listed here are per token.
 SEQUENCE_FIELDS = {"prompt_offsets", "response_offsets", "prompt_index", "sample_index",
@@ -40,14 +41,10 @@ SEQUENCE_FIELDS = {"prompt_offsets", "response_offsets", "prompt_index", "sample
 PROMPT_TOKEN_FIELDS = {"prompt_ids"}
 
 FINISH_EOS, FINISH_LENGTH = 0, 1
-SHARDED_STAGES = ("rollout", "score", "select")  # a finished one holds at least one shard
-
-
-PROGRESS = ".progress-{}.json"  # a process's record of its finished shards (several processes)
 
 
 def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
+    return SHARD.format(index)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -136,7 +133,8 @@ class StageDir:
         if not manifest.get("complete"):
             raise TipError(f"{path} is incomplete (its {manifest.get('stage')} run did not "
                            "finish); run that stage again to resume it")
-        if manifest["stage"] in SHARDED_STAGES and not manifest["shards"]:
+        described = STAGES.get(manifest["stage"])
+        if described is not None and described.sharded and not manifest["shards"]:
             raise TipError(f"{mpath} lists no shards, so the directory is damaged or was not "
                            f"written by this tip: run its {manifest['stage']} stage again")
         return cls(path, manifest)
@@ -236,6 +234,36 @@ def offsets(lengths: list[int]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- writing
 
 
+class StageRun:
+    """One run of a stage into ``cfg.output``, the way every stage runs.
+
+    Made first, before any model loads: the settings are checked, and so is the output
+    (``tipcli.outputs``: not one of the inputs the stage's description names, nothing
+    foreign in it); nothing is written. ``writer`` then starts the directory, or resumes
+    it when the same run was interrupted, or finds it finished (``writer.complete``); the
+    stage writes its shards or files and calls ``writer.finish``."""
+
+    def __init__(self, stage: Stage, cfg: Any, overwrite: bool = False):
+        validate(cfg)
+        self.stage, self.cfg, self.overwrite = stage, cfg, overwrite
+        self.sources = tuple(getattr(cfg, name) for name in stage.inputs)
+        check_output(cfg.output, stage.name, self.sources, overwrite)
+
+    def writer(self, models: dict[str, Any], tokenizer: dict[str, Any],
+               parent: StageDir | None = None, inputs: dict[str, Any] | None = None,
+               config: dict[str, Any] | None = None, reads: tuple = (),
+               procs: Processes = Processes()) -> StageWriter:
+        """The directory's writer; ``config`` (default: the stage's settings) is what a
+        resumed run must equal, with the ``parent`` directory and the ``inputs``'
+        checksums. ``reads``: paths it reads beyond its settings' (the output may not be or
+        hold them either)."""
+        return StageWriter(self.cfg.output, self.stage.name,
+                           to_flat(self.cfg) if config is None else config, models, tokenizer,
+                           parent=parent, overwrite=self.overwrite, inputs=inputs,
+                           sources=(*self.sources, *reads), procs=procs)
+
+
+
 class StageWriter:
     """Writes one stage directory shard by shard, resuming an interrupted run.
 
@@ -300,6 +328,10 @@ class StageWriter:
         elif old is not None or (self.path / MANIFEST).exists():
             raise TipError(f"output directory {self.path} holds another tip run (or a damaged "
                            "one); pass --overwrite to replace it, or choose another -o")
+        elif self.path.is_dir() and any(not e.name.startswith(".") for e in self.path.iterdir()):
+            raise TipError(f"output directory {self.path} holds an earlier {self.manifest['stage']}"
+                           " run in an older format; pass --overwrite to replace it, or choose "
+                           "another -o")
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob(".*.tmp"):
             stale.unlink()
@@ -326,7 +358,7 @@ class StageWriter:
         """Shards recorded in ``old`` or in a process's progress file whose files exist
         with the recorded checksum, by index."""
         entries = list(enumerate(old["shards"]))
-        for progress in sorted(self.path.glob(PROGRESS.format("*"))):
+        for progress in sorted(self.path.glob(pattern(PROGRESS))):
             try:
                 entries += [(int(i), e) for i, e in json.loads(progress.read_text()).items()]
             except (ValueError, AttributeError, TypeError):
@@ -354,6 +386,14 @@ class StageWriter:
 
     def is_done(self, index: int) -> bool:
         return index in self.done
+
+    def todo(self, num_shards: int) -> list[int]:
+        """The shards this process still has to write (its share, less those done)."""
+        return [i for i in self.procs.mine(range(num_shards)) if i not in self.done]
+
+    def write_file(self, name: str, text: str) -> Path:
+        """A file of the stage beside the manifest (an evaluation's results), atomically."""
+        return write_atomic(self.path / name, text)
 
     def write_shard(self, index: int, tensors: dict[str, torch.Tensor],
                     **entry_extra: Any) -> dict[str, Any]:
@@ -388,7 +428,7 @@ class StageWriter:
                 self.manifest["summary"]["num_processes"] = self.procs.world
             self.manifest["complete"] = True
             self._save()
-            for progress in self.path.glob(PROGRESS.format("*")):
+            for progress in self.path.glob(pattern(PROGRESS)):
                 progress.unlink()
         self.procs.barrier()
         return self.path

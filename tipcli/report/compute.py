@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from tipcli.configs import (QUADRANTS, TOPK_STRATEGIES, ReportConfig, SelectConfig, Selection,
-                            resolve)
+from tipcli.catalog import QUADRANTS, TOPK_STRATEGIES
+from tipcli.configs import ReportConfig, SelectConfig, Selection, resolve
 from tipcli.errors import ConfigError, TipError
 from tipcli.importance import layout, select_mask, sequence_index
-from tipcli.select import SELECTION_FIELDS, compute, load_flat
+from tipcli.select import SELECTION_FIELDS, load_flat, select_tokens
 from tipcli.shards import StageDir
 
 COVERAGE_STRATEGIES = TOPK_STRATEGIES
@@ -58,7 +58,7 @@ def load_report_data(cfg: ReportConfig, prompts: bool = False) -> ReportData:
         score, selection, seed = stage, cfg.selection, cfg.seed
     fields = (*REPORT_FIELDS, "prompt_ids") if prompts else REPORT_FIELDS
     flat, _ = load_flat(score, fields)
-    sel = compute(flat, selection, seed, score.manifest["tokenizer"]["vocab_size"])
+    sel = select_tokens(flat, selection, seed, score.manifest["tokenizer"]["vocab_size"])
     if stage.stage == "select":
         stored_mask = [s for s in stage.iter_shards(("selected", "h", "d", "soft_or",
                                                      "quadrant"))]

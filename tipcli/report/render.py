@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 from rich.text import Text
 
-from tipcli.configs import QUADRANT_LABELS
+from tipcli.catalog import QUADRANT_LABELS
 from tipcli.files import write_atomic
 from tipcli.progress import console
 from tipcli.report.compute import (COVERAGE_KEEPS, COVERAGE_STRATEGIES, HIST_BINS, ReportData,

@@ -27,19 +27,19 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from tipcli.configs import TrainConfig, to_flat, validate
+from tipcli.configs import TrainConfig, to_flat
 from tipcli.errors import TipError, first_line
 from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
                            resolve_device, tokenizer_info)
-from tipcli.outputs import check_output
-from tipcli.shards import StageWriter, is_complete, read_manifest
+from tipcli.shards import StageRun, StageWriter, is_complete, read_manifest
+from tipcli.stages import TRAIN
 from tipcli.tracking import Tracker, check_available
-from tipcli.train.checkpoint import CHECKPOINTS, METRICS, load_latest
+from tipcli.train.checkpoint import load_latest
 from tipcli.train.data import Source, load_sequences, make_micro_batch, open_source
 from tipcli.train.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
 from tipcli.train.module import DistillModule, distill_module
 
-__all__ = ["CHECKPOINTS", "METRICS", "DistillModule", "TrainConfig", "accelerator_kwargs",
+__all__ = ["DistillModule", "TrainConfig", "accelerator_kwargs",
            "distill_module", "load_sequences", "make_micro_batch", "open_source", "run_train",
            "train_model"]
 
@@ -58,10 +58,9 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     Returns the output directory and the trained student in eval mode (None when the run
     had already completed and nothing was trained, and under ``--fsdp``, where the student
     is sharded: load it from the output directory)."""
-    validate(cfg)
+    run = StageRun(TRAIN, cfg, overwrite)
     check_available(cfg.training.report_to)
     resolve_device(cfg.runtime.device)  # --device cuda on a machine without one is refused
-    check_output(cfg.output, "train", (cfg.input, cfg.student, cfg.teacher), overwrite)
     quiet_transformers()
     acc = make_accelerator(cfg)
     src = open_source(cfg)
@@ -70,7 +69,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
     _check_resume(cfg, overwrite, resume)
     acc.wait_for_everyone()  # every process has checked before the main one writes
-    writer = _writer(cfg, src, tok, overwrite) if acc.is_main_process else None
+    writer = _writer(run, src, tok) if acc.is_main_process else None
     acc.wait_for_everyone()
     if is_complete(cfg.output):  # the same run already completed: nothing to do
         return Path(cfg.output), None
@@ -116,16 +115,16 @@ def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
                        "it or --overwrite to start again")
 
 
-def _writer(cfg: TrainConfig, src: Source, tok, overwrite: bool) -> StageWriter:
+def _writer(run: StageRun, src: Source, tok) -> StageWriter:
+    cfg = run.cfg
     models = {"student": model_ref(src.student)}
     if cfg.teacher:
         models["teacher"] = model_ref(cfg.teacher)
     resolved = {**to_flat(cfg), "student": src.student, "temperature": src.temperature}
     if src.input.stage == "select":
         resolved["selection"] = src.input.config
-    return StageWriter(cfg.output, "train", resolved, models, tokenizer_info(tok),
-                       parent=src.input, overwrite=overwrite,
-                       sources=(src.stats.path, src.student, cfg.teacher))
+    return run.writer(models, tokenizer_info(tok), parent=src.input, config=resolved,
+                      reads=(src.stats.path, src.student))
 
 
 def _save_model(tr, tok) -> None:

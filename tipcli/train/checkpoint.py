@@ -32,10 +32,9 @@ from safetensors.torch import load_file
 
 from tipcli.errors import TipError
 from tipcli.files import save_tensors, sha256_file, write_atomic, write_json_atomic
+from tipcli.stages import CHECKPOINTS, METRICS
 
-CHECKPOINTS = "checkpoints"
 INDEX = "checkpoint.json"
-METRICS = "metrics.jsonl"
 
 
 def checkpoint_dirs(output: str | Path) -> list[Path]:

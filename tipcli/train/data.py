@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from tipcli.configs import FULL_LOSSES, TOPK_LOSSES, TrainConfig
+from tipcli.catalog import LOSSES
+from tipcli.configs import TrainConfig
 from tipcli.errors import TipError
 from tipcli.forward import collate
-from tipcli.losses import loss_targets
-from tipcli.select import compute_selection
+from tipcli.select import selection_by_shard
 from tipcli.shards import StageDir, split_sequences
 
 
@@ -43,7 +43,7 @@ def open_source(cfg: TrainConfig) -> Source:
             raise TipError(f"{d.path} has {len(selection)} shards but its score directory "
                            f"{score.path} has {len(score.shards)}; run tip select again")
     elif d.stage == "score":
-        score, selection = d, compute_selection(d, cfg.selection, cfg.seed)
+        score, selection = d, selection_by_shard(d, cfg.selection, cfg.seed)
     else:
         score, selection = d, None
         _check_rollout_loss(cfg, d)
@@ -55,7 +55,7 @@ def open_source(cfg: TrainConfig) -> Source:
 
 def _check_rollout_loss(cfg: TrainConfig, d: StageDir) -> None:
     loss = cfg.training.loss
-    if loss not in FULL_LOSSES:
+    if not LOSSES[loss].needs_teacher:
         raise TipError(f"{d.path} is a rollout directory with no teacher signal; --loss "
                        f"{loss} needs a score directory (tip score), or use a *-full loss "
                        "with --teacher")
@@ -67,7 +67,7 @@ def _check_rollout_loss(cfg: TrainConfig, d: StageDir) -> None:
 def load_sequences(cfg: TrainConfig, src: Source) -> list[dict[str, Any]]:
     """Every sequence with at least one kept token: prompt and response ids, ``keep`` and
     ``quadrant`` per response token, and the per-token tensors the loss reads."""
-    needed = loss_targets(cfg.training.loss)
+    needed = LOSSES[cfg.training.loss].targets
     seqs = []
     for i in range(len(src.stats.shards)):
         shard = src.stats.load_shard(i)
@@ -93,7 +93,7 @@ def _check_targets(cfg: TrainConfig, src: Source, shard: dict, needed: tuple[str
     if not missing:
         return
     loss = cfg.training.loss
-    if loss in TOPK_LOSSES:
+    if LOSSES[loss].form == "topk":
         raise TipError(f"--loss {loss} needs the teacher's top-k, but {src.stats.path} was "
                        f"scored with --top-k {src.stats.config.get('top_k', 0)}; score again "
                        "with --top-k > 0, or use --loss rkl-sampled or a *-full loss")

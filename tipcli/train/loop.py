@@ -24,13 +24,15 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import get_cosine_schedule_with_warmup
 
-from tipcli.configs import QUADRANTS, TrainConfig
+from tipcli.catalog import QUADRANTS
+from tipcli.configs import TrainConfig
 from tipcli.errors import TipError, first_line
 from tipcli.forward import body_hidden, head_logits
 from tipcli.models import check_model_fits_vocab, load_model, real_vocab_size, resolve_dtype
-from tipcli.progress import progress
+from tipcli.progress import progress_task
 from tipcli.train import fsdp as fsdp2
-from tipcli.train.checkpoint import METRICS, save_checkpoint
+from tipcli.stages import METRICS
+from tipcli.train.checkpoint import save_checkpoint
 from tipcli.train.data import MicroBatch, Source, make_micro_batch, step_indices, steps_per_epoch
 from tipcli.train.module import DistillModule
 
@@ -250,20 +252,15 @@ def run_loop(tr: Trainer) -> dict[str, Any]:
     """Steps from the trainer's position to the end, logging each and saving a checkpoint
     every ``save_every`` steps; returns the run's summary."""
     acc, last = tr.acc, {}
-    bar = progress()
-    bar.disable = bar.disable or not acc.is_main_process
-    with bar:
-        task = bar.add_task("train", total=tr.total_steps, tokens=0)
-        bar.update(task, completed=tr.state.step)
-        done_tokens = 0
+    with progress_task("train", tr.total_steps, acc.is_main_process,
+                       completed=tr.state.step) as advance:
         while tr.state.step < tr.total_steps:
             t0 = time.perf_counter()
             last = train_step(tr, tr.state.step)
             last["tokens_per_s"] = last["tokens"] / (time.perf_counter() - t0)
             tr.state.step += 1
             _log(tr, last)
-            done_tokens += last["tokens"]
-            bar.update(task, advance=1, tokens=done_tokens)
+            advance(1, tokens=last["tokens"])
             if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0:
                 save_checkpoint(tr)
     return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs),

@@ -1,35 +1,24 @@
-"""Samplers: how the responses of a rollout (and of `tip eval`) are drawn.
+"""The ``hf`` sampler: transformers' batched ``generate`` on a loaded model.
 
-    tip rollout --student S --prompts P -o runs/rollout --backend hf     # transformers
-    tip rollout --student S --prompts P -o runs/rollout --backend vllm   # vLLM, an extra
+    tip rollout --student S --prompts P -o runs/rollout --backend hf
 
-A sampler turns token-id prompts into the flat tensors of a rollout shard
-(``docs/format.md``): responses up to and including EOS, the finish reason, and each
-sampled token's log-prob under the distribution it was drawn from (the logits over the
-real vocabulary divided by the temperature, truncated by top-k, then top-p, as
-transformers' warpers do; at temperature 0, greedy, the plain log-softmax).
-
-The ``hf`` sampler runs ``generate`` with KV cache and left padding; its logits processors
-apply the temperature, top-k and top-p themselves and the last one records the
-log-softmax of the processed scores, so each sampled token's log-prob comes from the very
-scores it was sampled from, with no second forward pass. Sampling settings from a
-model's own ``generation_config.json`` (repetition penalty, min-p, ...) are switched off.
-A batch's randomness comes from the global torch generator, seeded by the caller.
+``generate`` runs with KV cache and left padding; its logits processors apply the
+temperature, top-k and top-p themselves and the last one records the log-softmax of the
+processed scores, so each sampled token's log-prob comes from the very scores it was
+sampled from, with no second forward pass. Sampling settings from a model's own
+``generation_config.json`` (repetition penalty, min-p, ...) are switched off. A batch's
+randomness comes from the global torch generator, seeded from (seed, shard, batch).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
 
-from tipcli.configs import Runtime, Sampling
-from tipcli.models import (load_model, model_vocab_size, real_vocab_size, resolve_device,
-                           resolve_dtype)
-from tipcli.parallel import Processes
-from tipcli.shards import FINISH_EOS, FINISH_LENGTH, offsets
+from tipcli.configs import Sampling
+from tipcli.models import model_vocab_size, real_vocab_size
+from tipcli.sampling.common import Advance, batch_seed, concat, eos_ids, flat_shard
 
 # Settings a model's generation_config may carry that would change the sampling
 # distribution behind rollout_logprob's back. (transformers fills a None from the model's
@@ -62,36 +51,8 @@ class LogprobRecorder(LogitsProcessor):
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_B), 0)
 
 
-def eos_ids(model, tok) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    return [int(i) for i in ids]
-
-
-def batch_seed(seed: int, shard: int, batch: int) -> int:
-    """The torch seed of one generation batch: a batch's samples follow from its place."""
-    return (seed * 1_000_003 + shard * 10_007 + batch) % (2**63)
-
-
-def make_sampler(name: str, tok, sampling: Sampling, runtime: Runtime,
-                 procs: Processes = Processes(), model=None):
-    """The sampler ``sampling.backend`` names, for model ``name`` (or a loaded ``model``)."""
-    if sampling.backend == "vllm":
-        from tipcli.vllm_sampler import VLLMSampler
-
-        return VLLMSampler(name, tok, runtime, procs, gpu_memory=sampling.vllm_gpu_memory)
-    if model is None:
-        device = procs.device if procs.world > 1 and runtime.device == "auto" else \
-            resolve_device(runtime.device)
-        model = load_model(name, device, resolve_dtype(runtime.dtype, device),
-                           runtime.trust_remote_code)
-    return HFSampler(model, tok)
-
-
 class HFSampler:
-    """Batched ``generate`` on a loaded model; ``sample`` draws one batch."""
+    """Batched ``generate`` on a loaded model (a ``Sampler``); ``sample`` draws one batch."""
 
     name = "hf"
 
@@ -99,6 +60,13 @@ class HFSampler:
         self.model, self.tok = model, tok
         self.eos = eos_ids(model, tok)
         self.padded = list(range(real_vocab_size(tok), model_vocab_size(model)))
+
+    def update_weights(self, model) -> None:
+        """Sample from ``model`` from now on (the trained student: no copy is made)."""
+        self.model = model
+
+    def close(self) -> None:
+        """Nothing beyond the model, which belongs to the caller."""
 
     @property
     def device(self):
@@ -110,7 +78,7 @@ class HFSampler:
 
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,
-                     advance: Callable[[int, int], None] | None = None
+                     advance: Advance | None = None
                      ) -> dict[str, torch.Tensor]:
         """A shard's responses, ``cfg.batch_size`` at a time, each batch seeded from (seed,
         shard, batch). ``keys`` (prompt, sample) are the vLLM sampler's seeds; unused here.
@@ -143,7 +111,7 @@ class HFSampler:
         self.model.train(was_training)
         new = out[:, width:].cpu()
         logprob_BS = recorder.finish(new[:, -1])
-        return _flat(prompts, new.tolist(), logprob_BS, self.eos)
+        return flat_shard(prompts, new.tolist(), logprob_BS, self.eos)
 
     def _generate_kwargs(self, cfg: Sampling) -> dict:
         sample = cfg.temperature > 0  # the warpers are ours (``_processors``): none of its own
@@ -167,40 +135,3 @@ def _processors(cfg: Sampling, recorder: LogprobRecorder) -> LogitsProcessorList
         if cfg.top_p < 1.0:
             steps.append(TopPLogitsWarper(top_p=cfg.top_p))
     return LogitsProcessorList([*steps, recorder])
-
-
-def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join flat batch tensors, shifting offsets."""
-    out = {}
-    for name in parts[0]:
-        if name.endswith("_offsets"):
-            offs, base = [parts[0][name][:1]], 0
-            for p in parts:
-                offs.append(p[name][1:] + base)
-                base += int(p[name][-1])
-            out[name] = torch.cat(offs)
-        else:
-            out[name] = torch.cat([p[name] for p in parts])
-    return out
-
-
-def _flat(prompts: list[list[int]], rows: list[list[int]], logprob_BS: torch.Tensor,
-          eos: list[int]) -> dict[str, torch.Tensor]:
-    """A rollout shard's tensors from generated rows, each cut after its first EOS."""
-    responses, finish, logprobs = [], [], []
-    for b, row in enumerate(rows):
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
-        keep = cut + 1 if cut is not None else len(row)
-        responses.append(row[:keep])
-        logprobs.append(logprob_BS[b, :keep])
-        finish.append(FINISH_EOS if cut is not None else FINISH_LENGTH)
-    tokens = [t for r in responses for t in r]
-    return {
-        "prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int32),
-        "prompt_offsets": offsets([len(p) for p in prompts]),
-        "response_ids": torch.tensor(tokens, dtype=torch.int32),
-        "response_offsets": offsets([len(r) for r in responses]),
-        "response_mask": torch.ones(len(tokens), dtype=torch.bool),
-        "rollout_logprob": torch.cat(logprobs).float() if logprobs else torch.zeros(0),
-        "finish_reason": torch.tensor(finish, dtype=torch.uint8),
-    }

@@ -1,4 +1,4 @@
-"""The vLLM sampler (``--backend vllm``): continuous batching and paged attention.
+"""The ``vllm`` sampler (``--backend vllm``): continuous batching and paged attention.
 
     pip install 'tipcli[vllm]'          # on a CPU-only machine: see `make test-vllm`
     tip rollout --student S --prompts P -o runs/rollout --backend vllm
@@ -26,12 +26,10 @@ the running engine (``reload_weights``), and its prefix cache is reset.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,21 +39,16 @@ from tipcli.configs import Runtime, Sampling
 from tipcli.errors import TipError, first_line
 from tipcli.models import ModelSpec, _convert_gguf, real_vocab_size, resolve_device
 from tipcli.parallel import Processes
-from tipcli.sampling import _flat
+from tipcli.sampling.common import Advance, flat_shard, item_seed
 
 CPU_KV_CACHE_GIB = 2  # on CPU, unless VLLM_CPU_KVCACHE_SPACE says otherwise
 
 
-def item_seed(seed: int, prompt: int, sample: int) -> int:
-    """The seed of one response: a hash of (seed, prompt, sample)."""
-    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
-    return int.from_bytes(digest[:7], "big")
-
-
 class VLLMSampler:
-    """A vLLM engine for one model; ``sample_shard`` as the hf sampler's."""
+    """A vLLM engine for one model (a ``Sampler``); ``sample_shard`` as the hf sampler's."""
 
     name = "vllm"
+    model = None  # the engine holds its own copy of the weights
 
     def __init__(self, name: str, tok, runtime: Runtime, procs: Processes = Processes(),
                  gpu_memory: float = 0.85):
@@ -105,7 +98,7 @@ class VLLMSampler:
 
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,
-                     advance: Callable[[int, int], None] | None = None
+                     advance: Advance | None = None
                      ) -> dict[str, torch.Tensor]:
         """All of a shard's responses in one call; each response seeded from (seed, prompt,
         sample), so ``shard`` does not matter."""
@@ -124,13 +117,13 @@ class VLLMSampler:
         logprob_BS = torch.zeros(len(rows), width)
         for b, lp in enumerate(logprobs):
             logprob_BS[b, :lp.numel()] = lp
-        out = _flat(prompts, rows, logprob_BS, self.eos)
+        out = flat_shard(prompts, rows, logprob_BS, self.eos)
         if advance:
             advance(len(prompts), int(out["response_mask"].sum()))
         return out
 
     def update_weights(self, model) -> float:
-        """Load ``model``'s weights into the running engine; returns the seconds it took."""
+        """Load ``model``'s weights into the running engine; the seconds it took."""
         t0 = time.perf_counter()
         shm = Path("/dev/shm")
         folder = Path(tempfile.mkdtemp(prefix="tip-vllm-", dir=shm if shm.is_dir() else None))

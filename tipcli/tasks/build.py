@@ -1,0 +1,261 @@
+"""The demo's two models, trained from scratch on the addition task (``tip demo --rebuild``).
+
+    tip demo --rebuild                      # into <tip cache>/arith, then the demo on them
+    tip demo --rebuild --models DIR         # into DIR (e.g. tipcli/demo_models, to refresh
+                                            # the pair the package ships)
+
+Small Llama models with the character tokenizer of ``tipcli.tiny``, trained by supervised
+next-token training on worked examples (loss on response tokens only, fresh examples each
+step, never a validation or test prompt):
+
+- the teacher (hidden 128, 4 layers) trains until it solves all of a validation set of
+  200 prompts (checked every 100 steps);
+- the student (hidden 64, 2 layers) trains only until it solves 30% of it (checked every
+  20 steps), so it is neither random nor good and distillation has room to help.
+
+Both are written with ``save_pretrained`` and the same tokenizer, and ``build.json``
+records what built them: the commit, the settings, the versions, the CPU, the steps each
+model took and its validation accuracy. Everything is seeded, but float results differ
+between CPUs (AVX2 against AVX-512), and training that stops at an accuracy threshold
+amplifies that: the same commit builds another pair on another CPU. That is why the
+package ships one pair (``tipcli/demo_models``) and `tip demo` uses it.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from tipcli import __version__
+from tipcli.configs import Sampling
+from tipcli.errors import TipError
+from tipcli.evaluate import generate_responses
+from tipcli.files import atomic_dir, write_json_atomic
+from tipcli.models import quiet_transformers
+from tipcli.progress import progress_task
+from tipcli.sampling.hf import HFSampler
+from tipcli.settings import setting, to_flat, validate
+from tipcli.tasks.arithmetic import (NUM_HELD_OUT, TEST_SEED, VALID_SEED, make_problems,
+                                     random_problem, record)
+from tipcli.tiny import build_model, build_tokenizer
+from tipcli.verify import last_number
+
+BUILD_RECORD = "build.json"
+PLACEHOLDER = "\x00"
+VOCAB_PAD = 28  # output rows past the 100-token vocabulary (128 in all), as real checkpoints pad
+CONTEXT = 256
+LOSS_EVERY = 10  # steps averaged into one logged training loss
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Size and schedule of one model trained from scratch on worked examples."""
+
+    name: str = setting("teacher", "Directory name of the model.", required=True)
+    hidden: int = setting(128, "Hidden size.", ge=1)
+    layers: int = setting(4, "Transformer layers.", ge=1)
+    heads: int = setting(4, "Attention heads.", ge=1)
+    max_steps: int = setting(3000, "Most optimizer steps.", ge=1)
+    batch_size: int = setting(64, "Worked examples per step.", ge=1)
+    lr: float = setting(3e-3, "Peak AdamW learning rate (linear warmup, cosine decay to a "
+                              "tenth).", gt=0)
+    warmup: int = setting(100, "Warmup steps.", ge=0)
+    eval_every: int = setting(100, "Steps between validation checks.", ge=1)
+    target: float = setting(0.95, "Stop once greedy validation accuracy reaches this.", ge=0,
+                            le=1)
+    seed: int = setting(0, "Seed of the initial weights and the training examples.")
+
+    def rules(self) -> list[str]:
+        return ["--hidden must be a multiple of --heads"] if self.hidden % self.heads else []
+
+
+TEACHER = TrainSpec("teacher", hidden=128, layers=4, heads=4, max_steps=3000, target=1.0,
+                    seed=1)
+STUDENT = TrainSpec("student", hidden=64, layers=2, heads=4, max_steps=1500, lr=2e-3,
+                    eval_every=20, target=0.3, seed=2)
+
+
+# ---------------------------------------------------------------- tokens and batches
+
+
+class Encoder:
+    """Fast ids for the character tokenizer: prompt through the chat template, plus the
+    response and EOS. Equal to ``encode_prompt`` + ``tokenizer(response)``."""
+
+    def __init__(self, tok):
+        text = tok.apply_chat_template([{"role": "user", "content": PLACEHOLDER}],
+                                       tokenize=False, add_generation_prompt=True)
+        self.before, self.after = text.split(PLACEHOLDER)
+        self.vocab = tok.get_vocab()
+        self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
+
+    def ids(self, text: str) -> list[int]:
+        return [self.vocab[c] for c in text]
+
+    def prompt(self, prompt: str) -> list[int]:
+        return self.ids(self.before + prompt + self.after)
+
+    def example(self, rec: dict[str, str]) -> tuple[list[int], list[int]]:
+        return self.prompt(rec["prompt"]), self.ids(rec["solution"]) + [self.eos]
+
+
+def sft_batch(enc: Encoder, records: list[dict[str, str]]):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on
+    response tokens and EOS)."""
+    pairs = [enc.example(r) for r in records]
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids_BT = torch.full((len(pairs), width), enc.pad, dtype=torch.long)
+    mask_BT = torch.zeros_like(ids_BT)
+    labels_BT = torch.full_like(ids_BT, -100)
+    for b, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        ids_BT[b, :n] = torch.tensor(p + r)
+        mask_BT[b, :n] = 1
+        labels_BT[b, len(p):n] = torch.tensor(r)
+    return ids_BT, mask_BT, labels_BT
+
+
+# ---------------------------------------------------------------- models and training
+
+
+def new_model(tok, spec: TrainSpec):
+    """A randomly initialised Llama sized by ``spec`` (vocabulary padded by ``VOCAB_PAD``)."""
+    return build_model(tok, hidden=spec.hidden, layers=spec.layers, heads=spec.heads,
+                       vocab_pad=VOCAB_PAD, seed=spec.seed, context=CONTEXT, head_scale=1.0)
+
+
+def greedy_accuracy(model, tok, records: list[dict[str, str]], batch_size: int = 128) -> float:
+    """Share of ``records`` whose greedy response's last number equals the answer."""
+    model.eval()
+    prompts = [Encoder(tok).prompt(r["prompt"]) for r in records]
+    greedy = Sampling(temperature=0.0, max_new_tokens=48, batch_size=batch_size)
+    keys = [(i, 0) for i in range(len(prompts))]
+    responses = generate_responses(HFSampler(model, tok), tok, prompts, keys, greedy, seed=0)
+    return sum(last_number(s, r["answer"]) for s, r in zip(responses, records)) / len(records)
+
+
+def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[int, int]]
+          ) -> tuple[Any, dict[str, Any]]:
+    """Train a new model on fresh worked examples until it reaches ``spec.target`` greedy
+    accuracy on ``valid`` (checked every ``eval_every`` steps) or ``spec.max_steps``."""
+    validate(spec)
+    model, enc = new_model(tok, spec), Encoder(tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
+                            betas=(0.9, 0.98))
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, spec.warmup, spec.max_steps,
+                                                           min_lr_rate=0.1)
+    rng, acc, step, losses, window = random.Random(spec.seed), 0.0, 0, [], []
+    with progress_task(spec.name, spec.max_steps) as advance:
+        while step < spec.max_steps:
+            records = [record(*_fresh_pair(rng, exclude)) for _ in range(spec.batch_size)]
+            window.append(_sft_step(model, opt, schedule, sft_batch(enc, records)))
+            step += 1
+            if len(window) == LOSS_EVERY:
+                losses.append(round(sum(window) / len(window), 4))
+                window = []
+            advance(1)
+            if step % spec.eval_every == 0 or step == spec.max_steps:
+                acc = greedy_accuracy(model, tok, valid)
+                advance(0, description=f"{spec.name} (valid acc {acc:.2f})")
+                if acc >= spec.target:
+                    break
+        advance(0, total=step)
+    info = {"steps": step, "valid_accuracy": acc, "losses": losses, "spec": to_flat(spec)}
+    return model.eval(), info
+
+
+def _fresh_pair(rng: random.Random, exclude: set[tuple[int, int]]) -> tuple[int, int]:
+    while True:
+        pair = random_problem(rng)
+        if pair not in exclude:
+            return pair
+
+
+def _sft_step(model, opt, schedule, batch) -> float:
+    model.train()
+    ids_BT, mask_BT, labels_BT = batch
+    loss = model(input_ids=ids_BT, attention_mask=mask_BT, labels=labels_BT).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    schedule.step()
+    return float(loss.detach())
+
+
+# ---------------------------------------------------------------- the pair and its record
+
+
+def build_models(out: str | Path, student: TrainSpec = STUDENT, teacher: TrainSpec = TEACHER,
+                 valid_size: int = 200) -> tuple[Path, Path]:
+    """Train the task's teacher and student into ``out`` (``out/student``, ``out/teacher``
+    and the build record); returns (student_dir, teacher_dir). ``out`` must be new, empty,
+    or an earlier build (it holds a build record): nothing else is ever replaced."""
+    out = Path(out)
+    check_build_dir(out)
+    quiet_transformers()
+    tok = build_tokenizer()
+    held = set(make_problems(NUM_HELD_OUT, TEST_SEED))
+    valid = [record(a, b) for a, b in make_problems(valid_size, VALID_SEED, exclude=held)]
+    exclude = held | {_pair(r) for r in valid}
+    info: dict[str, Any] = {"valid_size": valid_size}
+    start = time.perf_counter()
+    for spec in (teacher, student):
+        model, info[spec.name] = train(tok, spec, valid, exclude)
+        with atomic_dir(out / spec.name) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / BUILD_RECORD, {**provenance(), **info})
+    return out / student.name, out / teacher.name
+
+
+def check_build_dir(out: Path) -> None:
+    """Refuse to build into a folder that holds anything but an earlier build."""
+    if out.exists() and not out.is_dir():
+        raise TipError(f"--models {out} is a file; give a directory for the built models")
+    if out.is_dir() and any(out.iterdir()) and not (out / BUILD_RECORD).is_file():
+        raise TipError(f"--models {out} is not empty and holds no {BUILD_RECORD} of an earlier "
+                       "build; choose a new or empty directory (nothing was deleted)")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def provenance() -> dict[str, Any]:
+    """What built a pair: the commit (when tip runs from a git checkout), versions, CPU."""
+    import transformers
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty",
+                                 "--abbrev=40"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"commit": commit, "tip_version": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _pair(rec: dict[str, str]) -> tuple[int, int]:
+    a, b = rec["prompt"].rstrip("=").split("+")
+    return int(a), int(b)
