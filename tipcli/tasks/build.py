@@ -77,7 +77,7 @@ class TrainSpec:
         return ["--hidden must be a multiple of --heads"] if self.hidden % self.heads else []
 
 
-TEACHER = TrainSpec("teacher", hidden=128, layers=4, heads=4, max_steps=3000, target=1.0,
+TEACHER = TrainSpec("teacher", hidden=128, layers=4, heads=4, max_steps=1200, target=1.0,
                     seed=1)
 STUDENT = TrainSpec("student", hidden=64, layers=2, heads=4, max_steps=1500, lr=2e-3,
                     eval_every=20, target=0.3, seed=2)
