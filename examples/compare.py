@@ -165,7 +165,7 @@ def distill_config(args: argparse.Namespace, inputs: dict[str, str], row: Row, s
         prompts=inputs["prompts"], output=str(out), iterations=args.iterations,
         prompts_per_iteration=args.prompts_per_iteration, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, strategy=row.strategy, keep=row.keep,
-        lr=args.lr, max_steps=args.max_steps, batch_size=args.batch_size,
+        lr=args.lr, max_steps=args.max_steps, train_batch_size=args.batch_size,
         eval_prompts=inputs["eval_prompts"], eval_max_prompts=args.num_eval,
         verifier="last-number", seed=seed, device="cpu")
 
@@ -202,7 +202,8 @@ def measure_train_memory(args, run: Path, out: Path, seed: int, student: str) ->
 
     cfg = resolve(TrainConfig, input=str(run / "iter-000" / "select"),
                   output=str(out / "train"), student=student, lr=args.lr,
-                  max_steps=args.max_steps, batch_size=args.batch_size, seed=seed, device="cpu")
+                  max_steps=args.max_steps, train_batch_size=args.batch_size, seed=seed,
+                  device="cpu")
     return measure_train(to_flat(cfg), out)
 
 

@@ -68,9 +68,9 @@ echo "prompts  $PROMPTS" >&2
 tip rollout --student "$STUDENT" --prompts "$PROMPTS" --max-prompts "$N_PROMPTS" \
         --num-samples "$SAMPLES" --max-new-tokens "$NEW_TOKENS" --seed "$SEED" \
         -o "$WORKDIR/rollout" \
-    | tip score - --teacher "$TEACHER" --top-k 16 -o "$WORKDIR/score" \
+    | tip score - --teacher "$TEACHER" --teacher-top-k 16 -o "$WORKDIR/score" \
     | tip select - --strategy "$STRATEGY" --keep "$KEEP" --seed "$SEED" -o "$WORKDIR/select" \
-    | tip train - --lr 1e-4 --batch-size "$BATCH" --max-steps "$STEPS" --seed "$SEED" \
+    | tip train - --lr 1e-4 --train-batch-size "$BATCH" --max-steps "$STEPS" --seed "$SEED" \
         -o "$WORKDIR/train" >/dev/null
 
 # what was selected: quadrants, (h, d) histogram, strategy coverage

@@ -74,7 +74,7 @@ def tiny_rollout(tiny_pair, prompts_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stages") / "rollout"
     return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
                                      output=str(out), num_samples=2, max_new_tokens=24,
-                                     batch_size=2, shard_size=4, seed=0))
+                                     sample_batch_size=2, shard_size=4, seed=0))
 
 
 @pytest.fixture(scope="session")
@@ -84,4 +84,5 @@ def tiny_score(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("stages") / "score"
     return run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
-                                 output=str(out), top_k=8, batch_size=3, chunk_size=7))
+                                 output=str(out), teacher_top_k=8, score_batch_size=3,
+                                 score_chunk_size=7))

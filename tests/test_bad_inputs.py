@@ -97,7 +97,7 @@ def _touch_weights(e: Env) -> None:
 
 def _train_args(e: Env, inp, out, *extra) -> list:
     return ["train", inp, "-o", out, "--strategy", "all", "--max-steps", "2",
-            "--batch-size", "4", "--lr", "1e-3", "--chunk-size", "16", *extra]
+            "--train-batch-size", "4", "--lr", "1e-3", "--train-chunk-size", "16", *extra]
 
 
 def _trained(e: Env) -> None:
@@ -181,8 +181,8 @@ CASES = [
         "distill": ["distill", "-s", e.student, "-t", e.teacher, "-p", e.prompts, "-o",
                     e.w / "o"]}[c] + [f, v], flag)
        for cmd, flag, v in [
-           ("score", "--temperature", "nan"), ("score", "--temperature", "inf"),
-           ("score", "--temperature", "0"), ("rollout", "--temperature", "nan"),
+           ("score", "--score-temperature", "nan"), ("score", "--score-temperature", "inf"),
+           ("score", "--score-temperature", "0"), ("rollout", "--temperature", "nan"),
            ("rollout", "--top-p", "nan"), ("rollout", "--top-p", "1.5"),
            ("rollout", "--num-samples", "0"), ("train", "--max-grad-norm", "nan"),
            ("train", "--lr", "nan"), ("train", "--lr", "inf"), ("train", "--lr", "-1"),
@@ -201,8 +201,9 @@ CASES = [
     Case("train-device-cuda-1", lambda e: _train_args(e, e.score, e.w / "o", "--device",
                                                       "cuda:1"), "for tip train"),
     Case("shard-size-not-multiple", lambda e: ["rollout", "-s", e.student, "-p", e.prompts, "-o",
-                                               e.w / "o", "--batch-size", "2", "--shard-size",
-                                               "3"], "multiple of --batch-size"),
+                                               e.w / "o", "--sample-batch-size", "2",
+                                               "--shard-size", "3"],
+         "multiple of --sample-batch-size"),
     # --- settings files ---------------------------------------------------------------
     *[Case(f"settings-file-{name}", lambda e, n=name, d=data: [
         SELECT, e.score, "-o", e.w / "o", "--config", _json(e, "c.json", d)], needle)
@@ -218,7 +219,7 @@ CASES = [
         _json(e, "c.json", {"num_samples": "3"})], "--num-samples must be an integer"),
     Case("settings-file-batch-size-true", lambda e: [
         SCORE, e.rollout, "-t", e.teacher, "-o", e.w / "o", "--config",
-        _json(e, "c.json", {"batch_size": True})], "--batch-size must be an integer"),
+        _json(e, "c.json", {"score_batch_size": True})], "--score-batch-size must be an integer"),
     Case("settings-file-not-json", lambda e: [SELECT, e.score, "-o", e.w / "o", "--config",
                                               e.write("c.json", "{keep: 0.5")],
          "could not be parsed"),

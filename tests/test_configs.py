@@ -66,7 +66,7 @@ def test_stage_defaults_of_a_shared_group_differ_where_declared():
     assert (d.sampling.num_samples, d.sampling.batch_size, d.optim.lr) == (4, 16, 1e-5)
     assert (r.sampling.num_samples, r.sampling.batch_size) == (1, 8)
     flat = to_flat(d)
-    assert flat["rollout_batch_size"] == 16 and flat["top_k"] == 64 and \
+    assert flat["sample_batch_size"] == 16 and flat["teacher_top_k"] == 64 and \
         flat["sample_top_k"] == 0
 
 
@@ -83,8 +83,8 @@ def test_flat_round_trip_and_manifest_config_is_a_settings_file(tmp_path):
 @pytest.mark.parametrize("setting,value,needle", [
     ("keep", "abc", "--keep must be a number"),
     ("keep", None, "--keep must be a number (got null)"),
-    ("batch_size", True, "--batch-size must be an integer (got true)"),
-    ("batch_size", 2.5, "--batch-size must be an integer"),
+    ("train_batch_size", True, "--train-batch-size must be an integer (got true)"),
+    ("train_batch_size", 2.5, "--train-batch-size must be an integer"),
     ("strategy", 3, "--strategy must be a string"),
     ("shuffle", "yes", "--shuffle must be true or false"),
     ("lr", float("nan"), "--lr must be a finite number"),
@@ -118,8 +118,9 @@ def test_unknown_setting_in_a_file_and_unknown_flag(tmp_path):
 
 def test_a_rule_between_settings_and_every_problem_at_once():
     with pytest.raises(ConfigError) as exc:
-        resolve(RolloutConfig, student="s", prompts="p", output="o", batch_size=3, shard_size=8)
-    assert exc.value.problems == ["--shard-size must be a multiple of --batch-size"]
+        resolve(RolloutConfig, student="s", prompts="p", output="o", sample_batch_size=3,
+                shard_size=8)
+    assert exc.value.problems == ["--shard-size must be a multiple of --sample-batch-size"]
     with pytest.raises(ConfigError) as exc:
         resolve(TrainConfig, input="i", output="o", loss="rkl-full", keep=0, lr=-1)
     assert len(exc.value.problems) == 3

@@ -17,7 +17,7 @@ STAGES = {"prompts.jsonl", "rollout", "score", "select", "train", "eval", "itera
 def _cfg(tiny_pair, prompts_file, out, **kw):
     base = dict(student=str(tiny_pair[0]), teacher=str(tiny_pair[1]), prompts=str(prompts_file),
                 output=str(out), iterations=2, num_samples=2, max_new_tokens=8, max_steps=2,
-                batch_size=4, top_k=8, lr=1e-3, eval_prompts=str(prompts_file),
+                train_batch_size=4, teacher_top_k=8, lr=1e-3, eval_prompts=str(prompts_file),
                 eval_max_prompts=3, prompts_per_iteration=4, group_size=4)
     base.update(kw)
     return resolve(DistillConfig, **base)

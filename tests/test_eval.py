@@ -30,7 +30,7 @@ def test_wilson_interval_reference_values():
 def test_cli_eval_files_and_summary(tiny_pair, prompts_file, tmp_path):
     out = tmp_path / "eval"
     r = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file, "-o", out,
-                 "--max-new-tokens", 6, "--batch-size", 4, "--num-samples", 2,
+                 "--max-new-tokens", 6, "--sample-batch-size", 4, "--num-samples", 2,
                  "--temperature", 1.0, "--verifier", "exact"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(out)
@@ -52,7 +52,7 @@ def test_cli_eval_files_and_summary(tiny_pair, prompts_file, tmp_path):
     assert m["models"]["model"]["id"] == str(tiny_pair[0]) and m["inputs"]["prompts_sha256"]
     # the same command again reads the finished evaluation back; other settings are refused
     again = _invoke(["eval", "--model", tiny_pair[0], "--prompts", prompts_file, "-o", out,
-                     "--max-new-tokens", 6, "--batch-size", 4, "--num-samples", 2,
+                     "--max-new-tokens", 6, "--sample-batch-size", 4, "--num-samples", 2,
                      "--temperature", 1.0, "--verifier", "exact"])
     assert again.exit_code == 0 and again.stdout.strip().splitlines()[-1] == str(out)
     assert json.loads((out / "manifest.json").read_text()) == m
@@ -88,8 +88,10 @@ def test_run_eval_in_memory_greedy_is_deterministic(tiny_pair, prompts_file, tmp
 
     model, tok = load_model(str(tiny_pair[1])), load_tokenizer(str(tiny_pair[1]))
     base = dict(model="in-memory", prompts=str(prompts_file), max_new_tokens=5)
-    a = run_eval(resolve(EvalConfig, **base, batch_size=6, seed=1), model=model, tokenizer=tok)
-    b = run_eval(resolve(EvalConfig, **base, batch_size=4, seed=2), model=model, tokenizer=tok)
+    a = run_eval(resolve(EvalConfig, **base, sample_batch_size=6, seed=1),
+                 model=model, tokenizer=tok)
+    b = run_eval(resolve(EvalConfig, **base, sample_batch_size=4, seed=2),
+                 model=model, tokenizer=tok)
     assert [r["response"] for r in a.rows] == [r["response"] for r in b.rows]
     assert a.output is None and a.n == 6 and a.accuracy == a.correct / 6
     (tmp_path / "always.py").write_text("def yes(response, answer):\n    return True\n")

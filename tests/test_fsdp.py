@@ -21,9 +21,9 @@ from tipcli.train import TrainConfig, run_train
 
 ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
 # clipping at 0.3 is active in every step of these runs (their gradient norms are ~0.5)
-TRAIN = ["--strategy", "all", "--lr", "1e-3", "--chunk-size", "16", "--warmup", "1",
+TRAIN = ["--strategy", "all", "--lr", "1e-3", "--train-chunk-size", "16", "--warmup", "1",
          "--max-grad-norm", "0.3"]
-STEPS = ["--batch-size", "2", "--max-steps", "6", "--save-every", "2"]  # 2 epochs of 3 steps
+STEPS = ["--train-batch-size", "2", "--max-steps", "6", "--save-every", "2"]  # 2 epochs of 3 steps
 
 
 def _torchrun(*args) -> list[str]:
@@ -39,7 +39,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def _one_process(score, out, resume: bool = False, **kw) -> Path:
     """A run in this process (the reference: without --fsdp, the same global batch)."""
-    base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3, chunk_size=16,
+    base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3,
+                train_chunk_size=16,
                 warmup=1, max_grad_norm=0.3)
     return run_train(resolve(TrainConfig, **{**base, **kw}), resume=resume)
 
@@ -84,7 +85,7 @@ def fsdp_run(tiny_score, tmp_path_factory) -> Path:
 def test_two_processes_equal_one_process(fsdp_run, tiny_score, tmp_path):
     """Sharded gradients averaged by the reduce-scatter, the loss over the global kept
     tokens, clipping by the global norm: the weights of one unsharded process."""
-    one = _one_process(tiny_score, tmp_path / "one", batch_size=4, max_steps=6)
+    one = _one_process(tiny_score, tmp_path / "one", train_batch_size=4, max_steps=6)
     assert all(m["grad_norm"] > 0.3 for m in _metrics(fsdp_run))  # clipping was active
     _assert_close(one, fsdp_run, atol=1e-5, rtol_metrics=1e-5)
 
@@ -97,8 +98,8 @@ def test_gradient_accumulation_through_accelerate_launch(tiny_score, tmp_path):
           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
           "--main_process_port", str(free_port()), "--dynamo_backend", "no",
           "-m", "tipcli", "train", str(tiny_score), "-o", str(two), *TRAIN,
-          "--batch-size", "1", "--grad-accum", "2", "--max-steps", "3", "--fsdp"])
-    one = _one_process(tiny_score, tmp_path / "one", batch_size=4, max_steps=3)
+          "--train-batch-size", "1", "--grad-accum", "2", "--max-steps", "3", "--fsdp"])
+    one = _one_process(tiny_score, tmp_path / "one", train_batch_size=4, max_steps=3)
     _assert_close(one, two, atol=1e-5, rtol_metrics=1e-5)
 
 
@@ -188,8 +189,8 @@ def test_one_process_is_a_mesh_of_one(tiny_score, tmp_path):
     left behind."""
     import torch.distributed as dist
 
-    a = _one_process(tiny_score, tmp_path / "a", batch_size=4, max_steps=3)
-    b = _one_process(tiny_score, tmp_path / "b", batch_size=4, max_steps=3, fsdp=True,
+    a = _one_process(tiny_score, tmp_path / "a", train_batch_size=4, max_steps=3)
+    b = _one_process(tiny_score, tmp_path / "b", train_batch_size=4, max_steps=3, fsdp=True,
                      save_every=2)
     assert not dist.is_initialized()
     _assert_close(a, b, atol=0, rtol_metrics=0)
@@ -204,7 +205,7 @@ def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
 
     import tipcli.train.loop as loop
 
-    cfg = dict(batch_size=2, max_steps=6, save_every=2, fsdp=True)
+    cfg = dict(train_batch_size=2, max_steps=6, save_every=2, fsdp=True)
     _one_process(tiny_score, tmp_path / "full", **cfg)
     save = loop.save_checkpoint
 
@@ -232,7 +233,8 @@ def test_distill_passes_fsdp_to_training(tiny_pair, prompts_file, tmp_path):
     run = run_distill(resolve(DistillConfig, student=str(tiny_pair[0]),
                               teacher=str(tiny_pair[1]), prompts=str(prompts_file),
                               output=str(tmp_path / "run"), iterations=2, num_samples=2,
-                              max_new_tokens=8, max_steps=2, batch_size=4, top_k=8, lr=1e-3,
+                              max_new_tokens=8, max_steps=2, train_batch_size=4,
+                              teacher_top_k=8, lr=1e-3,
                               prompts_per_iteration=4, group_size=4, fsdp=True))
     for i in range(2):
         m = json.loads((run / f"iter-{i:03d}" / "train" / "manifest.json").read_text())

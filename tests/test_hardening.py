@@ -24,8 +24,8 @@ from tipcli.shards import StageDir
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["--strategy", "all", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "4",
-         "--chunk-size", "16", "--save-every", "2"]
+TRAIN = ["--strategy", "all", "--lr", "1e-3", "--train-batch-size", "4", "--max-steps", "4",
+         "--train-chunk-size", "16", "--save-every", "2"]
 
 
 class Payload:
@@ -100,9 +100,9 @@ def test_score_on_a_full_disk_keeps_complete_shards_and_resumes(tiny_pair, tmp_p
                                for t in ("a", "b", "x" * 1500, "y" * 1500)))
     rollout = tmp_path / "r"
     assert _tip(["rollout", "-s", tiny_pair[0], "-p", prompts, "-o", rollout,
-                 "--max-new-tokens", "4", "--batch-size", "2", "--shard-size", "2"]
+                 "--max-new-tokens", "4", "--sample-batch-size", "2", "--shard-size", "2"]
                 ).returncode == 0
-    args = ["score", rollout, "--teacher", tiny_pair[1], "--top-k", "4"]
+    args = ["score", rollout, "--teacher", tiny_pair[1], "--teacher-top-k", "4"]
     r = _tip([*args, "-o", tmp_path / "s"], limit=8_000)
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
@@ -143,10 +143,10 @@ def test_read_only_output_is_one_line(tiny_score):
 
 def test_top_k_larger_than_the_vocabulary_is_stored_as_done(tiny_pair, tiny_rollout, tmp_path):
     r = runner.invoke(app, ["score", str(tiny_rollout), "--teacher", str(tiny_pair[1]), "-o",
-                            str(tmp_path / "s"), "--top-k", "1000"])
+                            str(tmp_path / "s"), "--teacher-top-k", "1000"])
     assert r.exit_code == 0, r.output
     d = StageDir.open(tmp_path / "s", stage="score")
-    assert d.config["top_k"] == 100 == d.load_shard(0)["teacher_topk_ids"].shape[1]
+    assert d.config["teacher_top_k"] == 100 == d.load_shard(0)["teacher_topk_ids"].shape[1]
 
 
 def test_gguf_quantization_config_in_a_model_dir_trains_and_saves(tiny_pair, tiny_score,
@@ -171,7 +171,7 @@ def test_plain_progress_lines_without_a_terminal(tiny_pair, prompts_file, tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "TIP_QUIET"}
     r = subprocess.run([sys.executable, "-m", "tipcli", "rollout", "-s", str(tiny_pair[0]), "-p",
                         str(prompts_file), "-o", str(tmp_path / "r"), "--num-samples", "2",
-                        "--batch-size", "2", "--max-new-tokens", "4"],
+                        "--sample-batch-size", "2", "--max-new-tokens", "4"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = re.findall(r"^rollout: (\d+)/12 \((\d+)%\)", r.stderr, re.M)
@@ -210,9 +210,10 @@ def _kill_when(args, path_glob: str, root: Path) -> subprocess.CompletedProcess:
 def test_kill_9_while_scoring_resumes_to_the_same_bytes(tiny_pair, prompts_file, tmp_path):
     rollout = tmp_path / "r"
     assert _tip(["rollout", "-s", tiny_pair[0], "-p", prompts_file, "-o", rollout,
-                 "--num-samples", "2", "--max-new-tokens", "32", "--batch-size", "2",
+                 "--num-samples", "2", "--max-new-tokens", "32", "--sample-batch-size", "2",
                  "--shard-size", "2"]).returncode == 0
-    args = ["score", rollout, "--teacher", tiny_pair[1], "--batch-size", "1", "--chunk-size", "1"]
+    args = ["score", rollout, "--teacher", tiny_pair[1], "--score-batch-size", "1",
+            "--score-chunk-size", "1"]
     proc = _kill_when([*args, "-o", tmp_path / "s"], "shard-00001.safetensors", tmp_path / "s")
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not json.loads((tmp_path / "s" / "manifest.json").read_text())["complete"]
@@ -224,8 +225,8 @@ def test_kill_9_while_scoring_resumes_to_the_same_bytes(tiny_pair, prompts_file,
 
 
 def test_kill_9_while_training_resumes_to_the_same_weights(tiny_score, tmp_path):
-    args = ["train", tiny_score, "--strategy", "all", "--lr", "1e-3", "--batch-size", "2",
-            "--max-steps", "20", "--chunk-size", "16", "--save-every", "2"]
+    args = ["train", tiny_score, "--strategy", "all", "--lr", "1e-3", "--train-batch-size",
+            "2", "--max-steps", "20", "--train-chunk-size", "16", "--save-every", "2"]
     proc = _kill_when([*args, "-o", tmp_path / "t"], "checkpoints/step-000004",
                       tmp_path / "t")
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

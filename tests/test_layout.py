@@ -121,3 +121,35 @@ def test_file_names_are_defined_once():
             continue
         for text in _strings(path):
             assert text not in exact and not text.startswith(prefixes), (name, text)
+
+
+def test_settings_reference_in_docs_is_up_to_date():
+    """docs/configs.md's table of every setting is generated (python -m tipcli.docs)."""
+    from tipcli import docs
+
+    text = docs.DOC.read_text(encoding="utf-8")
+    assert docs.rewritten(text) == text, "run `python -m tipcli.docs` (make docs)"
+    assert "`--teacher-top-k`" in text and "`--sample-batch-size`" in text
+
+
+def test_contributing_module_map_matches_the_package():
+    """Every module of tipcli appears in CONTRIBUTING.md's map, and the map names no
+    module that does not exist."""
+    import re
+
+    text = (PACKAGE.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    table = text.split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    listed = set()
+    for cell in re.findall(r"^\| (.+?) \|", table, re.M):
+        for path in re.findall(r"`([\w/.]+)`", cell):
+            listed.add(path)
+    files = {str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")
+             if p.name not in ("__main__.py", "__init__.py") or p.parent != PACKAGE}
+    covered = set()
+    for entry in listed:
+        target = PACKAGE / entry.removeprefix("tipcli/")
+        assert target.exists(), f"CONTRIBUTING.md lists {entry}, which does not exist"
+        covered |= ({str(p.relative_to(PACKAGE.parent)) for p in target.rglob("*.py")}
+                    if target.is_dir() else {str(target.relative_to(PACKAGE.parent))})
+    missing = sorted(files - covered)
+    assert missing == [], f"modules missing from CONTRIBUTING.md's map: {missing}"

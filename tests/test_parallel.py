@@ -31,7 +31,7 @@ def rollouts(tiny_pair, prompts_file, tmp_path_factory):
     """The same rollout by 1 and by 2 processes (6 prompts x 2 samples, shards of 2)."""
     out = tmp_path_factory.mktemp("parallel")
     args = ["rollout", "-s", tiny_pair[0], "-p", prompts_file, "--num-samples", "2",
-            "--max-new-tokens", "16", "--batch-size", "2", "--shard-size", "2"]
+            "--max-new-tokens", "16", "--sample-batch-size", "2", "--shard-size", "2"]
     for procs in (1, 2):
         r = _tip([*args, "-o", out / f"r{procs}"], procs)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -49,7 +49,7 @@ def test_two_processes_sample_exactly_what_one_does(rollouts):
 
 
 def test_two_processes_score_what_one_does(tiny_pair, rollouts, tmp_path):
-    args = ["score", rollouts[0], "--teacher", tiny_pair[1], "--top-k", "8"]
+    args = ["score", rollouts[0], "--teacher", tiny_pair[1], "--teacher-top-k", "8"]
     for procs in (1, 2):
         r = _tip([*args, "-o", tmp_path / f"s{procs}"], procs)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -68,7 +68,8 @@ def test_kill_9_of_one_process_and_a_rerun_resumes(tiny_pair, prompts_file, roll
     launcher stops the run; the same command resumes it to the bytes of one process."""
     out = tmp_path / "r"
     args = ["rollout", "-s", tiny_pair[0], "-p", prompts_file, "--num-samples", "2",
-            "--max-new-tokens", "16", "--batch-size", "2", "--shard-size", "2", "-o", out]
+            "--max-new-tokens", "16", "--sample-batch-size", "2", "--shard-size", "2", "-o",
+            out]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port())]
     proc = subprocess.Popen([*launcher, "-m", "tipcli", *map(str, args)],
@@ -114,7 +115,7 @@ def _worker_pid(launcher_pid: int, rank: int) -> int | None:
 def test_a_teacher_offloaded_to_disk_scores_the_same(tiny_pair, rollouts, tmp_path):
     """--device-map auto with almost no memory: accelerate puts the teacher's layers on
     disk and loads each in its forward; the statistics equal the whole-model run."""
-    args = ["score", rollouts[0], "--teacher", tiny_pair[1], "--top-k", "8"]
+    args = ["score", rollouts[0], "--teacher", tiny_pair[1], "--teacher-top-k", "8"]
     plain = _tip([*args, "-o", tmp_path / "plain"])
     spread = _tip([*args, "-o", tmp_path / "spread", "--device-map", "auto", "--max-memory",
                    "cpu=20KB"])
@@ -135,8 +136,8 @@ def test_offloading_really_puts_layers_on_disk_and_trains_the_same(tiny_pair, ti
     spread = load_model(str(tiny_pair[1]), device_map="auto", max_memory="cpu=20KB")
     assert "disk" in set(spread.hf_device_map.values())
     args = ["train", tiny_rollout, "--loss", "rkl-full", "--teacher", tiny_pair[1],
-            "--strategy", "all", "--lr", "1e-3", "--batch-size", "4", "--max-steps", "2",
-            "--chunk-size", "16"]
+            "--strategy", "all", "--lr", "1e-3", "--train-batch-size", "4", "--max-steps",
+            "2", "--train-chunk-size", "16"]
     plain = _tip([*args, "-o", tmp_path / "plain"])
     offloaded = _tip([*args, "-o", tmp_path / "spread", "--device-map", "auto",
                       "--max-memory", "cpu=20KB"])

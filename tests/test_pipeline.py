@@ -34,14 +34,15 @@ def _invoke(args):
 def test_cli_rollout_then_score_files(tiny_pair, prompts_file, tmp_path):
     student, teacher = tiny_pair
     r = _invoke(["rollout", "--student", student, "--prompts", prompts_file, "-o",
-                 tmp_path / "r", "--max-new-tokens", 8, "--batch-size", 4, "--shard-size", 8,
+                 tmp_path / "r", "--max-new-tokens", 8, "--sample-batch-size", 4,
+                 "--shard-size", 8,
                  "--num-samples", 2])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "r")
     assert _files(tmp_path / "r") == {"manifest.json", "shard-00000.safetensors",
                                       "shard-00001.safetensors"}
     s = _invoke(["score", tmp_path / "r", "--teacher", teacher, "-o", tmp_path / "s",
-                 "--top-k", 4])
+                 "--teacher-top-k", 4])
     assert s.exit_code == 0, s.output
     assert s.stdout.strip().splitlines()[-1] == str(tmp_path / "s")
     assert _files(tmp_path / "s") == _files(tmp_path / "r")
@@ -54,14 +55,15 @@ def test_cli_rollout_then_score_files(tiny_pair, prompts_file, tmp_path):
     assert m["complete"] and m["parent"]["stage"] == "rollout"
     assert m["models"]["student"]["id"] == str(student)
     assert m["models"]["teacher"]["id"] == str(teacher)
-    assert m["config"]["top_k"] == 4 and m["tokenizer"]["vocab_size"] == 100
+    assert m["config"]["teacher_top_k"] == 4 and m["tokenizer"]["vocab_size"] == 100
 
 
 def test_pipe_rollout_into_score(tiny_pair, prompts_file, tmp_path):
     student, teacher = tiny_pair
     tip = f"{sys.executable} -m tipcli"
     cmd = (f"{tip} rollout --student {student} --prompts {prompts_file} -o {tmp_path}/r "
-           f"--max-new-tokens 6 | {tip} score - --teacher {teacher} -o {tmp_path}/s --top-k 2")
+           f"--max-new-tokens 6 | {tip} score - --teacher {teacher} -o {tmp_path}/s "
+           "--teacher-top-k 2")
     out = subprocess.run(cmd, shell=True, capture_output=True, text=True,
                          env={**os.environ, "TIP_QUIET": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -100,7 +102,8 @@ def test_rollout_responses_end_at_eos_and_are_deterministic(tiny_pair, prompts_f
     def run(out, seed):
         return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]),
                                    prompts=str(prompts_file), output=str(out), max_new_tokens=40,
-                                   seed=seed, temperature=1.0, batch_size=3, shard_size=3))
+                                   seed=seed, temperature=1.0, sample_batch_size=3,
+                                   shard_size=3))
 
     a, b, c = run(tmp_path / "a", 1), run(tmp_path / "b", 1), run(tmp_path / "c", 2)
     for name in _files(a) - {"manifest.json"}:
@@ -124,7 +127,7 @@ def test_interrupted_score_resumes_byte_identical(tiny_pair, tiny_rollout, tmp_p
 
     def cfg(out):
         return resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
-                           output=str(out), top_k=3, batch_size=2)
+                           output=str(out), teacher_top_k=3, score_batch_size=2)
 
     full = run_score(cfg(tmp_path / "full"))
     real_write = StageWriter.write_shard
@@ -154,10 +157,10 @@ def test_interrupted_score_resumes_byte_identical(tiny_pair, tiny_rollout, tmp_p
 
 def test_rerun_with_other_settings_refuses(tiny_pair, tiny_rollout, tiny_score):
     r = _invoke(["score", tiny_rollout, "--teacher", tiny_pair[1], "-o", tiny_score,
-                 "--top-k", 5])
+                 "--teacher-top-k", 5])
     assert r.exit_code == 2
     assert "different score run" in r.stderr
-    assert StageDir.open(tiny_score, stage="score").manifest["config"]["top_k"] == 8
+    assert StageDir.open(tiny_score, stage="score").manifest["config"]["teacher_top_k"] == 8
 
 
 def _plain_truncated_logprobs(logits_PV, tokens_P, top_k, top_p):
@@ -193,8 +196,8 @@ def test_rollout_logprob_is_the_truncated_sampling_distribution(tiny_pair, promp
 
     out = run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
                                     output=str(tmp_path / "r"), max_new_tokens=12, seed=3,
-                                    temperature=temperature, top_k=top_k, top_p=top_p,
-                                    num_samples=2, batch_size=4, shard_size=4))
+                                    temperature=temperature, sample_top_k=top_k, top_p=top_p,
+                                    num_samples=2, sample_batch_size=4, shard_size=4))
     model, V = load_model(str(tiny_pair[0])), 100
     raised = 0
     for seq in StageDir.open(out).iter_sequences():
@@ -226,7 +229,8 @@ def test_model_generation_defaults_do_not_change_sampling(tiny_pair, prompts_fil
     def run(student, out):
         return run_rollout(resolve(RolloutConfig, student=str(student), prompts=str(prompts_file),
                                          output=str(out), max_new_tokens=16, seed=5,
-                                         top_k=20, batch_size=3, shard_size=3))
+                                         sample_top_k=20, sample_batch_size=3,
+                                         shard_size=3))
 
     a, b = run(tiny_pair[0], tmp_path / "a"), run(shifted, tmp_path / "b")
     for x, y in zip(StageDir.open(a).iter_sequences(), StageDir.open(b).iter_sequences()):

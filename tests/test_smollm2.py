@@ -40,7 +40,7 @@ def test_rollout_and_score_on_smollm2(smollm2, tmp_path):
     r = run_rollout(resolve(RolloutConfig, student=smollm2, prompts=str(prompts),
                             output=str(tmp_path / "r"), max_new_tokens=12, num_samples=2, seed=0))
     s = run_score(resolve(ScoreConfig, rollout=str(r), teacher=smollm2, output=str(tmp_path / "s"),
-                          top_k=5, chunk_size=7))
+                          teacher_top_k=5, score_chunk_size=7))
     d = StageDir.open(s, stage="score")
     assert d.num_sequences == 4
     seqs = list(d.iter_sequences())

@@ -12,8 +12,8 @@ from tipcli.cli import app
 from tipcli.tracking import flatten
 
 runner = CliRunner()
-TRAIN = ["--strategy", "soft-or", "--keep", "0.5", "--lr", "1e-3", "--batch-size", "4",
-         "--max-steps", "3", "--chunk-size", "16"]
+TRAIN = ["--strategy", "soft-or", "--keep", "0.5", "--lr", "1e-3", "--train-batch-size", "4",
+         "--max-steps", "3", "--train-chunk-size", "16"]
 
 
 def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -65,7 +65,7 @@ def test_distill_logs_training_and_evaluation(tiny_pair, prompts_file, tmp_path)
     run = run_distill(resolve(
         DistillConfig, student=str(tiny_pair[0]), teacher=str(tiny_pair[1]),
         prompts=str(prompts_file), output=str(tmp_path / "run"), iterations=2, num_samples=2,
-        max_new_tokens=8, rollout_batch_size=4, batch_size=2, max_steps=2, lr=1e-3,
+        max_new_tokens=8, sample_batch_size=4, train_batch_size=2, max_steps=2, lr=1e-3,
         eval_prompts=str(prompts_file), eval_max_prompts=3, group_size=4,
         report_to="tensorboard"))
     scalars = _scalars(run / "logs")

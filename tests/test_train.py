@@ -25,8 +25,8 @@ V = 100  # the tiny tokenizer; the tiny models have 13 padded output rows
 
 
 def _cfg(score, out, **kw) -> TrainConfig:
-    base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3, batch_size=4,
-                max_steps=2, chunk_size=16)
+    base = dict(input=str(score), output=str(out), strategy="all", lr=1e-3,
+                train_batch_size=4, max_steps=2, train_chunk_size=16)
     return resolve(TrainConfig, **{**base, **kw})
 
 
@@ -107,8 +107,8 @@ def test_gathered_positions_equal_masked_full_logits(tiny_pair, tiny_score, loss
 
 
 def test_one_micro_batch_of_8_equals_4_of_2(tiny_score, tmp_path):
-    run_train(_cfg(tiny_score, tmp_path / "a", batch_size=8, grad_accum=1))
-    run_train(_cfg(tiny_score, tmp_path / "b", batch_size=2, grad_accum=4))
+    run_train(_cfg(tiny_score, tmp_path / "a", train_batch_size=8, grad_accum=1))
+    run_train(_cfg(tiny_score, tmp_path / "b", train_batch_size=2, grad_accum=4))
     _assert_same_metrics(tmp_path / "a", tmp_path / "b")
     assert _metrics(tmp_path / "a")[0]["kept_tokens"] > 8 * 10
     _assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-5)
@@ -117,7 +117,7 @@ def test_one_micro_batch_of_8_equals_4_of_2(tiny_score, tmp_path):
 def test_kept_token_normalisation_is_global(tiny_score, tmp_path):
     """The step loss is the mean over all kept tokens of the step, not a mean of
     micro-batch means: with unequal micro-batches the two differ."""
-    run_train(_cfg(tiny_score, tmp_path / "a", batch_size=2, grad_accum=4, max_steps=1,
+    run_train(_cfg(tiny_score, tmp_path / "a", train_batch_size=2, grad_accum=4, max_steps=1,
                    shuffle=False))
     m = _metrics(tmp_path / "a")[0]
     from transformers import AutoModelForCausalLM
@@ -151,13 +151,13 @@ def test_two_processes_equal_one(tiny_score, tmp_path):
            "--main_process_port", str(free_port()),
            "--dynamo_backend", "no",
            "-m", "tipcli", "train", str(tiny_score), "-o", str(tmp_path / "two"),
-           "--strategy", "all", "--lr", "1e-3", "--batch-size", "2", "--max-steps", "3",
-           "--chunk-size", "16"]
+           "--strategy", "all", "--lr", "1e-3", "--train-batch-size", "2", "--max-steps",
+           "3", "--train-chunk-size", "16"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "two")
-    run_train(_cfg(tiny_score, tmp_path / "one", batch_size=4, max_steps=3))
+    run_train(_cfg(tiny_score, tmp_path / "one", train_batch_size=4, max_steps=3))
     _assert_same_metrics(tmp_path / "one", tmp_path / "two")
     _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
 
@@ -168,7 +168,7 @@ def test_two_processes_equal_one(tiny_score, tmp_path):
 def test_resume_after_a_stop_equals_no_stop(tiny_score, tmp_path, monkeypatch):
     import tipcli.train.loop as train  # where the loop looks save_checkpoint up
 
-    cfg = dict(max_steps=5, save_every=2, batch_size=4, warmup=1)
+    cfg = dict(max_steps=5, save_every=2, train_batch_size=4, warmup=1)
     run_train(_cfg(tiny_score, tmp_path / "full", **cfg))
 
     save = train.save_checkpoint
@@ -186,8 +186,8 @@ def test_resume_after_a_stop_equals_no_stop(tiny_score, tmp_path, monkeypatch):
     assert not json.loads((tmp_path / "cut" / "manifest.json").read_text())["complete"]
     assert not (tmp_path / "cut" / "model.safetensors").exists()
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(tmp_path / "cut"),
-                            "--strategy", "all", "--lr", "1e-3", "--batch-size", "4",
-                            "--max-steps", "5", "--chunk-size", "16", "--save-every", "2",
+                            "--strategy", "all", "--lr", "1e-3", "--train-batch-size", "4",
+                            "--max-steps", "5", "--train-chunk-size", "16", "--save-every", "2",
                             "--warmup", "1"])
     assert r.exit_code == 2 and "--resume" in r.stderr
     run_train(_cfg(tiny_score, tmp_path / "cut", **cfg), resume=True)
@@ -262,7 +262,7 @@ def _write_selection(score, out, pick) -> Path:
 def test_selection_directory_trains_on_its_tokens_only(tiny_score, tmp_path):
     sel = _write_selection(tiny_score, tmp_path / "sel",
                            lambda sh: torch.arange(sh["response_ids"].numel()) % 3 == 0)
-    out = run_train(_cfg(sel, tmp_path / "t", batch_size=12, max_steps=1))
+    out = run_train(_cfg(sel, tmp_path / "t", train_batch_size=12, max_steps=1))
     m = _metrics(out)[0]
     total = sum(int((torch.arange(sh["response_ids"].numel()) % 3 == 0).sum())
                 for sh in StageDir.open(tiny_score).iter_shards())
@@ -281,7 +281,7 @@ def test_soft_or_on_the_fly_matches_selection_by_shard(tiny_score, tmp_path):
     from tipcli.select import selection_by_shard
 
     out = run_train(_cfg(tiny_score, tmp_path / "t", strategy="soft-or", keep=0.5,
-                         batch_size=12, max_steps=1))
+                         train_batch_size=12, max_steps=1))
     masks = selection_by_shard(StageDir.open(tiny_score), Selection(strategy="soft-or", keep=0.5),
                               seed=0)
     m = _metrics(out)[0]
@@ -301,7 +301,7 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
 
     out = tmp_path / "t"
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(out), "--strategy", "all",
-                            "--max-steps", "3", "--save-every", "2", "--batch-size", "4",
+                            "--max-steps", "3", "--save-every", "2", "--train-batch-size", "4",
                             "--lr", "1e-4"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(out)
@@ -328,7 +328,7 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
     assert not torch.equal(before["lm_head.weight"], _weights(out)["lm_head.weight"])
     # a second identical run finds the finished directory and leaves it alone
     r2 = runner.invoke(app, ["train", str(tiny_score), "-o", str(out), "--strategy", "all",
-                             "--max-steps", "3", "--save-every", "2", "--batch-size", "4",
+                             "--max-steps", "3", "--save-every", "2", "--train-batch-size", "4",
                              "--lr", "1e-4"])
     assert r2.exit_code == 0 and len(_metrics(out)) == 3
 
@@ -344,10 +344,10 @@ def test_error_topk_loss_on_score_without_topk(tiny_pair, tiny_rollout, tmp_path
     from tipcli.score import ScoreConfig, run_score
 
     score = run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
-                                  output=str(tmp_path / "s"), top_k=0))
+                                  output=str(tmp_path / "s"), teacher_top_k=0))
     r = runner.invoke(app, ["train", str(score), "-o", str(tmp_path / "t"), "--strategy", "all",
                             "--loss", "fkl-topk"])
-    assert_one_line_error(r, "--top-k 0", "fkl-topk")
+    assert_one_line_error(r, "--teacher-top-k 0", "fkl-topk")
     ok = runner.invoke(app, ["train", str(score), "-o", str(tmp_path / "t2"), "--strategy",
                              "all", "--loss", "rkl-sampled", "--max-steps", "1"])
     assert ok.exit_code == 0, ok.output
@@ -362,8 +362,8 @@ def test_error_selection_keeps_no_token(tiny_score, tmp_path):
 
 def test_error_lists_every_bad_setting(tiny_score, tmp_path):
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(tmp_path / "t"), "--loss", "kl",
-                            "--keep", "0", "--batch-size", "0", "--lr", "-1"])
-    assert_one_line_error(r, "--loss must be one of", "--keep", "--batch-size", "--lr")
+                            "--keep", "0", "--train-batch-size", "0", "--lr", "-1"])
+    assert_one_line_error(r, "--loss must be one of", "--keep", "--train-batch-size", "--lr")
     with pytest.raises(ConfigError) as exc:
         resolve(TrainConfig, loss="rkl-full")
     problems = exc.value.problems
@@ -372,8 +372,8 @@ def test_error_lists_every_bad_setting(tiny_score, tmp_path):
 
 def test_error_too_few_sequences_for_a_step(tiny_score, tmp_path):
     r = runner.invoke(app, ["train", str(tiny_score), "-o", str(tmp_path / "t"), "--strategy",
-                            "all", "--batch-size", "8", "--grad-accum", "2"])
-    assert_one_line_error(r, "fewer than one step", "--batch-size")
+                            "all", "--train-batch-size", "8", "--grad-accum", "2"])
+    assert_one_line_error(r, "fewer than one step", "--train-batch-size")
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tiny_score, tmp_path):

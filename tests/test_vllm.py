@@ -63,9 +63,9 @@ def test_rollout_log_probs_are_the_truncated_sampling_distribution(vllm_pair, pr
 
     args = ["rollout", "-s", vllm_pair[0], "-p", prompts_file, "--backend", "vllm",
             "--num-samples", "3", "--max-new-tokens", "16", "--temperature", "0.7",
-            "--top-k", "5", "--top-p", "0.9", "--seed", "4"]
-    _tip(*args, "-o", tmp_path / "a", "--batch-size", "6", "--shard-size", "18")
-    _tip(*args, "-o", tmp_path / "b", "--batch-size", "2", "--shard-size", "4")
+            "--sample-top-k", "5", "--top-p", "0.9", "--seed", "4"]
+    _tip(*args, "-o", tmp_path / "a", "--sample-batch-size", "6", "--shard-size", "18")
+    _tip(*args, "-o", tmp_path / "b", "--sample-batch-size", "2", "--shard-size", "4")
     a, b = StageDir.open(tmp_path / "a"), StageDir.open(tmp_path / "b")
     seqs_a, seqs_b = list(a.iter_sequences()), list(b.iter_sequences())
     assert len(seqs_a) == len(seqs_b) == 18
@@ -97,7 +97,7 @@ def test_distill_samples_each_iteration_from_the_trained_student(vllm_pair, prom
     run = tmp_path / "run"
     _tip("distill", "-s", vllm_pair[0], "-t", vllm_pair[1], "-p", prompts_file, "-o", run,
          "--backend", "vllm", "--iterations", "2", "--num-samples", "2",
-         "--max-new-tokens", "12", "--rollout-batch-size", "4", "--batch-size", "4",
+         "--max-new-tokens", "12", "--sample-batch-size", "4", "--train-batch-size", "4",
          "--max-steps", "2", "--lr", "1e-2", "--eval-prompts", prompts_file)
     history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
     assert history[1]["sampler_reload_seconds"] > 0 and "accuracy" in history[2]

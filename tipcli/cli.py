@@ -26,7 +26,7 @@ except ImportError:
 from tipcli import __version__
 from tipcli.configs import STAGE_CONFIGS
 from tipcli.errors import TipError, first_line, interrupted
-from tipcli.settings import help_text, leaves, resolve
+from tipcli.settings import help_text, leaf_map, leaves, old_names, resolve
 
 # command: the library function as "module:function", and its flags beyond the config's
 # (each command's help is its config's docstring)
@@ -49,6 +49,7 @@ EXTRAS = {
                            "its latest checkpoint."),
 }
 EXTRA_TYPES = {"config": str | None, "overwrite": bool, "resume": bool}
+OLD = "old__"  # the parameters of old flag names (see settings.old_names)
 PANELS = {"sampling": "Sampling", "scoring": "Scoring", "selection": "Selection",
           "training": "Training", "optim": "Optimisation", "source": "Prompt records",
           "grading": "Grading", "runtime": "Models and devices"}
@@ -118,6 +119,15 @@ def _parameter(leaf) -> inspect.Parameter:
                              annotation=annotation)
 
 
+def _old_parameter(name: str, leaf) -> inspect.Parameter:
+    """A hidden flag under a setting's old name (tip 0.1's), read for one more release."""
+    base = next((a for a in getattr(leaf.type, "__args__", ()) if a is not type(None)),
+                leaf.type)
+    info = typer.Option(None, "--" + name.replace("_", "-"), hidden=True)
+    return inspect.Parameter(OLD + name, inspect.Parameter.KEYWORD_ONLY, default=info,
+                             annotation=base | None)
+
+
 def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
     cls = STAGE_CONFIGS[name]
     args = [leaf.name for leaf in leaves(cls) if leaf.meta["argument"]]
@@ -128,6 +138,8 @@ def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
 
         run_kw = {k: kw.pop(k) for k in extras}
         config, cfg = kw.pop("config"), None
+        old = {k.removeprefix(OLD): kw.pop(k) for k in list(kw) if k.startswith(OLD)}
+        kw.update({k: v for k, v in old.items() if v is not None})  # resolve maps them
         try:
             kw.update({a: str(read_path_arg(kw[a])) for a in args})
             cfg = resolve(cls, config, **kw)
@@ -145,6 +157,7 @@ def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
             emit_path(out)
 
     params = [_parameter(leaf) for leaf in leaves(cls)]
+    params += [_old_parameter(name, leaf_map(cls)[new]) for name, new in old_names(cls).items()]
     params += [inspect.Parameter(e, inspect.Parameter.KEYWORD_ONLY, default=EXTRAS[e],
                                  annotation=EXTRA_TYPES[e]) for e in ("config", *extras)]
     command.__signature__ = inspect.Signature(params)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 from tipcli.catalog import DIVERGENCES, LOSSES, STRATEGIES, strategy_problem
-from tipcli.settings import from_flat, group, resolve, setting, to_flat, validate
+from tipcli.settings import (current_names, from_flat, group, resolve, setting, to_flat,
+                             validate)
 
 __all__ = ["from_flat", "resolve", "to_flat", "validate"]
 
@@ -116,9 +118,11 @@ class Sampling:
     num_samples: int = setting(1, "Responses sampled per prompt.", ge=1)
     temperature: float = setting(1.0, "Sampling temperature (0 = greedy).", ge=0)
     top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).", gt=0, le=1)
-    top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0)
+    top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0,
+                         name="sample_top_k")
     max_new_tokens: int = setting(256, "Most tokens per response.", ge=1)
-    batch_size: int = setting(8, "Sequences generated together.", ge=1)
+    batch_size: int = setting(8, "Sequences generated together.", ge=1,
+                              name="sample_batch_size")
     long_prompts: str = setting("error", "A prompt too long for the model's context with "
                                 "--max-new-tokens: error, or truncate (keep its end, warn).",
                                 choices=("error", "truncate"))
@@ -134,11 +138,13 @@ class Scoring:
     """How the score stage computes per-token statistics."""
 
     top_k: int = setting(64, "Teacher top-k ids and log-probs stored per token (0 = none).",
-                         ge=0)
-    temperature: float = setting(1.0, "Temperature applied to both models' logits.", gt=0)
-    batch_size: int = setting(8, "Sequences per scoring forward pass.", ge=1)
+                         ge=0, name="teacher_top_k")
+    temperature: float = setting(1.0, "Temperature applied to both models' logits.", gt=0,
+                                 name="score_temperature")
+    batch_size: int = setting(8, "Sequences per scoring forward pass.", ge=1,
+                              name="score_batch_size")
     chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about 2^22 "
-                                 "logits).", ge=0)
+                                 "logits).", ge=0, name="score_chunk_size")
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,8 @@ class Optim:
     warmup: int = setting(0, "Linear warmup steps before the cosine decay.", ge=0)
     epochs: int = setting(1, "Passes over the data (ignored when --max-steps is set).", ge=1)
     max_steps: int = setting(0, "Optimizer steps to run (0 = --epochs passes).", ge=0)
-    batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1)
+    batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1,
+                              name="train_batch_size")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", ge=1)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = no clipping).", ge=0)
     shuffle: bool = setting(True, "Shuffle sequences each epoch (seeded).")
@@ -184,7 +191,8 @@ class Training:
 
     loss: str = setting("rkl-topk", "Loss on the kept tokens (docs/training.md).",
                         choices=tuple(LOSSES))
-    chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1)
+    chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1,
+                              name="train_chunk_size")
     gradient_checkpointing: bool = setting(False, "Recompute the body's activations in "
                                                   "backward.")
     mixed_precision: str = setting("auto", "auto (bf16 on GPU, none on CPU), no, bf16.",
@@ -212,20 +220,24 @@ class Grading:
 class RolloutConfig:
     """`tip rollout`: sample responses from the student (a rollout directory)."""
 
+    OLD_NAMES: ClassVar[dict[str, str]] = {"top_k": "sample_top_k",
+                                           "batch_size": "sample_batch_size"}
+
     student: str = _model("Student model:", short="-s")
     prompts: str = setting("", "Prompts: .jsonl, .parquet, .csv, a saved dataset or a hub name.",
                            required=True, short="-p")
     output: str = _output()
     sampling: Sampling = group(Sampling)
     seed: int = _seed("Random seed; the same seed gives the same rollouts on CPU.")
-    shard_size: int = setting(256, "Sequences per output shard (a multiple of --batch-size).",
+    shard_size: int = setting(256, "Sequences per output shard (a multiple of "
+                              "--sample-batch-size).",
                               ge=1)
     source: PromptSource = group(PromptSource)
     runtime: Runtime = group(Runtime)
 
     def rules(self) -> list[str]:
         if self.shard_size % self.sampling.batch_size:
-            return ["--shard-size must be a multiple of --batch-size"]
+            return ["--shard-size must be a multiple of --sample-batch-size"]
         return []
 
 
@@ -233,6 +245,10 @@ class RolloutConfig:
 class ScoreConfig:
     """`tip score`: score a rollout: per-token teacher and student statistics (a score
     directory)."""
+
+    OLD_NAMES: ClassVar[dict[str, str]] = {
+        "top_k": "teacher_top_k", "temperature": "score_temperature",
+        "batch_size": "score_batch_size", "chunk_size": "score_chunk_size"}
 
     rollout: str = setting("", "Rollout directory, or - to read its path from stdin.",
                            required=True, argument="ROLLOUT_DIR")
@@ -259,6 +275,9 @@ class SelectConfig:
 class TrainConfig:
     """`tip train`: distil the teacher into the student on the kept tokens (a trained model
     directory)."""
+
+    OLD_NAMES: ClassVar[dict[str, str]] = {"batch_size": "train_batch_size",
+                                           "chunk_size": "train_chunk_size"}
 
     input: str = setting("", "Score or selection directory (rollout for *-full losses), or - "
                              "to read its path from stdin.", required=True, argument="INPUT")
@@ -289,6 +308,9 @@ class TrainConfig:
 class EvalConfig:
     """`tip eval`: generate answers and grade them: accuracy with a 95% interval (a results
     directory)."""
+
+    OLD_NAMES: ClassVar[dict[str, str]] = {"top_k": "sample_top_k",
+                                           "batch_size": "sample_batch_size"}
 
     model: str = _model("Model to evaluate:", short="-m")
     prompts: str = setting("", "Prompts with reference answers: .jsonl, .parquet, .csv, dataset.",
@@ -324,6 +346,10 @@ class DistillConfig:
     """`tip distill`: the on-policy loop: rollout -> score -> select -> train, N times
     (resumable)."""
 
+    OLD_NAMES: ClassVar[dict[str, str]] = {
+        "top_k": "teacher_top_k", "rollout_batch_size": "sample_batch_size",
+        "batch_size": "train_batch_size", "chunk_size": "train_chunk_size"}
+
     student: str = _model("Starting student:", short="-s")
     teacher: str = _model("Teacher model:", short="-t")
     prompts: str = setting("", "Training prompts: .jsonl, .parquet, .csv or a dataset.",
@@ -333,12 +359,8 @@ class DistillConfig:
                               ge=1)
     prompts_per_iteration: int = setting(0, "Prompts sampled for each iteration (0 = all).",
                                          ge=0)
-    sampling: Sampling = group(Sampling, rename={"top_k": "sample_top_k",
-                                                 "batch_size": "rollout_batch_size"},
-                               num_samples=4, max_new_tokens=128, batch_size=16)
-    scoring: Scoring = group(Scoring, rename={"temperature": "score_temperature",
-                                              "batch_size": "score_batch_size",
-                                              "chunk_size": "score_chunk_size"})
+    sampling: Sampling = group(Sampling, num_samples=4, max_new_tokens=128, batch_size=16)
+    scoring: Scoring = group(Scoring)
     selection: Selection = group(Selection)
     training: Training = group(Training)
     optim: Optim = group(Optim, lr=1e-5, batch_size=8)
@@ -372,6 +394,13 @@ class DemoConfig:
                           "build: default tip's cache).")
     rebuild: bool = setting(False, "Train a new pair first (a few minutes; another CPU builds "
                             "other models), then run the demo on it.")
+
+
+def current_config(stage: str, flat: dict) -> dict:
+    """A stage's settings as its manifest stores them, under today's names (a directory
+    that tip 0.1 wrote keeps the old ones)."""
+    cls = STAGE_CONFIGS.get(stage)
+    return flat if cls is None else current_names(cls, flat, notice=False)[0]
 
 
 STAGE_CONFIGS = {"rollout": RolloutConfig, "score": ScoreConfig, "select": SelectConfig,

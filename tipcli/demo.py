@@ -32,8 +32,8 @@ SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
 
 # The settings the demo runs with; `tip distill --help` documents each one.
 DEMO_SETTINGS = dict(iterations=3, prompts_per_iteration=64, num_samples=4, max_new_tokens=40,
-                     lr=1e-4, batch_size=16, strategy="soft-or", keep=0.5, top_k=16,
-                     group_size=64, seed=0)
+                     lr=1e-4, train_batch_size=16, strategy="soft-or", keep=0.5,
+                     teacher_top_k=16, group_size=64, seed=0)
 TRAIN_PROMPTS, EVAL_PROMPTS = 512, 200
 
 

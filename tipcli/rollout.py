@@ -1,7 +1,7 @@
 """`tip rollout`: the student samples responses to prompts.
 
     tip rollout --student runs/tiny/student --prompts prompts.jsonl -o runs/rollout \
-        --num-samples 4 --max-new-tokens 128 --temperature 1.0
+        --num-samples 4 --max-new-tokens 128 --temperature 1.0 --sample-top-k 50
 
 Generation by a sampler (``tipcli.sampling``: transformers' batched ``generate``, or vLLM
 with ``--backend vllm``), stopping at EOS. The output holds prompt ids, response ids (up

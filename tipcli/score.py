@@ -1,6 +1,6 @@
 """`tip score`: teacher and student statistics for every response token.
 
-    tip score runs/rollout --teacher runs/tiny/teacher -o runs/score --top-k 64
+    tip score runs/rollout --teacher runs/tiny/teacher -o runs/score --teacher-top-k 64
 
 For each response token: student and teacher log-prob of the sampled token, student and
 teacher entropy, reverse KL, forward KL and JSD (exact over the real vocabulary), and
@@ -52,7 +52,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
         check_model_fits_vocab(m, s_tok, name)
     # what is stored: the student actually used, and no more top-k columns than tokens
     resolved = {**to_flat(cfg), "student": student_name,
-                "top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
+                "teacher_top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
     writer = run.writer({"student": model_ref(student_name, student),
                          "teacher": model_ref(cfg.teacher, teacher)},
                         tokenizer_info(s_tok), parent=rollout, config=resolved,

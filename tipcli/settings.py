@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -29,24 +30,23 @@ C = TypeVar("C")
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, required: bool = False, short: str | None = None,
-            argument: str | None = None, check: Callable[[Any], str | None] | None = None
-            ) -> Any:
+            argument: str | None = None, check: Callable[[Any], str | None] | None = None,
+            name: str | None = None) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt`` bound numbers (floats must also be
     finite), ``choices`` lists the valid strings, ``check`` returns a problem or None,
     ``required`` refuses an empty string. ``short`` is a one-letter flag; ``argument``
     makes it the command's positional argument (its metavar), which accepts ``-`` for a
-    path read from stdin."""
+    path read from stdin. ``name`` is its flat name (flag, settings-file key) where that
+    is not the field's own: one name meaning one thing in every command."""
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, required=required,
-                short=short, argument=argument, check=check)
+                short=short, argument=argument, check=check, name=name)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def group(cls: type, rename: dict[str, str] | None = None, **defaults: Any) -> Any:
-    """A field holding a shared group of settings, with this stage's own defaults and, where
-    two groups of a stage would clash, other names for some of its settings."""
+def group(cls: type, **defaults: Any) -> Any:
+    """A field holding a shared group of settings, with this stage's own defaults."""
     return dataclasses.field(default_factory=functools.partial(cls, **defaults),
-                             metadata={"group": cls, "rename": rename or {},
-                                       "defaults": defaults})
+                             metadata={"group": cls, "defaults": defaults})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,13 +81,13 @@ def leaves(cls: type) -> tuple[Leaf, ...]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "group" in f.metadata:
-            sub_cls, rename, defaults = (f.metadata[k] for k in ("group", "rename", "defaults"))
+            sub_cls, defaults = f.metadata["group"], f.metadata["defaults"]
             for leaf in leaves(sub_cls):
-                name = leaf.path[0]
-                out.append(Leaf(rename.get(name, leaf.name), (f.name, *leaf.path), leaf.type,
-                                defaults.get(name, leaf.default), leaf.meta))
+                out.append(Leaf(leaf.name, (f.name, *leaf.path), leaf.type,
+                                defaults.get(leaf.path[0], leaf.default), leaf.meta))
         else:
-            out.append(Leaf(f.name, (f.name,), hints[f.name], f.default, dict(f.metadata)))
+            out.append(Leaf(f.metadata.get("name") or f.name, (f.name,), hints[f.name],
+                            f.default, dict(f.metadata)))
     names = [leaf.name for leaf in out]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
@@ -102,7 +102,7 @@ def leaf_map(cls: type) -> dict[str, Leaf]:
 # ----------------------------------------------------------------------------- values
 
 
-def _base(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """(the type inside Optional, whether None is allowed)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
@@ -116,7 +116,7 @@ TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true
 def coerce(leaf: Leaf, value: Any) -> tuple[Any, str | None]:
     """(the value as the setting's type, or a problem). Booleans are not numbers, numbers
     are not strings: a settings file is read as strictly as a flag."""
-    base, optional = _base(leaf.type)
+    base, optional = base_type(leaf.type)
     if value is None:
         return (None, None) if optional else (value, f"{leaf.label} must be "
                                                      f"{TYPE_NAMES[base]} (got null)")
@@ -226,11 +226,13 @@ def resolve(cls: type[C], config_file: str | Path | None = None, **values: Any) 
     merged: dict[str, Any] = {}
     found: list[str] = []
     if config_file:
-        from_file = load_config_file(config_file, cls)
+        from_file, found = current_names(cls, load_config_file(config_file, cls),
+                                         f" in {config_file}")
         found += [f"unknown setting '{k}' in {config_file}; settings are the command's flag "
                   "names (see its --help)" for k in from_file if k not in known]
         merged.update(from_file)
-    given = {k: v for k, v in values.items() if v is not None}
+    given, clashes = current_names(cls, {k: v for k, v in values.items() if v is not None})
+    found += clashes
     found += [f"unknown setting '{k}'" for k in given if k not in known]
     merged.update(given)
     merged = {k: v for k, v in merged.items() if k in known}
@@ -242,6 +244,38 @@ def resolve(cls: type[C], config_file: str | Path | None = None, **values: Any) 
     if found:
         raise ConfigError(found)
     return validate(from_flat(cls, merged))
+
+
+def old_names(cls: type) -> dict[str, str]:
+    """A stage's old setting names (tip 0.1's spellings) and the names they are now; they
+    are read, with a notice, for one more release."""
+    return getattr(cls, "OLD_NAMES", {})
+
+
+def current_names(cls: type, values: dict[str, Any], where: str = "",
+                  notice: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with old setting names replaced by the current ones (a one-line notice on
+    stderr for each), and the problems: an old name given beside its new one."""
+    old = old_names(cls)
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in values.items():
+        new = old.get(key)
+        if new is None:
+            out[key] = value
+        elif new in values:
+            problems.append(f"{_flag(key)} and {_flag(new)}{where} are one setting ("
+                            f"{_flag(key)} is its old name); give {_flag(new)} only")
+        else:
+            if notice:
+                print(f"warning: {_flag(key)}{where} is deprecated: it is now {_flag(new)} (the "
+                      "old name works until the next release)", file=sys.stderr)
+            out[new] = value
+    return out, problems
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def load_config_file(path: str | Path, cls: type | None = None) -> dict[str, Any]:
@@ -273,9 +307,7 @@ def _flatten_file(data: dict[str, Any], cls: type | None) -> dict[str, Any]:
     if cls is not None:
         for f in dataclasses.fields(cls):
             if "group" in f.metadata:
-                rename = f.metadata["rename"]
-                groups[f.name] = {leaf.path[0]: rename.get(leaf.path[0], leaf.name)
-                                  for leaf in leaves(f.metadata["group"])}
+                groups[f.name] = {leaf.path[0]: leaf.name for leaf in leaves(f.metadata["group"])}
     out: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key).replace("-", "_")

