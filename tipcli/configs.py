@@ -99,6 +99,9 @@ class Runtime:
                               choices=("", "auto", "balanced", "balanced_low_0", "sequential"))
     max_memory: str = setting("", "With --device-map, memory per device, e.g. "
                               "0=70GiB,1=70GiB,cpu=200GiB.", check=_max_memory_problem)
+    dist_timeout: float = setting(60.0, "Under a launcher: minutes a process waits for the "
+                                  "others (the process group's timeout; a long generation on "
+                                  "one process keeps the rest waiting).", gt=0)
 
 
 @dataclass(frozen=True)

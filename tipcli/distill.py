@@ -41,8 +41,10 @@ from tipcli.configs import (DistillConfig, RolloutConfig, ScoreConfig, SelectCon
                             TrainConfig, to_flat, validate)
 from tipcli.files import write_atomic, write_json_atomic
 from tipcli.heldout import heldout_metrics, mean
+from tipcli.errors import TipError
 from tipcli.models import (check_same_vocab, load_model, load_tokenizer, model_ref,
-                           resolve_device, resolve_dtype, tokenizer_info)
+                           resolve_dtype, tokenizer_info)
+from tipcli.parallel import Processes, processes
 from tipcli.progress import console
 from tipcli.prompts import load_prompts
 from tipcli.rollout import run_rollout
@@ -63,19 +65,27 @@ def iteration_dir(run: str | Path, i: int) -> Path:
 
 
 def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
-    """Run (or resume) the loop; returns the run directory."""
+    """Run (or resume) the loop; returns the run directory. Under a launcher every process
+    runs it, on its own device, and each stage shares its work out (see the module doc)."""
     run = StageRun(DISTILL, cfg, overwrite)
     check_available(cfg.training.report_to)
     rt = cfg.runtime
+    procs = processes(rt.device, rt.dist_timeout)
+    if procs.world > 1 and rt.device_map:
+        raise TipError("--device-map spreads one copy of the teacher over the devices of one "
+                       f"process, but {procs.world} processes were launched: drop "
+                       "--device-map (each process then holds the teacher on its own device), "
+                       "or run tip distill without a launcher")
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
     check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), cfg.student,
                      cfg.teacher)
     writer = run.writer({"student": model_ref(cfg.student), "teacher": model_ref(cfg.teacher)},
-                        tokenizer_info(tok))
+                        tokenizer_info(tok), procs=procs)
     if writer.complete:  # finished before: nothing to load or redo
-        _render(writer.manifest["summary"]["history"])
+        if procs.main:
+            _render(writer.manifest["summary"]["history"])
         return writer.path
-    loop = Loop(cfg, tok)
+    loop = Loop(cfg, tok, procs)
     try:
         if cfg.eval_prompts:
             loop.evaluate_student("initial", cfg.student, Path(cfg.output) / "eval-initial", 0)
@@ -84,23 +94,26 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     finally:
         loop.close()
     writer.finish({"history": loop.history, "final_student": loop.student_name})
-    _render(loop.history)
+    if procs.main:
+        _render(loop.history)
     return writer.path
 
 
 class Loop:
-    """The run's models and record: the teacher, the current student (loaded once, kept
-    between iterations), the sampler (with ``--backend vllm`` an engine started once and
-    given each trained student's weights in place), the tracker."""
+    """One process's models and the run's record: the teacher, the current student (loaded
+    once, kept between iterations), the sampler (with ``--backend vllm`` an engine started
+    once and given each trained student's weights in place), the tracker (main process)."""
 
-    def __init__(self, cfg: DistillConfig, tok):
+    def __init__(self, cfg: DistillConfig, tok, procs: Processes = Processes()):
         rt = cfg.runtime
-        self.cfg, self.run, self.tok = cfg, Path(cfg.output), tok
+        self.cfg, self.run, self.tok, self.procs = cfg, Path(cfg.output), tok, procs
         self.records = load_prompts(cfg.prompts, cfg.source)
-        self.device = resolve_device(rt.device)
+        self.device = procs.device_for(rt.device)
         self.dtype = resolve_dtype(rt.dtype, self.device)
-        self.teacher = load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code)
-        self.tracker = Tracker(cfg.training.report_to, self.run, "tip-distill", to_flat(cfg))
+        self.teacher = load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code,
+                                  rt.device_map, rt.max_memory)
+        self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
+                               "tip-distill", to_flat(cfg))
         self.student_name, self.student, self.steps = cfg.student, None, 0
         self._sampler: Sampler | None = None
         self.sampler_holds = ""  # the student whose weights the sampler has
@@ -113,12 +126,16 @@ class Loop:
                                       self.cfg.runtime.trust_remote_code)
         return self.student
 
+    def say(self, label: str, row: dict[str, Any], seconds: float | None = None) -> None:
+        if self.procs.main:
+            say_row(label, row, seconds)
+
     def sampler(self) -> Sampler:
         """The sampler, holding the current student's weights (made on first use)."""
         student = self.loaded_student()
         if self._sampler is None:
             self._sampler = make_sampler(self.cfg.student, self.tok, self.cfg.sampling,
-                                         self.cfg.runtime, model=student)
+                                         self.cfg.runtime, self.procs, model=student)
             self.sampler_holds = self.cfg.student
         stale_model = self._sampler.model is not None and self._sampler.model is not student
         if self.sampler_holds != self.student_name or stale_model:
@@ -135,7 +152,7 @@ class Loop:
                               self.teacher, self.sampler())
         if label == "initial":
             self.history.append({"iteration": "initial", **row})
-            say_row("initial student", row)
+            self.say("initial student", row)
         self.tracker.log(_eval_metrics(row), step)
         return row
 
@@ -148,13 +165,13 @@ class Loop:
             self.student = None
             self.steps += _train_steps(Path(self.student_name))
             self.history.append(json.loads(done.read_text()))
-            _prune(cfg, Path(self.student_name), previous)
-            say_row(f"iteration {i + 1}/{cfg.iterations} (finished earlier)", self.history[-1])
+            self.prune(Path(self.student_name), previous)
+            self.say(f"iteration {i + 1}/{cfg.iterations} (finished earlier)", self.history[-1])
             return
         started = time.perf_counter()
         student = self.loaded_student()
         select, row = _sample_score_select(cfg, i, self.records, self.student_name, student,
-                                           self.teacher, self.tok, self.sampler())
+                                           self.teacher, self.tok, self.sampler(), self.procs)
         if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
             self.student = None
         train, self.student = _train(cfg, select, d / "train", self.student, self.teacher,
@@ -172,9 +189,17 @@ class Loop:
                 else None
         self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
         self.history.append(row)
-        say_row(f"iteration {i + 1}/{cfg.iterations}", row, time.perf_counter() - started)
-        write_json_atomic(done, row)  # before pruning: a resume never needs what is pruned
-        _prune(cfg, train, previous)
+        self.say(f"iteration {i + 1}/{cfg.iterations}", row, time.perf_counter() - started)
+        if self.procs.main:
+            write_json_atomic(done, row)  # before pruning: a resume never needs what is pruned
+        self.prune(train, previous)
+
+    def prune(self, train: Path, previous: str) -> None:
+        """``_prune`` by the main process, the others waiting for it."""
+        self.procs.barrier()
+        if self.procs.main:
+            _prune(self.cfg, train, previous)
+        self.procs.barrier()
 
     def close(self) -> None:
         self.tracker.close()
@@ -198,12 +223,17 @@ def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str, student,
-                         teacher, tok, sampler=None) -> tuple[Path, dict[str, Any]]:
+                         teacher, tok, sampler=None, procs: Processes = Processes()
+                         ) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
-    are kept); returns the selection directory and the iteration's summary row."""
+    are kept); returns the selection directory and the iteration's summary row. Rollout
+    and score share their shards over the processes; the main process selects."""
     d = iteration_dir(cfg.output, i)
-    d.mkdir(parents=True, exist_ok=True)
-    prompts = _iteration_prompts(cfg, i, records, d / ITERATION_PROMPTS)
+    prompts = d / ITERATION_PROMPTS
+    if procs.main:
+        d.mkdir(parents=True, exist_ok=True)
+        _iteration_prompts(cfg, i, records, prompts)
+    procs.barrier()
     rollout = run_rollout(validate(RolloutConfig(
         student=student_name, prompts=str(prompts), output=str(d / "rollout"),
         sampling=cfg.sampling, seed=cfg.seed * 1000 + i,
@@ -213,8 +243,11 @@ def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
         rollout=str(rollout), teacher=cfg.teacher, output=str(d / "score"),
         student=student_name, scoring=cfg.scoring, runtime=cfg.runtime)),
         student=student, teacher=teacher, tokenizer=tok)
-    select = run_select(validate(SelectConfig(score=str(score), output=str(d / "select"),
-                                              selection=cfg.selection, seed=cfg.seed)))
+    select = d / "select"
+    if procs.main:
+        run_select(validate(SelectConfig(score=str(score), output=str(select),
+                                         selection=cfg.selection, seed=cfg.seed)))
+    procs.barrier()
     sd = StageDir.open(score, stage="score")
     kept = StageDir.open(select, stage="select").manifest["summary"]
     return select, {"iteration": i, "rollout_tokens": sd.num_tokens,

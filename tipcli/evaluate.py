@@ -17,6 +17,9 @@ The output directory holds exactly two files:
 
 `run_eval` also takes a model and tokenizer already in memory (the distillation loop
 evaluates its student without reloading it), and writes nothing when no output is given.
+Under a launcher (torchrun) the processes share the responses out in shards, as rollout
+does; each shard is seeded by its index, so the results do not depend on the number of
+processes.
 """
 
 from __future__ import annotations
@@ -33,12 +36,15 @@ from rich.table import Table
 from tipcli.configs import EvalConfig, Sampling, validate
 from tipcli.errors import TipError, first_line
 from tipcli.models import load_tokenizer, model_ref, tokenizer_info
+from tipcli.parallel import Processes, processes
 from tipcli.progress import console, progress_task
 from tipcli.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.sampling import make_sampler
 from tipcli.shards import StageRun
 from tipcli.stages import EVAL, RESULTS
 from tipcli.verify import get_verifier
+
+SHARD_BATCHES = 16  # sampler batches per shard of responses (as tip distill's rollouts)
 
 
 
@@ -77,33 +83,52 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
     run = StageRun(EVAL, cfg, overwrite) if cfg.output else None
     if run is None:
         validate(cfg)
+    rt = cfg.runtime
+    procs = processes(rt.device, rt.dist_timeout)
     verify = get_verifier(cfg.grading.verifier)
     records, answers = _load_records(cfg)
-    tok = tokenizer or load_tokenizer(cfg.model, cfg.runtime.trust_remote_code)
+    tok = tokenizer or load_tokenizer(cfg.model, rt.trust_remote_code)
     writer = None
     if run is not None:
         writer = run.writer({"model": model_ref(cfg.model, model)}, tokenizer_info(tok),
-                            inputs={"prompts_sha256": records_sha256(records)})
+                            inputs={"prompts_sha256": records_sha256(records)}, procs=procs)
         if writer.complete:
             return _read_back(writer)
-    sampler = sampler or make_sampler(cfg.model, tok, cfg.sampling, cfg.runtime, model=model)
+    sampler = sampler or make_sampler(cfg.model, tok, cfg.sampling, rt, procs, model=model)
     prompt_ids = fit_context(_encode(tok, records, cfg), sampler.context, cfg.sampling,
                              cfg.prompts)
     items = [(p, s) for p in range(len(records)) for s in range(cfg.sampling.num_samples)]
-    responses = generate_responses(sampler, tok, [prompt_ids[p] for p, _ in items], items,
-                                   cfg.sampling, cfg.seed,
-                                   progress_label="eval" if show_progress else None)
+    responses = shared_responses(sampler, tok, prompt_ids, items, cfg, procs,
+                                 "eval" if show_progress and procs.main else None)
     rows = [_row(records[p], p, s, answers[p], r, verify, cfg)
             for (p, s), r in zip(items, responses)]
     correct = sum(r["correct"] for r in rows)
     result = EvalResult(correct / len(rows), wilson_interval(correct, len(rows)), len(rows),
                         correct, rows)
     if writer is not None:
-        writer.write_file(RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                           for r in rows))
-        result.output = writer.finish({**result.summary(),
-                                       "num_prompts": len(records)})
+        if procs.main:
+            writer.write_file(RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                               for r in rows))
+        result.output = writer.finish({**result.summary(), "num_prompts": len(records)})
     return result
+
+
+def shared_responses(sampler, tok, prompt_ids: list[list[int]], items: list[tuple[int, int]],
+                     cfg: EvalConfig, procs: Processes, label: str | None) -> list[str]:
+    """The responses to ``items`` (prompt, sample), on every process: drawn in shards of
+    ``SHARD_BATCHES`` batches, each seeded by its index as a rollout's are, process r
+    taking shards r, r + W, ...; the same responses for any number of processes."""
+    size = cfg.sampling.batch_size * SHARD_BATCHES
+    shards = [items[a:a + size] for a in range(0, len(items), size)]
+    mine = procs.mine(range(len(shards)))
+    drawn = {}
+    with progress_task(label, sum(len(shards[si]) for si in mine)) as advance:
+        for si in mine:
+            batch = sampler.sample_shard([prompt_ids[p] for p, _ in shards[si]], shards[si],
+                                         cfg.sampling, cfg.seed, si, advance)
+            drawn[si] = _decode(tok, batch)
+    every = {si: texts for part in procs.gather(drawn) for si, texts in part.items()}
+    return [text for si in range(len(shards)) for text in every[si]]
 
 
 def records_sha256(records: list[dict[str, Any]]) -> str:

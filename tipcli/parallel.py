@@ -1,20 +1,25 @@
-"""Several processes on one stage: who does which shard, and waiting for each other.
+"""Several processes on one job: who does which shard, their devices, waiting for each other.
 
     torchrun --nproc_per_node 8 -m tipcli rollout --student S --prompts P -o runs/rollout
     accelerate launch --multi_gpu --num_processes 8 -m tipcli score runs/rollout ...
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint HEAD:29500 -m tipcli distill ...
 
 Under a launcher (``WORLD_SIZE`` > 1) the processes share out a stage's shards by index
 (process r takes shards r, r + W, r + 2W, ...): a shard's content and its random seeds
 depend only on its index, so the output does not depend on the number of processes.
 Each process runs on its own device (``cuda:LOCAL_RANK``, or the CPU); the main process
 writes the manifest once every shard is done. accelerate's ``PartialState`` sets up
-torch.distributed (NCCL on GPUs, gloo on CPUs).
+torch.distributed (NCCL on GPUs, gloo on CPUs), with ``--dist-timeout`` as the process
+group's timeout: how long one process waits for the others at a barrier.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     device: str | None = None  # this process's device under a launcher
+    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -46,13 +52,44 @@ class Processes:
 
             PartialState().wait_for_everyone()
 
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every process, by rank, on every process (one process: ``[obj]``).
+        For small results the processes computed themselves (never a user's file)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
 
-def processes(device: str = "auto") -> Processes:
-    """This process's place among the launched ones (one process without a launcher)."""
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def processes(device: str = "auto", timeout_minutes: float | None = None) -> Processes:
+    """This process's place among the launched ones (one process without a launcher). The
+    first call starts the process group, with ``timeout_minutes`` as its timeout."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-    return Processes(state.process_index, state.num_processes, str(state.device))
+    kwargs = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available(), **kwargs)
+    return Processes(state.process_index, state.num_processes, str(state.device),
+                     state.local_process_index)
+
+
+def visible_device(local_rank: int, visible: str | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` one process should see: the ``local_rank``-th entry of
+    the list the job was given (Slurm and Kubernetes give e.g. ``4,5,6,7``), or the
+    ``local_rank``-th device when no list is set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    if not entries:
+        return str(local_rank)
+    if local_rank >= len(entries):
+        from tipcli.errors import TipError
+
+        raise TipError(f"process {local_rank} of this node has no GPU: CUDA_VISIBLE_DEVICES="
+                       f"{visible} lists {len(entries)}; launch at most {len(entries)} "
+                       "processes per node")
+    return entries[local_rank]

@@ -40,7 +40,7 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     shards (``tipcli.parallel``)."""
     run = StageRun(ROLLOUT, cfg, overwrite)
     rt, sampling = cfg.runtime, cfg.sampling
-    procs = processes(rt.device)
+    procs = processes(rt.device, rt.dist_timeout)
     records = load_prompts(cfg.prompts, cfg.source)
     tok = tokenizer or load_tokenizer(cfg.student, rt.trust_remote_code)
     prompt_ids = [encode_prompt(tok, r, cfg.source) for r in records]

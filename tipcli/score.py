@@ -35,7 +35,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     each process scores its share of the shards (``tipcli.parallel``)."""
     run = StageRun(SCORE, cfg, overwrite)
     rt = cfg.runtime
-    procs = processes(rt.device)
+    procs = processes(rt.device, rt.dist_timeout)
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
     s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)

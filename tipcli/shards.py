@@ -254,7 +254,7 @@ class StageRun:
     def writer(self, models: dict[str, Any], tokenizer: dict[str, Any],
                parent: StageDir | None = None, inputs: dict[str, Any] | None = None,
                config: dict[str, Any] | None = None, reads: tuple = (),
-               procs: Processes = Processes()) -> StageWriter:
+               procs: Processes = Processes(), launch: tuple[str, ...] = ()) -> StageWriter:
         """The directory's writer; ``config`` (default: the stage's settings) is what a
         resumed run must equal, with the ``parent`` directory and the ``inputs``'
         checksums. ``reads``: paths it reads beyond its settings' (the output may not be or
@@ -262,7 +262,7 @@ class StageRun:
         return StageWriter(self.cfg.output, self.stage.name,
                            to_flat(self.cfg) if config is None else config, models, tokenizer,
                            parent=parent, overwrite=self.overwrite, inputs=inputs,
-                           sources=(*self.sources, *reads), procs=procs)
+                           sources=(*self.sources, *reads), procs=procs, launch=launch)
 
 
 
@@ -271,8 +271,11 @@ class StageWriter:
 
     A re-run continues an incomplete directory only when everything that decides its
     content is the same: the resolved config, the parent directory's manifest, the
-    models' fingerprints and ``inputs`` (e.g. the prompts' checksum). ``sources`` are the
-    paths the run reads, which the output must not be or hold (``tipcli.outputs``).
+    models' fingerprints and ``inputs`` (e.g. the prompts' checksum). Settings named in
+    ``launch`` describe how the work is split over processes (train's per-process batch):
+    they may change, where ``inputs`` holds what they must keep (the global batch).
+    ``sources`` are the paths the run reads, which the output must not be or hold
+    (``tipcli.outputs``).
 
     With several processes (``procs``), the main process prepares the directory, each
     process writes its own shards and records them in ``.progress-<rank>.json``, and the
@@ -284,8 +287,8 @@ class StageWriter:
                  models: dict[str, Any], tokenizer: dict[str, Any],
                  parent: StageDir | None = None, overwrite: bool = False,
                  inputs: dict[str, Any] | None = None, sources: tuple = (),
-                 procs: Processes = Processes()):
-        self.path, self.procs = Path(path), procs
+                 procs: Processes = Processes(), launch: tuple[str, ...] = ()):
+        self.path, self.procs, self.launch = Path(path), procs, launch
         self.manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "stage": stage,
@@ -343,8 +346,10 @@ class StageWriter:
     def _changed(self, old: dict[str, Any]) -> str:
         """What differs between ``old`` and this run, in words ('' when nothing)."""
         new = self.manifest
-        then = current_config(old["stage"], old["config"])
-        if json.dumps(then, sort_keys=True) != json.dumps(new["config"], sort_keys=True):
+        then = {k: v for k, v in current_config(old["stage"], old["config"]).items()
+                if k not in self.launch}
+        now = {k: v for k, v in new["config"].items() if k not in self.launch}
+        if json.dumps(then, sort_keys=True) != json.dumps(now, sort_keys=True):
             return "its settings differ"
         if (old.get("parent") or {}).get("manifest_sha256") != \
                 (new.get("parent") or {}).get("manifest_sha256"):

@@ -15,8 +15,11 @@ It writes the same shards as the ``hf`` sampler. What vLLM is asked for, and why
 - ``generation_config="vllm"`` and explicit sampling parameters: nothing from a model's
   ``generation_config.json`` changes the sampling; logit columns past the tokenizer's
   vocabulary are never sampled (``allowed_token_ids``);
-- ``enable_chunked_prefill=False``: seeded requests with chunked prefill stop vLLM's CPU
-  engine.
+- on the CPU only, ``enforce_eager=True`` and ``enable_chunked_prefill=False`` (seeded
+  requests with chunked prefill stop vLLM's CPU engine); a GPU keeps vLLM's defaults
+  (CUDA graphs, chunked prefill);
+- under a launcher, each process's engine sees one GPU: the ``LOCAL_RANK``-th entry of
+  the job's ``CUDA_VISIBLE_DEVICES`` (``tipcli.parallel.visible_device``).
 
 In `tip distill` the engine stays up for the whole run: after each iteration's training
 the new weights are written to a temporary safetensors file (with ``lm_head.weight`` even
@@ -38,7 +41,7 @@ from safetensors.torch import save_file
 from tipcli.configs import Runtime, Sampling
 from tipcli.errors import TipError, first_line
 from tipcli.models import ModelSpec, _convert_gguf, real_vocab_size, resolve_device
-from tipcli.parallel import Processes
+from tipcli.parallel import Processes, visible_device
 from tipcli.sampling.common import Advance, flat_shard, item_seed
 
 CPU_KV_CACHE_GIB = 2  # on CPU, unless VLLM_CPU_KVCACHE_SPACE says otherwise
@@ -61,19 +64,16 @@ class VLLMSampler:
         spec = ModelSpec.parse(name)
         path = str(_convert_gguf(spec)) if spec.gguf_file else spec.path
         device = resolve_device(runtime.device)
-        if procs.world > 1 and device.startswith("cuda"):  # one GPU per launched process
-            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("LOCAL_RANK", "0")
         on_gpu = device.startswith("cuda")
+        if procs.world > 1 and on_gpu:  # one GPU per launched process, of the job's own
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(procs.local_rank)
         dtype = runtime.dtype if runtime.dtype != "auto" else ("bfloat16" if on_gpu else
                                                                "float32")
-        memory = {"gpu_memory_utilization": gpu_memory} if on_gpu else {
-            "kv_cache_memory_bytes": int(os.environ.get("VLLM_CPU_KVCACHE_SPACE",
-                                                        CPU_KV_CACHE_GIB)) << 30}
         try:
-            self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=0, enforce_eager=True,
-                           enable_chunked_prefill=False, logprobs_mode="processed_logprobs",
-                           generation_config="vllm",
-                           trust_remote_code=runtime.trust_remote_code, **memory)
+            self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=0,
+                           logprobs_mode="processed_logprobs", generation_config="vllm",
+                           trust_remote_code=runtime.trust_remote_code,
+                           **engine_settings(on_gpu, gpu_memory))
         except Exception as exc:  # vLLM raises many kinds for a model it cannot serve
             raise TipError(f"vLLM could not load {name}: {first_line(exc)}") from None
         self.tok = tok
@@ -142,6 +142,17 @@ class VLLMSampler:
         engine = getattr(self.llm.llm_engine, "engine_core", None)
         if engine is not None and hasattr(engine, "shutdown"):
             engine.shutdown()
+
+
+def engine_settings(on_gpu: bool, gpu_memory: float) -> dict:
+    """What the engine is started with beyond the model: on a GPU the share of its memory
+    vLLM may take; on the CPU a KV cache size and the CPU workarounds (eager mode, no
+    chunked prefill), which a GPU does not need."""
+    if on_gpu:
+        return {"gpu_memory_utilization": gpu_memory}
+    return {"kv_cache_memory_bytes": int(os.environ.get("VLLM_CPU_KVCACHE_SPACE",
+                                                        CPU_KV_CACHE_GIB)) << 30,
+            "enforce_eager": True, "enable_chunked_prefill": False}
 
 
 def _as_list(v) -> list:

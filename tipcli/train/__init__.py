@@ -34,7 +34,7 @@ from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, q
 from tipcli.shards import StageRun, StageWriter, is_complete, read_manifest
 from tipcli.stages import TRAIN
 from tipcli.tracking import Tracker, check_available
-from tipcli.train.checkpoint import load_latest
+from tipcli.train.checkpoint import load_latest, saved_processes
 from tipcli.train.data import Source, load_sequences, make_micro_batch, open_source
 from tipcli.train.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
 from tipcli.train.module import DistillModule, distill_module
@@ -55,9 +55,9 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     """``run_train`` on models that may already be loaded (see ``build_trainer``), with
     ``on_step`` called with each step's metrics (``tip distill`` logs them to its tracker).
 
-    Returns the output directory and the trained student in eval mode (None when the run
-    had already completed and nothing was trained, and under ``--fsdp``, where the student
-    is sharded: load it from the output directory)."""
+    Returns the output directory and the trained student in eval mode, on every process
+    (under ``--fsdp`` a whole copy gathered from the shards); None when the run had
+    already completed and nothing was trained."""
     run = StageRun(TRAIN, cfg, overwrite)
     check_available(cfg.training.report_to)
     resolve_device(cfg.runtime.device)  # --device cuda on a machine without one is refused
@@ -67,9 +67,9 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     seqs = load_sequences(cfg, src)
     tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
-    _check_resume(cfg, overwrite, resume)
+    _check_resume(cfg, overwrite, resume, acc.num_processes)
     acc.wait_for_everyone()  # every process has checked before the main one writes
-    writer = _writer(run, src, tok) if acc.is_main_process else None
+    writer = _writer(run, src, tok, acc.num_processes) if acc.is_main_process else None
     acc.wait_for_everyone()
     if is_complete(cfg.output):  # the same run already completed: nothing to do
         return Path(cfg.output), None
@@ -87,12 +87,9 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
         if writer is not None:
             writer.finish(summary)
         acc.wait_for_everyone()
+        trained = tr.whole_student()  # under FSDP a whole copy on every process
     finally:
         tr.close()
-    if tr.fsdp:  # its parameters are shards: the output directory holds the whole model
-        acc.free_memory()
-        return Path(cfg.output), None
-    trained = acc.unwrap_model(tr.module).student
     acc.free_memory()  # drop the optimizer state and accelerate's references to the model
     trained.eval()
     trained.requires_grad_(False)
@@ -104,7 +101,7 @@ def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:
     return Tracker(kind, cfg.output, "tip-train", to_flat(cfg))
 
 
-def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
+def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool, world: int) -> None:
     old = read_manifest(cfg.output)
     if overwrite and resume:
         raise TipError("--resume and --overwrite exclude each other")
@@ -113,9 +110,26 @@ def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool) -> None:
     if old is not None and not overwrite and not resume and not old.get("complete"):
         raise TipError(f"{cfg.output} holds an unfinished train run; pass --resume to continue "
                        "it or --overwrite to start again")
+    was = (old or {}).get("inputs", {}).get("global_batch")
+    now = global_batch(cfg, world)
+    if old is not None and not overwrite and isinstance(was, int) and was != now:
+        saved = saved_processes(cfg.output)
+        by = f" on {saved} process{'es' if saved > 1 else ''}" if saved else ""
+        raise TipError(
+            f"{cfg.output} was trained{by} with {was} sequences a step; this launch, on "
+            f"{world} process{'es' if world > 1 else ''} x --train-batch-size "
+            f"{cfg.optim.batch_size} x --grad-accum {cfg.optim.grad_accum}, would take {now} "
+            f"and read other batches: set --train-batch-size so that the product is {was}, "
+            "or pass --overwrite")
 
 
-def _writer(run: StageRun, src: Source, tok) -> StageWriter:
+def global_batch(cfg: TrainConfig, world: int) -> int:
+    """The sequences of one optimizer step over every process: the data order depends on
+    it alone (``data.step_indices``), not on how it is split between processes."""
+    return cfg.optim.batch_size * cfg.optim.grad_accum * world
+
+
+def _writer(run: StageRun, src: Source, tok, world: int) -> StageWriter:
     cfg = run.cfg
     models = {"student": model_ref(src.student)}
     if cfg.teacher:
@@ -124,8 +138,11 @@ def _writer(run: StageRun, src: Source, tok) -> StageWriter:
                 "score_temperature": src.temperature}
     if src.input.stage == "select":
         resolved["selection"] = src.input.config
+    # the per-process batch may change on resume (another launch) as long as the global
+    # batch stays: the data order depends on it alone
     return run.writer(models, tokenizer_info(tok), parent=src.input, config=resolved,
-                      reads=(src.stats.path, src.student))
+                      reads=(src.stats.path, src.student), launch=("train_batch_size",),
+                      inputs={"global_batch": global_batch(cfg, world)})
 
 
 def _save_model(tr, tok) -> None:

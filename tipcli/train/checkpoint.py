@@ -9,7 +9,7 @@ A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
                              index, or under FSDP its name)
     scheduler.json           the learning-rate schedule's state
     rng-<rank>.safetensors   each process's torch random state
-    trainer.json             the step reached
+    trainer.json             the step reached, the number of processes that wrote it
     checkpoint.json          written last: the step and the sha256 of every file above
 
 Only these files are read back, and only after their checksums match ``checkpoint.json``:
@@ -18,6 +18,11 @@ checkpoint is written under a hidden temporary name and renamed when complete; t
 previous one is removed after that. Under FSDP the files hold the whole state, gathered
 from the shards and written by the main process, which reads it back on resume and
 broadcasts it into every process's shards.
+
+The state is whole, so a run resumes on another number of processes: the data order
+depends on the global batch alone (processes x --train-batch-size x --grad-accum, kept in
+the train manifest's ``inputs``), and a process that had no random state of its own takes
+process 0's. A launch with another global batch is refused (``tipcli.train``).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ def save_checkpoint(tr) -> Path:
             save_tensors(tensors, tmp / "optimizer.safetensors")
             write_json_atomic(tmp / "optimizer.json", meta)
             write_json_atomic(tmp / "scheduler.json", tr.scheduler.state_dict())
-            write_json_atomic(tmp / "trainer.json", {"step": step})
+            write_json_atomic(tmp / "trainer.json", {"step": step,
+                                                     "processes": acc.num_processes})
         acc.wait_for_everyone()
         save_tensors(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
@@ -93,13 +99,16 @@ def load_checkpoint(tr, path: Path) -> None:
         if sha256_file(path / name) != digest:
             raise TipError(f"{path / name} does not match {path / INDEX}; the checkpoint was "
                            "changed or damaged: start again with --overwrite")
-    rank_rng = f"rng-{tr.acc.process_index}.safetensors"
     needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-              "trainer.json", rank_rng}
+              "trainer.json", "rng-0.safetensors"}
     missing = sorted(needed - set(index["files"]))
     if missing:
-        raise TipError(f"{path} lacks {', '.join(missing)} (a checkpoint written by another "
-                       "number of processes, or damaged); start again with --overwrite")
+        raise TipError(f"{path} lacks {', '.join(missing)} (damaged); start again with "
+                       "--overwrite")
+    # a process the checkpoint had none for (resumed on more processes) takes process 0's
+    rank_rng = f"rng-{tr.acc.process_index}.safetensors"
+    if rank_rng not in index["files"]:
+        rank_rng = "rng-0.safetensors"
     model_sd, optim_sd = {}, {}
     if tr.reads_full_state:
         model_sd = load_file(str(path / "model.safetensors"))
@@ -109,6 +118,17 @@ def load_checkpoint(tr, path: Path) -> None:
     tr.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     tr.state.step = int(json.loads((path / "trainer.json").read_text())["step"])
     _set_rng_state(load_file(str(path / rank_rng)))
+
+
+def saved_processes(output: str | Path) -> int | None:
+    """How many processes wrote the newest checkpoint in ``output`` (None: unknown)."""
+    done = checkpoint_dirs(output)
+    try:
+        n = json.loads((done[-1] / "trainer.json").read_text()).get("processes") if done \
+            else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _read_index(path: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0, CPU
@@ -98,6 +98,18 @@ def full_model_state(module) -> dict:
     """The model's whole CPU state dict on the main process, {} on the others; every
     process must call it."""
     return get_model_state_dict(module, options=GATHER)
+
+
+def whole_copy(sharded, module) -> torch.nn.Module:
+    """A new, unsharded model of ``sharded``'s class holding its whole parameters (gathered
+    from every process's shards), on every process; ``module`` is the sharded root whose
+    state dict names them ``student.*``. Every process must call it."""
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
+    device = next(iter(state.values())).device
+    copy = cls(sharded.config).to(device)
+    copy.load_state_dict({k.removeprefix("student."): v for k, v in state.items()})
+    return copy.eval()
 
 
 def full_state(module, optimizer) -> tuple[dict, dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import get_cosine_schedule_with_warmup
 
 from tipcli.catalog import QUADRANTS
@@ -51,8 +52,11 @@ def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator; it starts the process group (with ``--dist-timeout``) unless
+    the caller did (``tip distill`` under a launcher)."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.runtime.dist_timeout))
     try:
-        acc = Accelerator(**accelerator_kwargs(cfg))
+        acc = Accelerator(**accelerator_kwargs(cfg), kwargs_handlers=[timeout])
     except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
         raise TipError(f"accelerate could not set up this launch: {first_line(exc)} "
                        "(check the `accelerate launch` options or `accelerate config`)") from None
@@ -108,6 +112,13 @@ class Trainer:
             return
         self.acc.unwrap_model(self.module).load_state_dict(model_sd)
         self.optimizer.load_state_dict(optim_sd)
+
+    def whole_student(self):
+        """The trained student with whole parameters, on every process: the model itself,
+        or under FSDP a copy built from the gathered shards. Every process must call it."""
+        if not self.fsdp:
+            return self.acc.unwrap_model(self.module).student
+        return fsdp2.whole_copy(self.module.student, self.module)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The student's whole state dict (on the main process under FSDP)."""

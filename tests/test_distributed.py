@@ -1,0 +1,268 @@
+"""`tip distill` under a launcher (torchrun, 2 CPU processes over gloo): the same run as one
+process, a killed process resumed, two "nodes" on this machine; devices, the process
+group's timeout, training resumed on another number of processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+from safetensors.torch import load_file
+
+from tipcli.errors import TipError
+from tipcli.parallel import visible_device
+from tipcli.shards import StageDir
+
+ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(procs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+            *extra]
+
+
+def tip(args, procs: int = 1, env=None, launcher=None) -> subprocess.CompletedProcess:
+    head = launcher or (torchrun(procs, "--master_port", str(free_port())) if procs > 1
+                        else [sys.executable])
+    return subprocess.run([*head, "-m", "tipcli", *map(str, args)], capture_output=True,
+                          text=True, env=env or ENV, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def many_prompts(tmp_path_factory) -> Path:
+    """40 prompts: with --sample-batch-size 1 a rollout has 3 shards (of 16)."""
+    path = tmp_path_factory.mktemp("dist") / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i)})
+                            + "\n" for i in range(40)))
+    return path
+
+
+def distill_args(pair, prompts, out, batch: int, *extra) -> list:
+    return ["distill", "-s", pair[0], "-t", pair[1], "-p", prompts, "-o", out,
+            "--iterations", "2", "--num-samples", "1", "--max-new-tokens", "8",
+            "--max-steps", "2", "--teacher-top-k", "8", "--lr", "1e-3", "--group-size", "4",
+            "--sample-batch-size", "1", "--train-batch-size", str(batch), *extra]
+
+
+def files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def assert_same_run(one: Path, other: Path) -> None:
+    """``other`` is ``one`` up to float rounding: the same files, iteration 0's rollout
+    byte for byte, every later rollout the same tokens, the final student within 1e-5."""
+    assert files(one) == files(other)
+    first = [s["sha256"] for s in StageDir.open(one / "iter-000" / "rollout").shards]
+    assert first == [s["sha256"] for s in StageDir.open(other / "iter-000" / "rollout").shards]
+    for a, b in zip(StageDir.open(one / "iter-001" / "rollout").iter_shards(),
+                    StageDir.open(other / "iter-001" / "rollout").iter_shards()):
+        assert torch.equal(a["response_ids"], b["response_ids"])
+        torch.testing.assert_close(a["rollout_logprob"], b["rollout_logprob"], rtol=0,
+                                   atol=1e-5)
+    wa, wb = (load_file(str(r / "iter-001" / "train" / "model.safetensors")) for r in (one, other))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_pair, many_prompts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "one"
+    r = tip(distill_args(tiny_pair, many_prompts, out, 4, "--eval-prompts", many_prompts,
+                         "--eval-max-prompts", "20"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_two_processes_distill_what_one_does(tiny_pair, many_prompts, one_process_run,
+                                            tmp_path):
+    """Every stage of every iteration over 2 processes (rollout, score and eval sharing
+    their shards, select once, DDP training with half the per-process batch): the run
+    directory and the student of one process."""
+    out = tmp_path / "two"
+    r = tip(distill_args(tiny_pair, many_prompts, out, 2, "--eval-prompts", many_prompts,
+                         "--eval-max-prompts", "20"), procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines() == [str(out)]
+    assert_same_run(one_process_run, out)
+    for stage in ("rollout", "score", "eval"):
+        assert StageDir.open(out / "iter-000" / stage).manifest["summary"]["num_processes"] == 2
+    assert len(StageDir.open(out / "iter-000" / "rollout").shards) == 3
+    one, two = (json.loads((run / "manifest.json").read_text())["summary"]["history"]
+                for run in (one_process_run, out))
+    assert [h.get("accuracy") for h in one] == [h.get("accuracy") for h in two]
+    assert r.stderr.count("iteration 1/2:") == 1  # one line per iteration, from one process
+
+
+def test_two_processes_with_fsdp(tiny_pair, many_prompts, one_process_run, tmp_path):
+    """--fsdp shards the student over both processes; each gets the whole trained student
+    back in memory for the next iteration's sampling."""
+    out = tmp_path / "fsdp"
+    r = tip(distill_args(tiny_pair, many_prompts, out, 2, "--fsdp"), procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    wa, wb = (load_file(str(run / "iter-001" / "train" / "model.safetensors"))
+              for run in (one_process_run, out))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_kill_9_of_one_process_mid_iteration_resumes(tiny_pair, many_prompts,
+                                                     one_process_run, tmp_path):
+    """SIGKILL of one of two processes once iteration 0's rollout is written: the launcher
+    stops the run; the same command resumes it to the run of one process."""
+    out = tmp_path / "killed"
+    args = distill_args(tiny_pair, many_prompts, out, 2, "--eval-prompts", many_prompts,
+                        "--eval-max-prompts", "20")
+    proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
+                             *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+    marker, deadline, killed = out / "iter-000" / "score", time.monotonic() + 600, False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if marker.is_dir():
+            workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "tipcli"],
+                                     capture_output=True, text=True).stdout.split()
+            if workers:
+                os.kill(int(workers[-1]), signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.05)
+    proc.communicate(timeout=300)
+    assert killed and proc.returncode != 0
+    r = tip(args, procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(one_process_run, out)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_this_machine(tiny_pair, many_prompts, one_process_run, tmp_path):
+    """Two torchrun invocations joined by a c10d rendezvous on 127.0.0.1, one process
+    each, as two nodes would be (`make test-multinode`): the run of one process."""
+    out, port = tmp_path / "nodes", free_port()
+    args = [*map(str, distill_args(tiny_pair, many_prompts, out, 2))]
+    nodes = [subprocess.Popen(
+        [*torchrun(1, "--nnodes", "2", "--node_rank", str(rank), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tip-test"),
+         "-m", "tipcli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=ENV) for rank in (0, 1)]
+    results = [n.communicate(timeout=900) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    single = tmp_path / "single"
+    r = tip(distill_args(tiny_pair, many_prompts, single, 4))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(single, out)
+
+
+def test_a_process_takes_its_entry_of_cuda_visible_devices():
+    """Under Slurm or Kubernetes the job's GPUs are a list: local rank r takes entry r,
+    never the physical GPU numbered r."""
+    assert [visible_device(r, "4,5,6,7") for r in range(4)] == ["4", "5", "6", "7"]
+    assert visible_device(1, "") == "1" and visible_device(0, "GPU-a1, GPU-b2") == "GPU-a1"
+    with pytest.raises(TipError, match="lists 2; launch at most 2"):
+        visible_device(2, "0,1")
+
+
+def test_cpu_only_vllm_settings_stay_off_on_a_gpu():
+    from tipcli.sampling.vllm_engine import engine_settings
+
+    gpu, cpu = engine_settings(True, 0.5), engine_settings(False, 0.5)
+    assert gpu == {"gpu_memory_utilization": 0.5}
+    assert cpu["enforce_eager"] is True and cpu["enable_chunked_prefill"] is False
+
+
+WAIT = """
+import sys, time
+from tipcli.parallel import processes
+procs = processes("cpu", timeout_minutes=float(sys.argv[1]))
+if procs.rank == 0:
+    time.sleep(float(sys.argv[2]))   # a long generation on one process
+procs.barrier()                       # the other waits here
+print(f"through {procs.rank}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("minutes,ok", [(0.5, True), (0.05, False)])
+def test_dist_timeout_is_the_process_groups(tmp_path, minutes, ok):
+    """A process waiting at a barrier 8 s for another is not killed under a 30 s
+    --dist-timeout, and is under a 3 s one: the setting reaches the process group."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT)
+    r = subprocess.run([*torchrun(2, "--master_port", str(free_port())), str(script),
+                        str(minutes), "8"], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    assert (r.returncode == 0) == ok, r.stderr[-2000:]
+    if ok:  # both processes got through (their lines may interleave)
+        assert r.stdout.count("through") == 2
+
+
+def test_device_map_is_refused_under_a_launcher(tiny_pair, many_prompts, tmp_path):
+    r = tip(distill_args(tiny_pair, many_prompts, tmp_path / "o", 2, "--device-map", "auto"),
+            procs=2)
+    assert r.returncode != 0
+    assert "error: --device-map spreads one copy of the teacher" in r.stderr
+    assert "tipcli/" not in r.stderr  # torchrun reports the exit; no traceback of tip's own
+
+
+def test_device_map_spreads_the_teacher_in_one_process(tiny_pair, many_prompts, tmp_path,
+                                                       monkeypatch):
+    """In one process --device-map reaches the teacher's loading."""
+    import tipcli.distill as distill_mod
+    from tipcli.configs import DistillConfig, resolve
+
+    seen = []
+    real = distill_mod.load_model
+
+    def spy(name, *args, **kw):
+        seen.append((name, args[3:] if len(args) > 3 else ()))
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(distill_mod, "load_model", spy)
+    cfg = resolve(DistillConfig, student=str(tiny_pair[0]), teacher=str(tiny_pair[1]),
+                  prompts=str(many_prompts), output=str(tmp_path / "o"), iterations=1,
+                  num_samples=1, max_new_tokens=4, max_steps=1, device="cpu",
+                  device_map="sequential", prompts_per_iteration=4, train_batch_size=2)
+    distill_mod.run_distill(cfg)
+    assert (str(tiny_pair[1]), ("sequential", "")) in seen
+
+
+def train_args(score, out, batch: int, *extra) -> list:
+    return ["train", score, "-o", out, "--strategy", "all", "--max-steps", "6",
+            "--save-every", "2", "--lr", "1e-3", "--train-chunk-size", "16",
+            "--train-batch-size", str(batch), "--shuffle", *extra]
+
+
+def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path):
+    """A run saved by 2 processes (2 sequences each) resumes on 1 process (4 sequences):
+    the same global batch, so the same steps; another global batch is refused."""
+    whole = tmp_path / "whole"
+    assert tip(train_args(tiny_score, whole, 2), procs=2).returncode == 0
+    out = tmp_path / "t"
+    proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
+                             *map(str, train_args(tiny_score, out, 2))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if list((out / "checkpoints").glob("step-*/checkpoint.json")) if out.is_dir() else []:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    if json.loads((out / "manifest.json").read_text())["complete"]:
+        pytest.skip("the run finished before it could be killed")
+    refused = tip(train_args(tiny_score, out, 3, "--resume"))
+    assert refused.returncode == 2
+    assert "with 4 sequences a step" in refused.stderr and "would take 3" in refused.stderr
+    r = tip(train_args(tiny_score, out, 4, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (whole, out))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
