@@ -30,9 +30,11 @@ from tipcli.tasks.arithmetic import held_out_prompts, write_prompts
 
 SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
 
-# The settings the demo runs with; `tip distill --help` documents each one.
+# The settings the demo runs with; `tip distill --help` documents each one. lr 3e-5, not
+# 1e-4: a student close to its teacher (the pair another CPU builds, 0.675 to start) swung
+# by up to 0.08 from one iteration to the next at 1e-4, and improves at every one at 3e-5.
 DEMO_SETTINGS = dict(iterations=3, prompts_per_iteration=64, num_samples=4, max_new_tokens=40,
-                     lr=1e-4, train_batch_size=16, strategy="soft-or", keep=0.5,
+                     lr=3e-5, train_batch_size=16, strategy="soft-or", keep=0.5,
                      teacher_top_k=16, group_size=64, seed=0)
 TRAIN_PROMPTS, EVAL_PROMPTS = 512, 200
 
