@@ -124,3 +124,56 @@ def test_masked_logits_give_finite_stats():
     ref = reference_stats(s, t, tokens)
     for name in ("student_entropy", "teacher_entropy", "jsd"):
         torch.testing.assert_close(got[name].double(), ref[name], atol=1e-5, rtol=1e-5)
+
+
+def bf16_pair(V: int = 300, H: int = 64, P: int = 48):
+    """Two bf16 heads on bf16 hidden states whose logits reach |16-32| (a trained LLM's
+    range), and the tokens: the statistics of exactly these bf16 numbers are the target."""
+    g = torch.Generator().manual_seed(3)
+    heads = [torch.nn.Linear(H, V, bias=False).to(torch.bfloat16) for _ in range(2)]
+    for head in heads:
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(V, H, generator=g) * 0.8)
+    hidden = [torch.randn(P, H, generator=g).to(torch.bfloat16) for _ in range(2)]
+    return heads, hidden, torch.randint(0, V, (P,), generator=g)
+
+
+class _Model:
+    """What head_logits reads of a model: its output embeddings and config."""
+
+    def __init__(self, head):
+        self.head, self.config = head, type("Config", (), {})()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_bf16_model_statistics_are_exact_with_float32_heads():
+    """A bf16 model's statistics against float64 arithmetic on the same bf16 weights and
+    hidden states: within 1e-4 with float32 heads; rounding the logits to bf16 (the
+    model's dtype) would be off by more than 1e-2 at these magnitudes."""
+    (hs, ht), (xs, xt), tokens = bf16_pair()
+    V = hs.weight.shape[0]
+    got = token_stats(xs, xt, tokens, head_logits(_Model(hs), V), head_logits(_Model(ht), V),
+                      chunk_size=7)
+    logits = [x.double() @ h.weight.detach().double().T for x, h in ((xs, hs), (xt, ht))]
+    assert max(float(lg.abs().max()) for lg in logits) > 16
+    ref = reference_stats(*logits, tokens)
+    rounded = chunk_stats(*(lg.to(torch.bfloat16).float() for lg in logits), tokens)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(got[name].double(), ref[name], atol=1e-4, rtol=1e-4,
+                                   msg=name)
+    assert max(float((rounded[n].double() - ref[n]).abs().max()) for n in STAT_NAMES) > 1e-2
+
+
+def test_auto_chunk_is_sized_for_the_device():
+    """0 = auto: about 2^22 logits on the CPU; on a GPU from its free memory (a quarter of
+    it for 8 float32 buffers of C x V), between the CPU's size and 8192 positions."""
+    from tipcli.stats import auto_chunk
+
+    V = 151_936
+    assert auto_chunk(64, V, "cuda", free_bytes=10**12) == 64  # given: kept
+    assert auto_chunk(0, V) == auto_chunk(0, V, "cpu") == (1 << 22) // V == 27
+    assert auto_chunk(0, V, "cuda:0", free_bytes=80 << 30) == (80 << 28) // (32 * V) == 4416
+    assert auto_chunk(0, V, "cuda", free_bytes=1 << 40) == 8192
+    assert auto_chunk(0, V, "cuda", free_bytes=1 << 20) == 27

@@ -9,6 +9,7 @@ is ever built. Shape letters: B batch, T tokens, H hidden, P positions, V vocabu
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,23 +61,41 @@ def response_hidden(model, batch: Batch, device) -> torch.Tensor:
     return hidden[batch.rows_P.to(hidden.device), batch.cols_P.to(hidden.device)]
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _no_autocast(device_type: str):
+    """Autocast off for one operation, where it may be on (the CPU and accelerators)."""
+    if device_type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
-    """hidden [*, H] -> logits [*, V] for ``model``: its LM head restricted to the real
-    vocabulary (padded rows are cut from the weight, so neither the logits nor, in
+    """hidden [*, H] -> float32 (float64) logits [*, V] for ``model``: its LM head restricted to the
+    real vocabulary (padded rows are cut from the weight, so neither the logits nor, in
     training, their gradient ever has the padded columns), the final-logit soft-capping
-    or scale of architectures that have one, divided by ``temperature``."""
+    or scale of architectures that have one, divided by ``temperature``.
+
+    Whatever the model's dtype, a chunk's logits are computed in float32: the hidden
+    states and the head's weight rows are upcast for the product (and autocast is off for
+    it). In bf16 a logit near 16-32 would otherwise be rounded to steps of 0.125 nats,
+    and so would every statistic and loss built on it."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
     # a head that accelerate offloads loads its weight in its own forward: call it whole
-    linear = type(head) is torch.nn.Linear and not hasattr(head, "_hf_hook")
+    linear = isinstance(head, torch.nn.Linear) and not hasattr(head, "_hf_hook")
 
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         if linear:
-            bias = None if head.bias is None else head.bias[:vocab_size]
-            logits = F.linear(hidden, head.weight[:vocab_size], bias)
+            bias = None if head.bias is None else wide(head.bias[:vocab_size])
+            with _no_autocast(hidden.device.type):
+                logits = F.linear(wide(hidden), wide(head.weight[:vocab_size]), bias)
         else:
-            logits = head(hidden)[..., :vocab_size]
+            logits = wide(head(hidden)[..., :vocab_size])
         if scale is not None:
             logits = logits * scale
         if cap:

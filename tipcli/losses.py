@@ -33,15 +33,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tipcli.catalog import LOSSES
+from tipcli.forward import wide
 
 LN2 = math.log(2.0)
 TAIL_FLOOR = 1e-12
 LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision inputs; float32 and float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _plogq(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -105,7 +101,7 @@ def student_buckets(s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor) -> torch.Te
     One (C x V) buffer in forward and none more in backward (see ``_BucketLogProbs``); the
     tail is a sum over the other ids, not ``1 - sum``, so it keeps its precision when the
     k ids hold nearly all of the mass."""
-    return _BucketLogProbs.apply(_wide(s_logits_CV), ids_Ck.long())
+    return _BucketLogProbs.apply(wide(s_logits_CV), ids_Ck.long())
 
 
 def teacher_buckets(logprobs_Ck: torch.Tensor) -> torch.Tensor:
@@ -125,15 +121,15 @@ def topk_loss(kind: str, s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor,
 def sampled_loss(s_logits_CV: torch.Tensor, tokens_C: torch.Tensor, teacher_lp_C: torch.Tensor,
                  rollout_lp_C: torch.Tensor) -> torch.Tensor:
     """Importance-weighted policy-gradient reverse KL on the sampled token."""
-    lp_C = F.log_softmax(_wide(s_logits_CV), -1).gather(-1, tokens_C.long()[:, None])[:, 0]
+    lp_C = F.log_softmax(wide(s_logits_CV), -1).gather(-1, tokens_C.long()[:, None])[:, 0]
     advantage = -(lp_C - teacher_lp_C.to(lp_C.dtype)).detach()
     weight = torch.exp(lp_C - rollout_lp_C.to(lp_C.dtype))
     return -weight * advantage
 
 
 def full_loss(kind: str, s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor) -> torch.Tensor:
-    return divergence(kind, F.log_softmax(_wide(s_logits_CV), -1),
-                      F.log_softmax(_wide(t_logits_CV), -1))
+    return divergence(kind, F.log_softmax(wide(s_logits_CV), -1),
+                      F.log_softmax(wide(t_logits_CV), -1))
 
 
 def token_loss(loss: str, s_logits_CV: torch.Tensor, targets: dict[str, torch.Tensor],

@@ -83,7 +83,7 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
                     hs = response_hidden(student, batch, s_dev)
                     ht = response_hidden(teacher, batch, t_dev)
                     stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits, top_k,
-                                        auto_chunk(sc.chunk_size, vocab))
+                                        auto_chunk(sc.chunk_size, vocab, t_dev))
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
                 advance(int(batch.tokens_P.numel()), tokens=int(batch.tokens_P.numel()))

@@ -24,13 +24,28 @@ STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_
 LN2 = math.log(2.0)
 
 
-AUTO_CHUNK_ELEMENTS = 1 << 22  # logits per chunk when chunk_size is 0 (16 MB in float32)
+AUTO_CHUNK_ELEMENTS = 1 << 22  # logits per chunk on the CPU when chunk_size is 0 (16 MB)
+CHUNK_BUFFERS = 8         # float32 (C x V) buffers a chunk's statistics hold at most
+GPU_CHUNK_SHARE = 0.25    # of a GPU's free memory, for one chunk's buffers
+MAX_GPU_CHUNK = 8192      # positions: beyond this a chunk gains nothing on a GPU
 
 
-def auto_chunk(chunk_size: int, vocab_size: int) -> int:
-    """Positions per chunk: as given, or (0) about 2^22 logits per chunk for this vocabulary,
-    so the handful of (C x V) temporaries stays near 100 MB whatever V is."""
-    return chunk_size if chunk_size > 0 else max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
+def auto_chunk(chunk_size: int, vocab_size: int, device=None,
+               free_bytes: int | None = None) -> int:
+    """Positions per chunk: as given, or (0) sized for the device. On the CPU about 2^22
+    logits per chunk, so the handful of (C x V) temporaries stays near 100 MB whatever V
+    is. On a GPU a quarter of its free memory (``free_bytes``, read from the device when
+    not given) for the chunk's float32 buffers, up to ``MAX_GPU_CHUNK`` positions: at
+    V = 151,936, 27 positions a chunk would launch thousands of small matmuls a batch."""
+    if chunk_size > 0:
+        return chunk_size
+    cpu_size = max(1, AUTO_CHUNK_ELEMENTS // vocab_size)
+    if device is None or torch.device(device).type != "cuda":
+        return cpu_size
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(torch.device(device))[0]
+    fits = int(free_bytes * GPU_CHUNK_SHARE) // (CHUNK_BUFFERS * 4 * vocab_size)
+    return max(cpu_size, min(fits, MAX_GPU_CHUNK))
 
 
 def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor, scratch_CV: torch.Tensor) -> torch.Tensor:
