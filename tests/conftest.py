@@ -86,3 +86,13 @@ def tiny_score(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
     return run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
                                  output=str(out), teacher_top_k=8, score_batch_size=3,
                                  score_chunk_size=7))
+
+
+@pytest.fixture(scope="session")
+def many_prompts(tmp_path_factory) -> Path:
+    """40 prompts with answers: with --sample-batch-size 1 a distill rollout has 3 shards
+    (of 16), so several processes share them."""
+    path = tmp_path_factory.mktemp("many") / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i)})
+                            + "\n" for i in range(40)))
+    return path

@@ -36,15 +36,6 @@ def tip(args, procs: int = 1, env=None, launcher=None) -> subprocess.CompletedPr
                           text=True, env=env or ENV, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def many_prompts(tmp_path_factory) -> Path:
-    """40 prompts: with --sample-batch-size 1 a rollout has 3 shards (of 16)."""
-    path = tmp_path_factory.mktemp("dist") / "p.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i)})
-                            + "\n" for i in range(40)))
-    return path
-
-
 def distill_args(pair, prompts, out, batch: int, *extra) -> list:
     return ["distill", "-s", pair[0], "-t", pair[1], "-p", prompts, "-o", out,
             "--iterations", "2", "--num-samples", "1", "--max-new-tokens", "8",

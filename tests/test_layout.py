@@ -22,7 +22,8 @@ def modules() -> dict[str, Path]:
 
 def import_graph() -> dict[str, set[str]]:
     """module -> the tip modules it imports anywhere in its source (``from a.b import c``
-    is an edge to a.b.c when that is a module, else to a.b)."""
+    is an edge to a.b.c when that is a module, else to a.b), and to the packages above it
+    that the importer is not inside (their ``__init__`` runs first)."""
     mods = modules()
 
     def target(name: str) -> str | None:
@@ -41,8 +42,11 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             for full in imported:
                 t = target(full) if full.startswith("tipcli") else None
-                if t and t != name:
+                # importing a.b.c runs package a.b's __init__ first, unless the importer is
+                # inside a.b (whose __init__ is then running already)
+                while t and t != "tipcli" and not (name + ".").startswith(t + "."):
                     graph[name].add(t)
+                    t = t.rpartition(".")[0]
     return graph
 
 

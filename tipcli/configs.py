@@ -99,9 +99,17 @@ class Runtime:
                               choices=("", "auto", "balanced", "balanced_low_0", "sequential"))
     max_memory: str = setting("", "With --device-map, memory per device, e.g. "
                               "0=70GiB,1=70GiB,cpu=200GiB.", check=_max_memory_problem)
+    shard_teacher: bool = setting(False, "Shard the teacher over the launched processes with "
+                                  "FSDP2, for inference (score, distill's scoring, the *-full "
+                                  "losses): each holds about 1/N of it, all compute at once.")
     dist_timeout: float = setting(60.0, "Under a launcher: minutes a process waits for the "
                                   "others (the process group's timeout; a long generation on "
                                   "one process keeps the rest waiting).", gt=0)
+
+    def rules(self) -> list[str]:
+        if self.shard_teacher and self.device_map:
+            return ["--shard-teacher and --device-map both place the teacher: choose one"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -383,6 +391,12 @@ class DistillConfig:
     seed: int = _seed("Seed of sampling, selection and training.")
     source: PromptSource = group(PromptSource)
     runtime: Runtime = group(Runtime)
+
+    def rules(self) -> list[str]:
+        if self.runtime.shard_teacher and self.eval_prompts and self.eval_metric != "accuracy":
+            return ["--eval-metric kl samples the teacher's own answers, which a sharded "
+                    "teacher cannot do yet: use --eval-metric accuracy with --shard-teacher"]
+        return []
 
 
 @dataclass(frozen=True)

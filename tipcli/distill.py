@@ -51,6 +51,7 @@ from tipcli.rollout import run_rollout
 from tipcli.sampling import Sampler, make_sampler
 from tipcli.score import run_score
 from tipcli.select import run_select
+from tipcli.sharded import teacher_for
 from tipcli.shards import StageDir, StageRun, is_complete, read_manifest
 from tipcli.stages import (CHECKPOINTS, DISTILL, ITERATION, ITERATION_PROMPTS, ITERATION_ROW,
                            METRICS)
@@ -110,8 +111,10 @@ class Loop:
         self.records = load_prompts(cfg.prompts, cfg.source)
         self.device = procs.device_for(rt.device)
         self.dtype = resolve_dtype(rt.dtype, self.device)
-        self.teacher = load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code,
-                                  rt.device_map, rt.max_memory)
+        # whole on this process's device (or spread with --device-map), or sharded over all
+        self.teacher = teacher_for(load_model(cfg.teacher, self.device, self.dtype,
+                                              rt.trust_remote_code, rt.device_map,
+                                              rt.max_memory), rt.shard_teacher, procs)
         self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
                                "tip-distill", to_flat(cfg))
         self.student_name, self.student, self.steps = cfg.student, None, 0
@@ -205,6 +208,7 @@ class Loop:
         self.tracker.close()
         if self._sampler is not None:
             self._sampler.close()
+        self.teacher.close()
 
 
 def _prune(cfg: DistillConfig, train: Path, previous: str) -> None:

@@ -76,7 +76,7 @@ def kl(cfg: DistillConfig, name: str, model, out: Path, tok, teacher, sampler=No
         student=cfg.teacher, prompts=cfg.eval_prompts,
         output=str(Path(cfg.output) / "eval-teacher" / "rollout"), sampling=sampling,
         seed=seed, shard_size=sampling.batch_size * 16, source=_source(cfg),
-        runtime=cfg.runtime)), model=teacher, tokenizer=tok)
+        runtime=cfg.runtime)), model=teacher.model, tokenizer=tok)
     covered = run_score(validate(ScoreConfig(
         rollout=str(teachers), teacher=cfg.teacher, output=str(out / "teacher-score"),
         student=name, scoring=scoring, runtime=cfg.runtime)),

@@ -20,7 +20,8 @@ from tipcli.forward import collate, head_logits, response_hidden
 from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
                            input_device, load_model, load_tokenizer, model_ref,
                            real_vocab_size, resolve_dtype, tokenizer_info)
-from tipcli.parallel import processes
+from tipcli.parallel import Processes, processes
+from tipcli.sharded import ShardedTeacher, WholeTeacher, teacher_for
 from tipcli.progress import progress_task
 from tipcli.shards import StageDir, StageRun, split_sequences
 from tipcli.stages import SCORE
@@ -31,8 +32,10 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
               tokenizer=None) -> Path:
     """Score a rollout directory and write a score directory; returns its path.
 
-    Already loaded ``student``/``teacher``/``tokenizer`` may be passed in. Under a launcher
-    each process scores its share of the shards (``tipcli.parallel``)."""
+    Already loaded ``student``/``teacher``/``tokenizer`` may be passed in (the teacher as
+    a model, or as the loop holds it: whole or sharded, ``tipcli.sharded``). Under a
+    launcher each process scores its share of the shards (``tipcli.parallel``); with
+    ``--shard-teacher`` the teacher is sharded over them."""
     run = StageRun(SCORE, cfg, overwrite)
     rt = cfg.runtime
     procs = processes(rt.device, rt.dist_timeout)
@@ -46,8 +49,9 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     dtype = resolve_dtype(rt.dtype, device)
     student = student or load_model(student_name, device, dtype, rt.trust_remote_code,
                                     rt.device_map, rt.max_memory)
-    teacher = teacher or load_model(cfg.teacher, device, dtype, rt.trust_remote_code,
-                                    rt.device_map, rt.max_memory)
+    side = teacher if isinstance(teacher, (ShardedTeacher, WholeTeacher)) else None
+    teacher = side.model if side else teacher or load_model(
+        cfg.teacher, device, dtype, rt.trust_remote_code, rt.device_map, rt.max_memory)
     for m, name in ((student, student_name), (teacher, cfg.teacher)):
         check_model_fits_vocab(m, s_tok, name)
     # what is stored: the student actually used, and no more top-k columns than tokens
@@ -58,21 +62,33 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
                         tokenizer_info(s_tok), parent=rollout, config=resolved,
                         reads=(student_name,), procs=procs)
     if not writer.complete:
-        _score_shards(cfg, rollout, writer, student, teacher, s_tok,
-                      writer.todo(len(rollout.shards)), procs.main)
+        own = side is None
+        side = side or teacher_for(teacher, rt.shard_teacher, procs)
+        try:
+            _score_shards(cfg, rollout, writer, student, side, s_tok,
+                          writer.todo(len(rollout.shards)), procs)
+        finally:
+            if own:
+                side.close()
     return writer.finish(num_shards=len(rollout.shards))
 
 
 def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo: list[int],
-                  show: bool) -> None:
+                  procs: Processes) -> None:
+    """Score this process's ``todo`` shards; ``teacher`` is whole or sharded (then every
+    process runs as many batches as the busiest one, idle ones on a one-token input)."""
     sc = cfg.scoring
     vocab = real_vocab_size(tok)
     top_k = min(sc.top_k, vocab)
     s_logits = head_logits(student, vocab, sc.temperature)
-    t_logits = head_logits(teacher, vocab, sc.temperature)
-    s_dev, t_dev = input_device(student), input_device(teacher)
+    t_logits = head_logits(teacher.model, vocab, sc.temperature)
+    s_dev = input_device(student)
+    chunk = auto_chunk(sc.chunk_size, vocab, teacher.device)
     total = sum(rollout.shards[i]["num_tokens"] for i in todo)
-    with progress_task("score", total, show) as advance:
+    batches = sum(-(-rollout.shards[i]["num_sequences"] // sc.batch_size) for i in todo)
+    # a sharded teacher's forward is a collective: every process runs the busiest's count
+    most = max(procs.gather(batches)) if isinstance(teacher, ShardedTeacher) else batches
+    with progress_task("score", total, procs.main) as advance:
         for si in todo:
             shard = rollout.load_shard(si)
             seqs = split_sequences(shard)
@@ -81,9 +97,11 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
                 batch = collate(seqs[a:a + sc.batch_size], tok.pad_token_id)
                 with torch.no_grad():
                     hs = response_hidden(student, batch, s_dev)
-                    ht = response_hidden(teacher, batch, t_dev)
-                    stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits, top_k,
-                                        auto_chunk(sc.chunk_size, vocab, t_dev))
+                    ht = teacher.hidden(batch.input_ids_BT, batch.attention_mask_BT)
+                    ht = ht[batch.rows_P.to(ht.device), batch.cols_P.to(ht.device)]
+                    with teacher.gathered_head():
+                        stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits,
+                                            top_k, chunk)
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
                 advance(int(batch.tokens_P.numel()), tokens=int(batch.tokens_P.numel()))
@@ -91,3 +109,5 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
             out.update({k: torch.cat(v) for k, v in parts.items()})
             out["prompt_lengths"] = shard["prompt_offsets"].diff()
             writer.write_shard(si, out)
+    for _ in range(most - batches):  # in step with the busiest process
+        teacher.idle(s_dev)

@@ -38,14 +38,15 @@ def build_tokenizer(chars: str = CHARS, size: int = 0):
 
 def build_model(tokenizer, hidden: int = 32, layers: int = 2, heads: int = 4,
                 vocab_pad: int = 0, seed: int = 0, context: int = 2048,
-                head_scale: float = 8.0):
+                head_scale: float = 8.0, tied: bool = False):
     """A random Llama-architecture causal LM; ``vocab_pad`` extra (unused) output rows,
-    ``context`` positions, the LM head's initial weights times ``head_scale``."""
+    ``context`` positions, the LM head's initial weights times ``head_scale``, the head
+    ``tied`` to the input embeddings or not."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer) + vocab_pad, hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=context, tie_word_embeddings=False,
+                         max_position_embeddings=context, tie_word_embeddings=tied,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config)

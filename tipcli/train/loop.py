@@ -28,9 +28,10 @@ from transformers import get_cosine_schedule_with_warmup
 from tipcli.catalog import QUADRANTS
 from tipcli.configs import TrainConfig
 from tipcli.errors import TipError, first_line
-from tipcli.forward import body_hidden, head_logits
+from tipcli.forward import head_logits
 from tipcli.models import check_model_fits_vocab, load_model, real_vocab_size, resolve_dtype
 from tipcli.progress import progress_task
+from tipcli.sharded import ShardedTeacher, WholeTeacher
 from tipcli.train import fsdp as fsdp2
 from tipcli.stages import METRICS
 from tipcli.train.checkpoint import save_checkpoint
@@ -91,6 +92,7 @@ class Trainer:
     on_step: Callable[[dict[str, Any]], None] | None = None
     fsdp: bool = False            # the module is sharded with FSDP2
     own_group: bool = False       # a single process's group started for its mesh
+    own_teacher: bool = False     # the teacher was loaded here (not the caller's)
 
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(model, optimizer) state dicts, whole: on every process, or under FSDP on the
@@ -129,7 +131,10 @@ class Trainer:
         return {k.removeprefix("student."): v for k, v in state.items()}
 
     def close(self) -> None:
-        """End the process group a single-process FSDP run started."""
+        """Close a teacher loaded here; end the process group a single-process FSDP run
+        started."""
+        if self.own_teacher:
+            self.teacher.close()
         fsdp2.end_group(self.own_group)
         self.own_group = False
 
@@ -170,27 +175,34 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, st
         scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
         if not fsdp:
             module, optimizer = acc.prepare(module, optimizer)
+        given = teacher
         teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
     except BaseException:
         fsdp2.end_group(own_group)  # a single process's group is not left behind
         raise
     return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher, t_head, seqs,
-                   tok.pad_token_id, total, fsdp=fsdp, own_group=own_group)
+                   tok.pad_token_id, total, fsdp=fsdp, own_group=own_group,
+                   own_teacher=teacher is not None and teacher is not given)
 
 
 def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
-    """The teacher on the training device, for the full-vocabulary losses only."""
+    """The teacher for the full-vocabulary losses only: as given (a loaded model, or the
+    loop's whole or sharded teacher), else loaded; sharded with ``--shard-teacher``."""
     if not cfg.teacher:
         return None, None
-    rt = cfg.runtime
-    if teacher is None:
-        teacher = load_model(cfg.teacher, str(acc.device), resolve_dtype(rt.dtype, acc.device.type),
-                             rt.trust_remote_code, rt.device_map, rt.max_memory)
-    if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
-        teacher.to(acc.device)
-    check_model_fits_vocab(teacher, tok, cfg.teacher)
-    teacher.requires_grad_(False)
-    return teacher, head_logits(teacher, real_vocab_size(tok), src.temperature)
+    if not isinstance(teacher, (ShardedTeacher, WholeTeacher)):
+        rt = cfg.runtime
+        if teacher is None:
+            teacher = load_model(cfg.teacher, str(acc.device),
+                                 resolve_dtype(rt.dtype, acc.device.type),
+                                 rt.trust_remote_code, rt.device_map, rt.max_memory)
+        if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
+            teacher.to(acc.device)
+        check_model_fits_vocab(teacher, tok, cfg.teacher)
+        teacher.requires_grad_(False)
+        teacher = ShardedTeacher(teacher, acc.device, acc.num_processes) \
+            if rt.shard_teacher else WholeTeacher(teacher)
+    return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
 
 
 # ----------------------------------------------------------------------------- step
@@ -210,9 +222,10 @@ def train_step(tr: Trainer, step: int) -> dict[str, Any]:
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
         # FSDP2 reduce-scatters every micro-batch's gradients, so they stay sharded
-        with contextlib.nullcontext() if sync or tr.fsdp else acc.no_sync(tr.module):
+        with contextlib.nullcontext() if sync or tr.fsdp else acc.no_sync(tr.module), \
+                tr.teacher.gathered_head() if tr.teacher else contextlib.nullcontext():
             loss_sum, loss_K = _forward(tr, mb)
-            acc.backward(loss_sum * scale)
+            acc.backward(loss_sum * scale)  # the teacher's logits are rebuilt in backward
         quad = mb.quadrant_K.long()
         quad_loss.index_add_(0, quad, loss_K.double().cpu())
         quad_count.index_add_(0, quad, torch.ones_like(quad, dtype=torch.float64))
@@ -235,10 +248,10 @@ def _forward(tr: Trainer, mb: MicroBatch):
     rows, cols = mb.rows_K.to(dev), mb.cols_K.to(dev)
     ids, mask = mb.input_ids_BT.to(dev), mb.attention_mask_BT.to(dev)
     t_hidden = None
-    if tr.teacher is not None and rows.numel():
-        with torch.no_grad():
-            hidden = body_hidden(tr.teacher, ids, mask)
-            t_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    # a sharded teacher's forward is a collective: every process runs it
+    if tr.teacher is not None and (rows.numel() or isinstance(tr.teacher, ShardedTeacher)):
+        hidden = tr.teacher.hidden(ids, mask)
+        t_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
     return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
 
 
