@@ -198,9 +198,9 @@ def test_one_process_is_a_mesh_of_one(tiny_score, tmp_path):
 
 
 def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
-    """The FSDP checkpoint path (whole state gathered, broadcast back into the shards,
-    optimizer state keyed by parameter name) in one process: stop after step 4's
-    checkpoint, resume, and get the uninterrupted run's weights bit for bit."""
+    """The FSDP checkpoint path (each process's shards through torch.distributed.checkpoint's
+    safetensors storage, AdamW's hyper-parameters as JSON) in one process: stop after step
+    4's checkpoint, resume, and get the uninterrupted run's weights bit for bit."""
     import torch.distributed as dist
 
     import tipcli.train.loop as loop
@@ -220,9 +220,12 @@ def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
         _one_process(tiny_score, tmp_path / "cut", **cfg)
     monkeypatch.setattr(loop, "save_checkpoint", save)
     assert not dist.is_initialized()
-    meta = json.loads(next((tmp_path / "cut" / "checkpoints").glob("step-*/optimizer.json"))
-                      .read_text())
-    assert meta["keys"][0] == "student.model.embed_tokens.weight"
+    step = next((tmp_path / "cut" / "checkpoints").glob("step-*"))
+    assert {p.name for p in (step / "sharded").iterdir()} == {
+        "shard-00001-model-00001-of-00001.safetensors"}
+    assert not (step / "model.safetensors").exists()
+    meta = json.loads((step / "optimizer.json").read_text())["sharded"]
+    assert meta["param_groups.student.model.embed_tokens.weight.initial_lr"] == pytest.approx(1e-3)
     _one_process(tiny_score, tmp_path / "cut", resume=True, **cfg)
     _assert_close(tmp_path / "full", tmp_path / "cut", atol=0, rtol_metrics=0)
 

@@ -168,6 +168,51 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     return model
 
 
+def empty_model(name: str, trust_remote_code: bool = False):
+    """The model ``name`` names with its parameters on the meta device (no memory, no
+    values; its buffers real), and the safetensors file of every tensor of its checkpoint
+    (name -> path): for loading only the rows a process needs (FSDP2). None where the
+    checkpoint has no safetensors (then the whole model is loaded as usual)."""
+    from accelerate import init_empty_weights
+
+    quiet_transformers()
+    spec = ModelSpec.parse(name)
+    path = Path(_convert_gguf(spec) if spec.gguf_file else spec.path)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as exc:  # the hub's many errors, as loading reports them
+            raise _load_error("model", spec, exc) from None
+    files = safetensors_files(path)
+    if files is None:
+        return None, None
+    config = _without_gguf_quantization(str(path), trust_remote_code) or \
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does (an output head tied to the embeddings)
+    return model, files
+
+
+def safetensors_files(path: Path) -> dict[str, str] | None:
+    """Tensor name -> the safetensors file holding it, for a model directory (one file, or
+    several with an index); None when it has none."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: str(path / f) for k, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        return None
+    with safe_open(str(single), "pt") as f:
+        return dict.fromkeys(f.keys(), str(single))
+
+
 def input_device(model) -> torch.device:
     """Where a model's inputs go: its first device (accelerate's hooks move them on)."""
     dmap = getattr(model, "hf_device_map", None)

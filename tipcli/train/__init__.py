@@ -34,6 +34,7 @@ from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, q
 from tipcli.shards import StageRun, StageWriter, is_complete, read_manifest
 from tipcli.stages import TRAIN
 from tipcli.tracking import Tracker, check_available
+from tipcli.train import fsdp as fsdp2
 from tipcli.train.checkpoint import load_latest, saved_processes
 from tipcli.train.data import Source, load_sequences, make_micro_batch, open_source
 from tipcli.train.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
@@ -146,12 +147,20 @@ def _writer(run: StageRun, src: Source, tok, world: int) -> StageWriter:
 
 
 def _save_model(tr, tok) -> None:
-    """The trained student as a plain transformers checkpoint at the top of the output."""
-    state = tr.model_state()  # every process takes part in gathering
+    """The trained student as a plain transformers checkpoint at the top of the output;
+    under FSDP gathered and written a tensor at a time (``fsdp.save_whole``)."""
     student = tr.acc.unwrap_model(tr.module).student
+    state = None if tr.fsdp else tr.model_state()
+    if tr.fsdp:  # every process takes part in gathering
+        fsdp2.save_whole(tr.module, tr.cfg.output, tr.acc.is_main_process)
     if tr.acc.is_main_process:
         try:
-            student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
+            if tr.fsdp:
+                student.config.save_pretrained(tr.cfg.output)
+                if student.can_generate():
+                    student.generation_config.save_pretrained(tr.cfg.output)
+            else:
+                student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
             tok.save_pretrained(tr.cfg.output)
         except (OSError, SafetensorError) as exc:
             raise TipError(f"could not save the trained model into {tr.cfg.output}: "

@@ -15,9 +15,14 @@ A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
 Only these files are read back, and only after their checksums match ``checkpoint.json``:
 JSON and safetensors, never a pickle, so a file planted in a checkpoint runs nothing. A
 checkpoint is written under a hidden temporary name and renamed when complete; the
-previous one is removed after that. Under FSDP the files hold the whole state, gathered
-from the shards and written by the main process, which reads it back on resume and
-broadcasts it into every process's shards.
+previous one is removed after that.
+
+Under FSDP (``--fsdp``) no process gathers the whole state: ``sharded/`` holds every
+process's shards of the model's and AdamW's tensors, written by torch.distributed.checkpoint
+with its safetensors storage (each file's header says, in JSON, where its shards lie;
+DCP's own pickled ``.metadata`` is not used), ``optimizer.json`` AdamW's hyper-parameters;
+``model.safetensors`` and ``optimizer.safetensors`` are absent. On resume each process
+reads the pieces of the saved shards that make up its own, on any number of processes.
 
 The state is whole, so a run resumes on another number of processes: the data order
 depends on the global batch alone (processes x --train-batch-size x --grad-accum, kept in
@@ -28,6 +33,7 @@ process 0's. A launch with another global batch is refused (``tipcli.train``).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,8 +44,10 @@ from safetensors.torch import load_file
 from tipcli.errors import TipError
 from tipcli.files import save_tensors, sha256_file, write_atomic, write_json_atomic
 from tipcli.stages import CHECKPOINTS, METRICS
+from tipcli.train import fsdp as fsdp2
 
 INDEX = "checkpoint.json"
+SHARDED = "sharded"  # under --fsdp: every process's shards (torch.distributed.checkpoint)
 
 
 def checkpoint_dirs(output: str | Path) -> list[Path]:
@@ -56,15 +64,21 @@ def save_checkpoint(tr) -> Path:
     root = Path(tr.cfg.output) / CHECKPOINTS
     final = root / f"step-{step:06d}"
     tmp = root / f".{final.name}.tmp"
-    model_sd, optim_sd = tr.full_state()  # every process takes part in gathering
     try:
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            save_tensors(_contiguous(model_sd), tmp / "model.safetensors")
+        acc.wait_for_everyone()
+        if tr.fsdp:  # every process writes its own shards; no whole state anywhere
+            meta = {"sharded": fsdp2.save_sharded(tr.module, tr.optimizer, tmp / SHARDED)}
+        else:
+            model_sd, optim_sd = tr.full_state()
             tensors, meta = _split_optimizer(optim_sd)
-            save_tensors(tensors, tmp / "optimizer.safetensors")
+        if acc.is_main_process:
+            if not tr.fsdp:
+                save_tensors(_contiguous(model_sd), tmp / "model.safetensors")
+                save_tensors(tensors, tmp / "optimizer.safetensors")
             write_json_atomic(tmp / "optimizer.json", meta)
             write_json_atomic(tmp / "scheduler.json", tr.scheduler.state_dict())
             write_json_atomic(tmp / "trainer.json", {"step": step,
@@ -73,7 +87,7 @@ def save_checkpoint(tr) -> Path:
         save_tensors(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
         acc.wait_for_everyone()
         if acc.is_main_process:
-            files = sorted(p.name for p in tmp.iterdir())
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             write_json_atomic(tmp / INDEX, {"step": step, "files": {
                 f: sha256_file(tmp / f) for f in files}})
             truncate_metrics(tr.cfg.output, step)
@@ -99,22 +113,29 @@ def load_checkpoint(tr, path: Path) -> None:
         if sha256_file(path / name) != digest:
             raise TipError(f"{path / name} does not match {path / INDEX}; the checkpoint was "
                            "changed or damaged: start again with --overwrite")
-    needed = {"model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
-              "trainer.json", "rng-0.safetensors"}
+    sharded = any(f.startswith(SHARDED + "/") for f in index["files"])
+    needed = {"optimizer.json", "scheduler.json", "trainer.json", "rng-0.safetensors",
+              *(() if sharded else ("model.safetensors", "optimizer.safetensors"))}
     missing = sorted(needed - set(index["files"]))
     if missing:
         raise TipError(f"{path} lacks {', '.join(missing)} (damaged); start again with "
                        "--overwrite")
+    if sharded != tr.fsdp:
+        raise TipError(f"{path} was written {'with' if sharded else 'without'} --fsdp; resume "
+                       "it the same way")
     # a process the checkpoint had none for (resumed on more processes) takes process 0's
     rank_rng = f"rng-{tr.acc.process_index}.safetensors"
     if rank_rng not in index["files"]:
         rank_rng = "rng-0.safetensors"
-    model_sd, optim_sd = {}, {}
-    if tr.reads_full_state:
-        model_sd = load_file(str(path / "model.safetensors"))
-        optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")),
-                                   json.loads((path / "optimizer.json").read_text()))
-    tr.load_full_state(model_sd, optim_sd)
+    meta = json.loads((path / "optimizer.json").read_text())
+    if sharded:
+        fsdp2.load_sharded(tr.module, tr.optimizer, path / SHARDED, meta["sharded"])
+    else:
+        model_sd, optim_sd = {}, {}
+        if tr.reads_full_state:
+            model_sd = load_file(str(path / "model.safetensors"))
+            optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
+        tr.load_full_state(model_sd, optim_sd)
     tr.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     tr.state.step = int(json.loads((path / "trainer.json").read_text())["step"])
     _set_rng_state(load_file(str(path / rank_rng)))
@@ -135,8 +156,8 @@ def _read_index(path: Path) -> dict[str, Any]:
     try:
         index = json.loads((path / INDEX).read_text())
         ok = isinstance(index, dict) and isinstance(index.get("files"), dict) and all(
-            isinstance(k, str) and "/" not in k and isinstance(v, str)
-            for k, v in index["files"].items())
+            isinstance(k, str) and re.fullmatch(rf"({SHARDED}/)?[\w][\w.-]*", k)
+            and isinstance(v, str) for k, v in index["files"].items())
     except (OSError, ValueError):
         ok = False
     if not ok:

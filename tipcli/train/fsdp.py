@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from tipcli.errors import TipError
 from tipcli.mesh import decoder_layers, end_group, make_mesh
 
 __all__ = ["decoder_layers", "end_group", "make_mesh"]  # shared with the sharded teacher
@@ -54,6 +55,39 @@ def shard(module: torch.nn.Module, mesh: DeviceMesh, bf16: bool) -> int:
     fully_shard(module, mesh=mesh,
                 mp_policy=MixedPrecisionPolicy(**kw, cast_forward_inputs=False))
     return len(layers)
+
+
+def load_shards(module: torch.nn.Module, files: dict[str, str], device) -> None:
+    """Give a module sharded on the meta device its parameters: each process reads only
+    its own rows of every tensor from the checkpoint's safetensors ``files`` (tensor name
+    -> file), so no process ever holds the whole model. ``module`` is a ``DistillModule``
+    (its student's names carry ``student.``); its buffers (rotary frequencies) were built
+    real and are kept."""
+    from safetensors import safe_open
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+        opened: dict[str, object] = {}
+        for name, param in module.named_parameters():
+            key = name.removeprefix("student.")
+            path = files.get(key)
+            if path is None:
+                raise TipError(f"the student's checkpoint holds no tensor {key}; it does not "
+                               "match its config.json")
+            reader = opened.get(path) or opened.setdefault(path, safe_open(path, "pt"))
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements)
+            else:
+                shape, offset = tuple(param.shape), (0,) * param.dim()
+            rows = reader.get_slice(key)[offset[0]:offset[0] + shape[0]] if param.dim() \
+                else reader.get_tensor(key)
+            local.copy_(rows.to(local.dtype))
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
@@ -86,6 +120,92 @@ def full_state(module, optimizer) -> tuple[dict, dict]:
     """Whole CPU state dicts of the model and AdamW (keyed by parameter name) on the main
     process, empty dicts on the others; every process must call it."""
     return full_model_state(module), get_optimizer_state_dict(module, optimizer, options=GATHER)
+
+
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # sharded, names flat
+
+
+def save_sharded(module, optimizer, path) -> dict:
+    """Every process writes its own shards of the model's and AdamW's tensors into
+    ``path`` with torch.distributed.checkpoint's safetensors storage (one file per
+    process; where each shard lies is JSON in the files' headers, no pickle). Returns what
+    is not a tensor (AdamW's hyper-parameters), for the caller to keep as JSON. Every
+    process must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    tensors, rest = _sharded_state(module, optimizer)
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
+    return rest
+
+
+def load_sharded(module, optimizer, path, rest: dict) -> None:
+    """Load what ``save_sharded`` wrote, on any number of processes: each reads the pieces
+    of the saved shards that make up its own (torch.distributed.checkpoint reshards).
+    ``rest`` is what it returned. Every process must call it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    tensors, _ = _sharded_state(module, optimizer)  # the shapes this launch shards into
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
+    set_model_state_dict(module, {k.removeprefix("model."): v for k, v in tensors.items()
+                                  if k.startswith("model.")})
+    optim = {k.removeprefix("optim."): v for k, v in tensors.items() if k.startswith("optim.")}
+    set_optimizer_state_dict(module, optimizer, {**optim, **rest}, options=FLAT)
+
+
+def _sharded_state(module, optimizer) -> tuple[dict, dict]:
+    """(the model's and AdamW's tensors as this process's shards, named ``model.*`` and
+    ``optim.*``; AdamW's other entries). Reading the optimizer's state creates it when a
+    first step has not yet (a resumed run)."""
+    tensors = {f"model.{k}": v for k, v in get_model_state_dict(module).items()}
+    rest = {}
+    for k, v in get_optimizer_state_dict(module, optimizer, options=FLAT).items():
+        if torch.is_tensor(v):
+            tensors[f"optim.{k}"] = v
+        else:
+            rest[k] = v
+    return tensors, rest
+
+
+def save_whole(module, out, main: bool, max_shard_bytes: int = 5 << 30) -> None:
+    """The student's weights as a save_pretrained checkpoint (``model.safetensors``, or
+    ``model-0000i-of-0000N.safetensors`` files and their index), gathered one tensor at a
+    time and written a file at a time by the main process: no process ever holds more
+    than one file's worth of whole tensors. Every process must call it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    seen, named = set(), []
+    for name, t in module.state_dict(keep_vars=True).items():  # tied ones once, as HF does
+        key = id(t)
+        if key not in seen:
+            seen.add(key)
+            named.append((name.removeprefix("student."), t))
+    files, size = [[]], 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append((name, t))
+        size += nbytes
+    weight_map = {}
+    for i, group in enumerate(files, 1):
+        whole = {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+                 .contiguous() for name, t in group}
+        fname = "model.safetensors" if len(files) == 1 else \
+            f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        if main:
+            save_file(whole, str(Path(out) / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(whole, fname))
+        del whole
+    if main and len(files) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for _, t in named)},
+                 "weight_map": weight_map}
+        (Path(out) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def load_full_state(module, optimizer, model_sd: dict, optim_sd: dict) -> None:

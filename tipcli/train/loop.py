@@ -29,7 +29,8 @@ from tipcli.catalog import QUADRANTS
 from tipcli.configs import TrainConfig
 from tipcli.errors import TipError, first_line
 from tipcli.forward import head_logits
-from tipcli.models import check_model_fits_vocab, load_model, real_vocab_size, resolve_dtype
+from tipcli.models import (check_model_fits_vocab, empty_model, load_model, real_vocab_size,
+                           resolve_dtype)
 from tipcli.progress import progress_task
 from tipcli.sharded import ShardedTeacher, WholeTeacher
 from tipcli.train import fsdp as fsdp2
@@ -145,6 +146,9 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, st
     already loaded (``tip distill`` keeps them between stages); else they are loaded."""
     rt, opt = cfg.runtime, cfg.optim
     torch.manual_seed(cfg.seed)
+    files = None  # under --fsdp: the student's tensors, each process reading its own rows
+    if student is None and cfg.training.fsdp:
+        student, files = empty_model(src.student, rt.trust_remote_code)
     if student is None:
         student = load_model(src.student, "cpu", torch.float32, rt.trust_remote_code)
     elif student.dtype != torch.float32:
@@ -170,6 +174,8 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, st
     try:
         if fsdp:
             fsdp2.shard(module, mesh, bf16=accelerator_kwargs(cfg)["mixed_precision"] == "bf16")
+            if files is not None:
+                fsdp2.load_shards(module, files, acc.device)
         optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr,
                                       weight_decay=opt.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
