@@ -69,13 +69,15 @@ def test_full_loss_with_a_sharded_teacher(tiny_pair, tiny_rollout, tmp_path):
 
 
 def test_distill_with_a_sharded_teacher(tiny_pair, many_prompts, tmp_path):
-    """The loop with --shard-teacher on 2 processes: the run of one process."""
+    """The loop with --shard-teacher and --fsdp on 2 processes (teacher and student both
+    sharded): the run of one process with both whole."""
     from test_distributed import assert_same_run
 
     prompts = many_prompts
     r = tip(distill_args(tiny_pair, prompts, tmp_path / "one", 4))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = tip(distill_args(tiny_pair, prompts, tmp_path / "two", 2, "--shard-teacher"), procs=2)
+    r = tip(distill_args(tiny_pair, prompts, tmp_path / "two", 2, "--shard-teacher", "--fsdp"),
+            procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
