@@ -156,6 +156,26 @@ class Scoring:
                               name="score_batch_size")
     chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about 2^22 "
                                  "logits).", ge=0, name="score_chunk_size")
+    teacher_url: str = setting("", "A vLLM server (OpenAI-compatible) serving --teacher: ask "
+                               "it for the teacher's top-k instead of loading the teacher "
+                               "(divergences become top-k estimates; docs/scale.md).",
+                               check=lambda u: None if u.startswith(("http://", "https://"))
+                               else f"--teacher-url must start with http:// or https:// "
+                                    f"(got '{u}')")
+    teacher_concurrency: int = setting(8, "With --teacher-url: requests to the server at once.",
+                                       ge=1)
+
+    def rules(self) -> list[str]:
+        if not self.teacher_url:
+            return []
+        problems = []
+        if self.top_k < 1:
+            problems.append("--teacher-url needs --teacher-top-k of at least 1 (the server's "
+                            "top-k is what the divergences are estimated from)")
+        if self.temperature != 1.0:
+            problems.append("--teacher-url gives the teacher's log-probs at temperature 1: "
+                            "--score-temperature must be 1")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -393,10 +413,25 @@ class DistillConfig:
     runtime: Runtime = group(Runtime)
 
     def rules(self) -> list[str]:
-        if self.runtime.shard_teacher and self.eval_prompts and self.eval_metric != "accuracy":
-            return ["--eval-metric kl samples the teacher's own answers, which a sharded "
-                    "teacher cannot do yet: use --eval-metric accuracy with --shard-teacher"]
-        return []
+        problems = []
+        kl = self.eval_prompts and self.eval_metric != "accuracy"
+        if self.runtime.shard_teacher and kl:
+            problems.append("--eval-metric kl samples the teacher's own answers, which a "
+                            "sharded teacher cannot do yet: use --eval-metric accuracy with "
+                            "--shard-teacher")
+        if self.scoring.teacher_url:
+            if kl:
+                problems.append("--eval-metric kl needs the teacher's whole distribution and "
+                                "its own answers, which a served teacher (--teacher-url) "
+                                "does not give: use --eval-metric accuracy")
+            if LOSSES[self.training.loss].needs_teacher:
+                problems.append(f"--loss {self.training.loss} needs the teacher in this "
+                                "process, but it is served (--teacher-url): use a *-topk "
+                                "loss or rkl-sampled")
+            if self.runtime.shard_teacher or self.runtime.device_map:
+                problems.append("--teacher-url serves the teacher elsewhere: drop "
+                                "--shard-teacher and --device-map")
+        return problems
 
 
 @dataclass(frozen=True)

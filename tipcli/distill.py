@@ -51,6 +51,7 @@ from tipcli.rollout import run_rollout
 from tipcli.sampling import Sampler, make_sampler
 from tipcli.score import run_score
 from tipcli.select import run_select
+from tipcli.served import ServedTeacher
 from tipcli.sharded import teacher_for
 from tipcli.shards import StageDir, StageRun, is_complete, read_manifest
 from tipcli.stages import (CHECKPOINTS, DISTILL, ITERATION, ITERATION_PROMPTS, ITERATION_ROW,
@@ -78,9 +79,12 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
                        "--device-map (each process then holds the teacher on its own device), "
                        "or run tip distill without a launcher")
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
-    check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), cfg.student,
-                     cfg.teacher)
-    writer = run.writer({"student": model_ref(cfg.student), "teacher": model_ref(cfg.teacher)},
+    if not cfg.scoring.teacher_url:  # a served teacher's tokenizer is checked by the server
+        check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), cfg.student,
+                         cfg.teacher)
+    teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} if cfg.scoring.teacher_url \
+        else model_ref(cfg.teacher)
+    writer = run.writer({"student": model_ref(cfg.student), "teacher": teacher},
                         tokenizer_info(tok), procs=procs)
     if writer.complete:  # finished before: nothing to load or redo
         if procs.main:
@@ -111,10 +115,13 @@ class Loop:
         self.records = load_prompts(cfg.prompts, cfg.source)
         self.device = procs.device_for(rt.device)
         self.dtype = resolve_dtype(rt.dtype, self.device)
-        # whole on this process's device (or spread with --device-map), or sharded over all
-        self.teacher = teacher_for(load_model(cfg.teacher, self.device, self.dtype,
-                                              rt.trust_remote_code, rt.device_map,
-                                              rt.max_memory), rt.shard_teacher, procs)
+        # whole on this process's device (or spread with --device-map), sharded over all,
+        # or served by its own engine
+        sc = cfg.scoring
+        self.teacher = ServedTeacher(sc.teacher_url, cfg.teacher, tok, sc.top_k,
+                                     sc.teacher_concurrency) if sc.teacher_url else \
+            teacher_for(load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code,
+                                   rt.device_map, rt.max_memory), rt.shard_teacher, procs)
         self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
                                "tip-distill", to_flat(cfg))
         self.student_name, self.student, self.steps = cfg.student, None, 0

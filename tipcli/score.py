@@ -11,6 +11,7 @@ started again, resumes after its last complete shard.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -25,7 +26,9 @@ from tipcli.sharded import ShardedTeacher, WholeTeacher, teacher_for
 from tipcli.progress import progress_task
 from tipcli.shards import StageDir, StageRun, split_sequences
 from tipcli.stages import SCORE
-from tipcli.stats import auto_chunk, token_stats
+from tipcli.served import ServedTeacher
+from tipcli.stats import (EXACT_STATISTICS, SERVED_STATISTICS, auto_chunk, served_stats,
+                          token_stats)
 
 
 def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=None,
@@ -42,48 +45,72 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     rollout = StageDir.open(cfg.rollout, stage="rollout")
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
     s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)
-    t_tok = load_tokenizer(cfg.teacher, rt.trust_remote_code) if teacher is None else s_tok
-    check_same_vocab(s_tok, t_tok, student_name, cfg.teacher)
     check_tokenizer_matches(s_tok, rollout.manifest, student_name, cfg.rollout)
     device = procs.device_for(rt.device)
     dtype = resolve_dtype(rt.dtype, device)
     student = student or load_model(student_name, device, dtype, rt.trust_remote_code,
                                     rt.device_map, rt.max_memory)
-    side = teacher if isinstance(teacher, (ShardedTeacher, WholeTeacher)) else None
-    teacher = side.model if side else teacher or load_model(
-        cfg.teacher, device, dtype, rt.trust_remote_code, rt.device_map, rt.max_memory)
-    for m, name in ((student, student_name), (teacher, cfg.teacher)):
-        check_model_fits_vocab(m, s_tok, name)
-    # what is stored: the student actually used, and no more top-k columns than tokens
-    resolved = {**to_flat(cfg), "student": student_name,
-                "teacher_top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
-    writer = run.writer({"student": model_ref(student_name, student),
-                         "teacher": model_ref(cfg.teacher, teacher)},
-                        tokenizer_info(s_tok), parent=rollout, config=resolved,
-                        reads=(student_name,), procs=procs)
-    if not writer.complete:
-        own = side is None
-        side = side or teacher_for(teacher, rt.shard_teacher, procs)
-        try:
+    check_model_fits_vocab(student, s_tok, student_name)
+    side, own = _teacher(cfg, teacher, s_tok, student_name, device, dtype, procs)
+    try:
+        # what is stored: the student actually used, no more top-k columns than tokens,
+        # and which statistics are exact (a served teacher's divergences are estimates)
+        resolved = {**to_flat(cfg), "student": student_name,
+                    "teacher_top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
+        writer = run.writer({"student": model_ref(student_name, student),
+                             "teacher": teacher_ref(cfg, side)},
+                            tokenizer_info(s_tok), parent=rollout, config=resolved,
+                            reads=(student_name,), procs=procs)
+        if not writer.complete:
             _score_shards(cfg, rollout, writer, student, side, s_tok,
                           writer.todo(len(rollout.shards)), procs)
-        finally:
-            if own:
-                side.close()
-    return writer.finish(num_shards=len(rollout.shards))
+    finally:
+        if own:
+            side.close()
+    statistics = SERVED_STATISTICS if isinstance(side, ServedTeacher) else EXACT_STATISTICS
+    return writer.finish({"statistics": statistics}, num_shards=len(rollout.shards))
+
+
+def _teacher(cfg: ScoreConfig, teacher, tok, student_name: str, device, dtype, procs):
+    """(the teacher as this run holds it, whether this run made it and closes it): as
+    handed in (a model, or the loop's whole, sharded or served teacher), served at
+    ``--teacher-url``, or loaded (whole, spread, or sharded with ``--shard-teacher``)."""
+    rt = cfg.runtime
+    if isinstance(teacher, (ShardedTeacher, WholeTeacher, ServedTeacher)):
+        return teacher, False
+    if cfg.scoring.teacher_url:
+        return ServedTeacher(cfg.scoring.teacher_url, cfg.teacher, tok, cfg.scoring.top_k,
+                             cfg.scoring.teacher_concurrency), False
+    if teacher is None:
+        check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), student_name,
+                         cfg.teacher)
+        teacher = load_model(cfg.teacher, device, dtype, rt.trust_remote_code, rt.device_map,
+                             rt.max_memory)
+    check_model_fits_vocab(teacher, tok, cfg.teacher)
+    return teacher_for(teacher, rt.shard_teacher, procs), True
+
+
+def teacher_ref(cfg: ScoreConfig, side) -> dict:
+    """The teacher's provenance in the manifest; a served one by its name and address."""
+    if isinstance(side, ServedTeacher):
+        key = hashlib.sha256(f"served:{side.url}:{side.name}".encode()).hexdigest()
+        return {"id": cfg.teacher, "url": side.url, "revision": None, "fingerprint": key}
+    return model_ref(cfg.teacher, side.model)
 
 
 def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo: list[int],
                   procs: Processes) -> None:
-    """Score this process's ``todo`` shards; ``teacher`` is whole or sharded (then every
-    process runs as many batches as the busiest one, idle ones on a one-token input)."""
+    """Score this process's ``todo`` shards; ``teacher`` is whole, sharded (then every
+    process runs as many batches as the busiest one, idle ones on a one-token input) or
+    served (its top-k asked for each batch's responses)."""
     sc = cfg.scoring
     vocab = real_vocab_size(tok)
     top_k = min(sc.top_k, vocab)
     s_logits = head_logits(student, vocab, sc.temperature)
-    t_logits = head_logits(teacher.model, vocab, sc.temperature)
+    served = isinstance(teacher, ServedTeacher)
+    t_logits = None if served else head_logits(teacher.model, vocab, sc.temperature)
     s_dev = input_device(student)
-    chunk = auto_chunk(sc.chunk_size, vocab, teacher.device)
+    chunk = auto_chunk(sc.chunk_size, vocab, s_dev if served else teacher.device)
     total = sum(rollout.shards[i]["num_tokens"] for i in todo)
     batches = sum(-(-rollout.shards[i]["num_sequences"] // sc.batch_size) for i in todo)
     # a sharded teacher's forward is a collective: every process runs the busiest's count
@@ -97,11 +124,16 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
                 batch = collate(seqs[a:a + sc.batch_size], tok.pad_token_id)
                 with torch.no_grad():
                     hs = response_hidden(student, batch, s_dev)
-                    ht = teacher.hidden(batch.input_ids_BT, batch.attention_mask_BT)
-                    ht = ht[batch.rows_P.to(ht.device), batch.cols_P.to(ht.device)]
-                    with teacher.gathered_head():
-                        stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits,
-                                            top_k, chunk)
+                if served:
+                    stats = served_stats(hs, batch.tokens_P, s_logits,
+                                         _asked(teacher, seqs[a:a + sc.batch_size]), chunk)
+                else:
+                    with torch.no_grad():
+                        ht = teacher.hidden(batch.input_ids_BT, batch.attention_mask_BT)
+                        ht = ht[batch.rows_P.to(ht.device), batch.cols_P.to(ht.device)]
+                        with teacher.gathered_head():
+                            stats = token_stats(hs, ht, batch.tokens_P, s_logits, t_logits,
+                                                top_k, chunk)
                 for k, v in stats.items():
                     parts.setdefault(k, []).append(v)
                 advance(int(batch.tokens_P.numel()), tokens=int(batch.tokens_P.numel()))
@@ -111,3 +143,10 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
             writer.write_shard(si, out)
     for _ in range(most - batches):  # in step with the busiest process
         teacher.idle(s_dev)
+
+
+def _asked(teacher: ServedTeacher, seqs) -> dict[str, torch.Tensor]:
+    """The served teacher's answers for a batch of sequences, joined in order."""
+    answers = teacher.score([(s["prompt_ids"].tolist(), s["response_ids"].tolist())
+                             for s in seqs])
+    return {k: torch.cat([a[k] for a in answers]) for k in answers[0]}

@@ -21,6 +21,7 @@ import torch
 from tipcli.catalog import QUADRANTS
 from tipcli.configs import SelectConfig, Selection
 from tipcli.importance import token_importance
+from tipcli.errors import TipError
 from tipcli.shards import PROMPT_TOKEN_FIELDS, StageDir, StageRun
 from tipcli.stages import SELECT
 
@@ -52,6 +53,17 @@ def load_flat(score: StageDir, fields: tuple[str, ...] = SELECTION_FIELDS
     lengths_N = torch.cat([o.diff() for o in shard_offsets])
     flat["response_offsets"] = torch.cat([lengths_N.new_zeros(1), lengths_N.cumsum(0)])
     return flat, shard_offsets
+
+
+def check_statistics(score: StageDir, sel: Selection) -> None:
+    """Refuse a selection setting that needs an exact statistic ``score`` does not hold:
+    with a served teacher the divergences are top-k estimates (lower bounds), which still
+    rank the tokens of a group (minmax, rank) but are no absolute scale (bound)."""
+    kind = score.manifest["summary"].get("statistics", {}).get(sel.divergence, "exact")
+    if kind != "exact" and sel.normalize == "bound":
+        raise TipError(f"--normalize bound reads the exact {sel.divergence} on an absolute "
+                       f"scale, but {score.path} holds a {kind} of it (a served teacher): use "
+                       "--normalize minmax or rank")
 
 
 def select_tokens(flat: dict[str, Any], sel: Selection, seed: int,
@@ -103,6 +115,7 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
     """Write a selection directory for ``cfg.score``; returns its path."""
     run = StageRun(SELECT, cfg, overwrite)
     score = StageDir.open(cfg.score, stage="score")
+    check_statistics(score, cfg.selection)
     writer = run.writer(score.manifest["models"], score.manifest["tokenizer"], parent=score)
     if writer.complete:
         return writer.path

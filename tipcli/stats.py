@@ -151,3 +151,44 @@ def sampled_logprobs(hidden_PH: torch.Tensor, tokens_P: torch.Tensor, logits: Ca
         lp = F.log_softmax(x, dim=-1)
         parts.append(lp.gather(-1, idx).squeeze(-1).cpu())
     return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@torch.no_grad()
+def served_stats(s_hidden_PH: torch.Tensor, tokens_P: torch.Tensor, s_logits: Callable,
+                 teacher: dict[str, torch.Tensor], chunk_size: int = 1024
+                 ) -> dict[str, torch.Tensor]:
+    """The statistics of P positions when the teacher is served (``tipcli.served``): its
+    sampled-token log-prob and top-k come from the server (exact), the student's side is
+    computed here (exact), and the divergences are estimated over the teacher's top-k and
+    one tail bucket on each side (as the ``*-topk`` losses; a lower bound of the exact
+    ones). There is no teacher entropy: the server does not give its distribution."""
+    from tipcli.losses import divergence, student_buckets, teacher_buckets
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    for a in range(0, tokens_P.shape[0], chunk_size):
+        b = a + chunk_size
+        logits = s_logits(s_hidden_PH[a:b]).float()
+        ids = teacher["teacher_topk_ids"][a:b].to(logits.device).long()
+        log_q = student_buckets(logits, ids)
+        log_r = teacher_buckets(teacher["teacher_topk_logprobs"][a:b].to(logits.device))
+        log_r = log_r.to(log_q.dtype)
+        # the student's side exactly as chunk_stats computes it (the same numbers, bit for bit)
+        ls = _log_softmax_(logits, inplace=True)
+        out = {"student_logprob": ls.gather(-1, tokens_P[a:b].to(ls.device).long()[:, None])
+               .squeeze(-1),
+               "student_entropy": _dot(ls.exp(), ls, torch.empty_like(ls)).neg_(),
+               **{kind: divergence(kind, log_q, log_r).clamp_min(0)
+                  for kind in ("rkl", "fkl", "jsd")}}
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    stats = {k: torch.cat(v) for k, v in parts.items()} if parts else \
+        {k: torch.zeros(0) for k in ("student_logprob", "student_entropy", "rkl", "fkl", "jsd")}
+    return {**stats, **{k: teacher[k] for k in ("teacher_logprob", "teacher_topk_ids",
+                                                "teacher_topk_logprobs")}}
+
+
+SERVED_STATISTICS = {"student_logprob": "exact", "teacher_logprob": "exact",
+                     "student_entropy": "exact", "teacher_entropy": "absent",
+                     "rkl": "top-k estimate", "fkl": "top-k estimate", "jsd": "top-k estimate",
+                     "teacher_topk": "exact"}
+EXACT_STATISTICS = dict.fromkeys(SERVED_STATISTICS, "exact")

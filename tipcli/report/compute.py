@@ -16,7 +16,7 @@ from tipcli.catalog import QUADRANTS, TOPK_STRATEGIES
 from tipcli.configs import ReportConfig, SelectConfig, Selection, resolve
 from tipcli.errors import ConfigError, TipError
 from tipcli.importance import layout, select_mask, sequence_index
-from tipcli.select import SELECTION_FIELDS, load_flat, select_tokens
+from tipcli.select import SELECTION_FIELDS, check_statistics, load_flat, select_tokens
 from tipcli.shards import StageDir
 
 COVERAGE_STRATEGIES = TOPK_STRATEGIES
@@ -56,6 +56,7 @@ def load_report_data(cfg: ReportConfig, prompts: bool = False) -> ReportData:
         selection, seed = stored.selection, stored.seed
     else:
         score, selection, seed = stage, cfg.selection, cfg.seed
+    check_statistics(score, selection)
     fields = (*REPORT_FIELDS, "prompt_ids") if prompts else REPORT_FIELDS
     flat, _ = load_flat(score, fields)
     sel = select_tokens(flat, selection, seed, score.manifest["tokenizer"]["vocab_size"])

@@ -19,7 +19,7 @@ from tipcli.catalog import LOSSES
 from tipcli.configs import TrainConfig
 from tipcli.errors import TipError
 from tipcli.forward import collate
-from tipcli.select import selection_by_shard
+from tipcli.select import check_statistics, selection_by_shard
 from tipcli.shards import StageDir, split_sequences
 
 
@@ -43,6 +43,7 @@ def open_source(cfg: TrainConfig) -> Source:
             raise TipError(f"{d.path} has {len(selection)} shards but its score directory "
                            f"{score.path} has {len(score.shards)}; run tip select again")
     elif d.stage == "score":
+        check_statistics(d, cfg.selection)
         score, selection = d, selection_by_shard(d, cfg.selection, cfg.seed)
     else:
         score, selection = d, None

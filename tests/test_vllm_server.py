@@ -1,0 +1,170 @@
+"""`tip score --teacher-url` against a real `vllm serve` (vLLM's CPU build, in its own
+environment: `make test-vllm`) on 127.0.0.1 with a tiny model: the teacher's side equals
+in-process scoring of the same model, a server that dies mid-run is resumed, and a
+mismatched tokenizer or a too-small --max-logprobs is refused before any scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+
+from tipcli.shards import StageDir
+
+pytestmark = pytest.mark.vllm
+ENV = {**os.environ, "TIP_QUIET": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def unpadded_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny models vLLM serves (head size 32) with no logit columns past the tokenizer:
+    a server's log-softmax spans every column of the model, tip's the real vocabulary."""
+    pytest.importorskip("vllm")
+    from tipcli.tiny import build_model, build_tokenizer
+
+    out, tok = tmp_path_factory.mktemp("served-models"), build_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        build_model(tok, hidden=64, layers=2, heads=2, seed=seed).save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    return out / "student", out / "teacher"
+
+
+class Server:
+    """`vllm serve MODEL` on 127.0.0.1 (a process of its own, stopped with the test)."""
+
+    def __init__(self, model: Path, port: int, max_logprobs: int = 16):
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+             "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
+             "--dtype", "float32", "--max-logprobs", str(max_logprobs), "--max-model-len",
+             "512", "--enforce-eager"], env=ENV, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read()[-3000:])
+            try:
+                urllib.request.urlopen(self.url + "/v1/models", timeout=5)
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError("vllm serve did not start in 10 minutes")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(unpadded_pair):
+    s = Server(unpadded_pair[1], free_port())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def rollout(unpadded_pair, prompts_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("served") / "rollout"
+    tip("rollout", "-s", unpadded_pair[0], "-p", prompts_file, "-o", out, "--num-samples", 2,
+        "--max-new-tokens", 12, "--sample-batch-size", 2, "--shard-size", 4)
+    return out
+
+
+def tip(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "tipcli", *map(str, args)], capture_output=True,
+                       text=True, env=ENV, timeout=900)
+    assert (r.returncode == 0) == ok, r.stderr[-3000:]
+    return r
+
+
+def test_served_scores_equal_in_process(unpadded_pair, rollout, server, tmp_path):
+    """The sampled token's and the top-k log-probs from the server within 1e-4 of tip's
+    own scoring of the same teacher; the student's side identical."""
+    tip("score", rollout, "-t", unpadded_pair[1], "-o", tmp_path / "here", "--teacher-top-k", 8)
+    tip("score", rollout, "-t", "teacher", "--teacher-url", server.url, "-o", tmp_path / "there",
+        "--teacher-top-k", 8)
+    here, there = StageDir.open(tmp_path / "here"), StageDir.open(tmp_path / "there")
+    assert there.manifest["summary"]["statistics"]["rkl"] == "top-k estimate"
+    for a, b in zip(here.iter_shards(), there.iter_shards()):
+        torch.testing.assert_close(b["teacher_logprob"], a["teacher_logprob"], rtol=0,
+                                   atol=1e-4)
+        torch.testing.assert_close(b["teacher_topk_logprobs"], a["teacher_topk_logprobs"],
+                                   rtol=0, atol=1e-4)
+        assert (b["teacher_topk_ids"] == a["teacher_topk_ids"]).float().mean() > 0.99
+        torch.testing.assert_close(b["student_entropy"], a["student_entropy"], rtol=0, atol=0)
+
+
+def test_server_dies_mid_run_and_the_run_resumes(unpadded_pair, rollout, tmp_path):
+    """The server is killed once the first shard is written: the run stops with one
+    line, incomplete; the same command, the server back, ends byte for byte as a run the
+    server never left."""
+    port = free_port()
+    first = Server(unpadded_pair[1], port)
+    args = ("score", rollout, "-t", "teacher", "--teacher-url", first.url, "--teacher-top-k",
+            8, "--score-batch-size", 1, "--teacher-concurrency", 1)
+    whole = tip(*args, "-o", tmp_path / "whole")
+    assert whole.returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "tipcli", *map(str, args), "-o", cut],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(cut.glob("shard-*.safetensors")):
+        time.sleep(0.05)
+    first.stop()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "does not answer" in err
+    assert not json.loads((cut / "manifest.json").read_text())["complete"]
+    second = Server(unpadded_pair[1], port)
+    try:
+        tip(*args, "-o", cut)
+    finally:
+        second.stop()
+    a, b = StageDir.open(tmp_path / "whole"), StageDir.open(cut)
+    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+
+
+def test_mismatched_tokenizer_and_small_max_logprobs(unpadded_pair, rollout, tmp_path):
+    from tipcli.tiny import build_model, build_tokenizer
+
+    other = tmp_path / "other"
+    tok = build_tokenizer(chars="abcdefghij0123456789 ")
+    build_model(tok, hidden=64, layers=1, heads=2).save_pretrained(other)
+    tok.save_pretrained(other)
+    s = Server(other, free_port())
+    try:
+        r = tip("score", rollout, "-t", "teacher", "--teacher-url", s.url, "-o",
+                tmp_path / "a", ok=False)
+        assert "tokenizes" in r.stderr and not (tmp_path / "a").exists()
+    finally:
+        s.stop()
+    s = Server(unpadded_pair[1], free_port(), max_logprobs=4)
+    try:
+        r = tip("score", rollout, "-t", "teacher", "--teacher-url", s.url, "--teacher-top-k",
+                8, "-o", tmp_path / "b", ok=False)
+        assert "--max-logprobs 8" in r.stderr and not (tmp_path / "b").exists()
+    finally:
+        s.stop()
+    shutil.rmtree(other)
+
+
+def test_distill_two_iterations_against_the_server(unpadded_pair, prompts_file, server,
+                                                   tmp_path):
+    tip("distill", "-s", unpadded_pair[0], "-t", "teacher", "--teacher-url", server.url,
+        "-p", prompts_file, "-o", tmp_path / "run", "--iterations", 2, "--num-samples", 2,
+        "--max-new-tokens", 8, "--max-steps", 2, "--train-batch-size", 4,
+        "--teacher-top-k", 8, "--lr", 1e-3, "--prompts-per-iteration", 4, "--group-size", 4,
+        "--eval-prompts", prompts_file, "--eval-max-prompts", 3)
+    history = json.loads((tmp_path / "run" / "manifest.json").read_text())["summary"]["history"]
+    assert [h["iteration"] for h in history] == ["initial", 0, 1]
