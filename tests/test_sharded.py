@@ -97,3 +97,41 @@ def test_sharded_teacher_refusals(tiny_pair, tiny_rollout, tmp_path):
                                  "--shard-teacher", "--eval-prompts", str(tiny_rollout),
                                  "--eval-metric", "kl"])
     assert_one_line_error(r, "use --eval-metric accuracy with --shard-teacher")
+
+
+@pytest.mark.parametrize("which", ["untied", "tied"])
+def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, monkeypatch,
+                                                    which):
+    """--shard-teacher never loads the whole teacher: it is built on the meta device and
+    filled from the safetensors (loading it whole fails here), and holds the checkpoint's
+    weights in the model's dtype and computes what the whole model does."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from tipcli import models
+    from tipcli.forward import body_hidden
+    from tipcli.sharded import ShardedTeacher, load_teacher
+
+    path = str(tiny_pair[1] if which == "untied" else tied_teacher)
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+    def whole_load(*args, **kwargs):
+        raise AssertionError("the sharded teacher was loaded whole")
+
+    monkeypatch.setattr(models, "load_model", whole_load)
+    rt = SimpleNamespace(shard_teacher=True, trust_remote_code=False, device_map="",
+                         max_memory="")
+    teacher = load_teacher(path, "cpu", torch.float64, rt, SimpleNamespace(world=1))
+    try:
+        assert isinstance(teacher, ShardedTeacher) and not teacher.model.training
+        want = dict(whole.named_parameters())
+        for name, p in teacher.model.named_parameters():
+            assert p.dtype == torch.float64 and not p.requires_grad
+            assert torch.equal(p.full_tensor(), want[name]), name
+        ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(teacher.hidden(ids, mask), body_hidden(whole, ids, mask),
+                                   rtol=0, atol=1e-12)
+    finally:
+        teacher.close()

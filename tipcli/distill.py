@@ -52,7 +52,7 @@ from tipcli.sampling import Sampler, make_sampler
 from tipcli.score import run_score
 from tipcli.select import run_select
 from tipcli.served import ServedTeacher
-from tipcli.sharded import teacher_for
+from tipcli.sharded import load_teacher
 from tipcli.shards import StageDir, StageRun, is_complete, read_manifest
 from tipcli.stages import (CHECKPOINTS, DISTILL, ITERATION, ITERATION_PROMPTS, ITERATION_ROW,
                            METRICS)
@@ -120,8 +120,7 @@ class Loop:
         sc = cfg.scoring
         self.teacher = ServedTeacher(sc.teacher_url, cfg.teacher, tok, sc.top_k,
                                      sc.teacher_concurrency) if sc.teacher_url else \
-            teacher_for(load_model(cfg.teacher, self.device, self.dtype, rt.trust_remote_code,
-                                   rt.device_map, rt.max_memory), rt.shard_teacher, procs)
+            load_teacher(cfg.teacher, self.device, self.dtype, rt, procs)
         self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
                                "tip-distill", to_flat(cfg))
         self.student_name, self.student, self.steps = cfg.student, None, 0

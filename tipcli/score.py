@@ -22,7 +22,7 @@ from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_token
                            input_device, load_model, load_tokenizer, model_ref,
                            real_vocab_size, resolve_dtype, tokenizer_info)
 from tipcli.parallel import Processes, processes
-from tipcli.sharded import ShardedTeacher, WholeTeacher, teacher_for
+from tipcli.sharded import ShardedTeacher, WholeTeacher, load_teacher, teacher_for
 from tipcli.progress import progress_task
 from tipcli.shards import StageDir, StageRun, split_sequences
 from tipcli.stages import SCORE
@@ -84,8 +84,9 @@ def _teacher(cfg: ScoreConfig, teacher, tok, student_name: str, device, dtype, p
     if teacher is None:
         check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), student_name,
                          cfg.teacher)
-        teacher = load_model(cfg.teacher, device, dtype, rt.trust_remote_code, rt.device_map,
-                             rt.max_memory)
+        side = load_teacher(cfg.teacher, device, dtype, rt, procs)
+        check_model_fits_vocab(side.model, tok, cfg.teacher)
+        return side, True
     check_model_fits_vocab(teacher, tok, cfg.teacher)
     return teacher_for(teacher, rt.shard_teacher, procs), True
 

@@ -3,7 +3,10 @@
     torchrun --nproc_per_node 8 -m tipcli score runs/rollout --teacher T --shard-teacher ...
 
 Each process holds about 1/N of the teacher's parameters, in the model's dtype (no
-gradients, no optimizer state); all N compute at once, each on its own data. A module's
+gradients, no optimizer state); all N compute at once, each on its own data. Loaded by
+name (``load_teacher``), the teacher is built on the meta device, sharded, and each
+process reads only its own rows of every tensor from the checkpoint's safetensors: no
+process ever holds it whole. A module's
 whole parameters exist only while it runs: each decoder layer is an FSDP2 unit gathered
 for its forward; the input embeddings and an untied LM head are units of their own; the
 rest (the final norm; embeddings and head when they are tied) is the root unit.
@@ -40,10 +43,12 @@ class _Body(torch.nn.Module):
 
 
 class ShardedTeacher:
-    """``model`` sharded in place over ``world`` processes on ``device`` (its type)."""
+    """``model`` sharded in place over ``world`` processes on ``device`` (its type); a
+    model on the meta device is sharded there, for ``load_shards`` to fill."""
 
     def __init__(self, model, device: torch.device, world: int):
         model.requires_grad_(False)
+        model.eval()
         self.model, self.device = model, device
         self.mesh, self.own_group = make_mesh(device, world)
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
@@ -95,6 +100,7 @@ class WholeTeacher:
     same calls as ``ShardedTeacher``, with nothing to gather."""
 
     def __init__(self, model):
+        model.requires_grad_(False)
         self.model = model
         self.device = input_device(model)
 
@@ -111,6 +117,25 @@ class WholeTeacher:
 
     def close(self) -> None:
         pass
+
+
+def load_teacher(name: str, device, dtype, rt, procs) -> ShardedTeacher | WholeTeacher:
+    """The teacher ``name`` as the runtime settings ``rt`` ask: sharded over the launched
+    processes from the meta device (``--shard-teacher``; each process reads only its own
+    rows), or loaded whole (on ``device``, or spread with ``--device-map``). A checkpoint
+    without safetensors is loaded whole first, then sharded."""
+    from tipcli.models import empty_model, load_model
+    from tipcli.train.fsdp import load_shards
+
+    if rt.shard_teacher:
+        model, files = empty_model(name, rt.trust_remote_code)
+        if files is not None:
+            model.to(dtype)  # on the meta device: no memory
+            teacher = ShardedTeacher(model, torch.device(device), procs.world)
+            load_shards(model, files, device)
+            return teacher
+    return teacher_for(load_model(name, device, dtype, rt.trust_remote_code, rt.device_map,
+                                  rt.max_memory), rt.shard_teacher, procs)
 
 
 def teacher_for(model, shard: bool, procs) -> ShardedTeacher | WholeTeacher:

@@ -87,7 +87,7 @@ def load_shards(module: torch.nn.Module, files: dict[str, str], device) -> None:
                 shape, offset = tuple(param.shape), (0,) * param.dim()
             rows = reader.get_slice(key)[offset[0]:offset[0] + shape[0]] if param.dim() \
                 else reader.get_tensor(key)
-            local.copy_(rows.to(local.dtype))
+            local.copy_(rows)  # cast as it is copied: no converted copy of the rows
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:

@@ -18,6 +18,7 @@ from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from tipcli.forward import head_logits
 from tipcli.models import (check_model_fits_vocab, empty_model, load_model, real_vocab_size,
                            resolve_dtype)
 from tipcli.progress import progress_task
-from tipcli.sharded import ShardedTeacher, WholeTeacher
+from tipcli.sharded import ShardedTeacher, WholeTeacher, load_teacher
 from tipcli.train import fsdp as fsdp2
 from tipcli.stages import METRICS
 from tipcli.train.checkpoint import save_checkpoint
@@ -199,9 +200,11 @@ def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
     if not isinstance(teacher, (ShardedTeacher, WholeTeacher)):
         rt = cfg.runtime
         if teacher is None:
-            teacher = load_model(cfg.teacher, str(acc.device),
-                                 resolve_dtype(rt.dtype, acc.device.type),
-                                 rt.trust_remote_code, rt.device_map, rt.max_memory)
+            teacher = load_teacher(cfg.teacher, str(acc.device),
+                                   resolve_dtype(rt.dtype, acc.device.type), rt,
+                                   SimpleNamespace(world=acc.num_processes))
+            check_model_fits_vocab(teacher.model, tok, cfg.teacher)
+            return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
         if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
             teacher.to(acc.device)
         check_model_fits_vocab(teacher, tok, cfg.teacher)
