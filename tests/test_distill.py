@@ -78,7 +78,7 @@ def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, mon
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
 
 
-LOADERS = ("tipcli.distill", "tipcli.sampling", "tipcli.score",
+LOADERS = ("tipcli.distill", "tipcli.sampling", "tipcli.score", "tipcli.sharded",
            "tipcli.train.loop")  # every module that loads a model
 
 

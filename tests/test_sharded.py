@@ -109,7 +109,7 @@ def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, mon
 
     from transformers import AutoModelForCausalLM
 
-    from tipcli import models
+    from tipcli import sharded
     from tipcli.forward import body_hidden
     from tipcli.sharded import ShardedTeacher, load_teacher
 
@@ -119,7 +119,7 @@ def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, mon
     def whole_load(*args, **kwargs):
         raise AssertionError("the sharded teacher was loaded whole")
 
-    monkeypatch.setattr(models, "load_model", whole_load)
+    monkeypatch.setattr(sharded, "load_model", whole_load)
     rt = SimpleNamespace(shard_teacher=True, trust_remote_code=False, device_map="",
                          max_memory="")
     teacher = load_teacher(path, "cpu", torch.float64, rt, SimpleNamespace(world=1))

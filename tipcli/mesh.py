@@ -1,5 +1,6 @@
-"""The device mesh FSDP2 shards over, and the units a transformers model is sharded into;
-shared by training (``tipcli.train.fsdp``) and the sharded teacher (``tipcli.sharded``).
+"""The device mesh FSDP2 shards over, the units a transformers model is sharded into, and
+loading a model sharded on the meta device from its safetensors; shared by training
+(``tipcli.train.fsdp``) and the sharded teacher (``tipcli.sharded``).
 """
 
 from __future__ import annotations
@@ -40,3 +41,39 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         return [m for _, m in found]
     layers = getattr(getattr(model, "model", None), "layers", None)
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
+def load_shards(module: torch.nn.Module, files: dict[str, str], device) -> None:
+    """Give a module sharded on the meta device its parameters: each process reads only
+    its own rows of every tensor from the checkpoint's safetensors ``files`` (tensor name
+    -> file), so no process ever holds the whole model. ``module`` is a model, or a
+    ``DistillModule`` (its student's names carry ``student.``); its buffers (rotary
+    frequencies) were built real and are kept."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from tipcli.errors import TipError
+
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+        opened: dict[str, object] = {}
+        for name, param in module.named_parameters():
+            key = name.removeprefix("student.")
+            path = files.get(key)
+            if path is None:
+                raise TipError(f"the checkpoint holds no tensor {key}; it does not match its "
+                               "config.json")
+            reader = opened.get(path) or opened.setdefault(path, safe_open(path, "pt"))
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements)
+            else:
+                shape, offset = tuple(param.shape), (0,) * param.dim()
+            rows = reader.get_slice(key)[offset[0]:offset[0] + shape[0]] if param.dim() \
+                else reader.get_tensor(key)
+            local.copy_(rows)  # cast as it is copied: no converted copy of the rows

@@ -27,8 +27,8 @@ import torch
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from tipcli.forward import body_hidden
-from tipcli.models import input_device
-from tipcli.mesh import decoder_layers, end_group, make_mesh
+from tipcli.models import empty_model, input_device, load_model
+from tipcli.mesh import decoder_layers, end_group, load_shards, make_mesh
 
 
 class _Body(torch.nn.Module):
@@ -124,9 +124,6 @@ def load_teacher(name: str, device, dtype, rt, procs) -> ShardedTeacher | WholeT
     processes from the meta device (``--shard-teacher``; each process reads only its own
     rows), or loaded whole (on ``device``, or spread with ``--device-map``). A checkpoint
     without safetensors is loaded whole first, then sharded."""
-    from tipcli.models import empty_model, load_model
-    from tipcli.train.fsdp import load_shards
-
     if rt.shard_teacher:
         model, files = empty_model(name, rt.trust_remote_code)
         if files is not None:

@@ -32,8 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tipcli.errors import TipError
-from tipcli.mesh import decoder_layers, end_group, make_mesh
+from tipcli.mesh import decoder_layers, end_group, load_shards, make_mesh  # noqa: F401
 
 __all__ = ["decoder_layers", "end_group", "make_mesh"]  # shared with the sharded teacher
 
@@ -55,39 +54,6 @@ def shard(module: torch.nn.Module, mesh: DeviceMesh, bf16: bool) -> int:
     fully_shard(module, mesh=mesh,
                 mp_policy=MixedPrecisionPolicy(**kw, cast_forward_inputs=False))
     return len(layers)
-
-
-def load_shards(module: torch.nn.Module, files: dict[str, str], device) -> None:
-    """Give a module sharded on the meta device its parameters: each process reads only
-    its own rows of every tensor from the checkpoint's safetensors ``files`` (tensor name
-    -> file), so no process ever holds the whole model. ``module`` is a ``DistillModule``
-    (its student's names carry ``student.``); its buffers (rotary frequencies) were built
-    real and are kept."""
-    from safetensors import safe_open
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
-    module.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in module.named_buffers():
-            b.copy_(buffers[name])
-        opened: dict[str, object] = {}
-        for name, param in module.named_parameters():
-            key = name.removeprefix("student.")
-            path = files.get(key)
-            if path is None:
-                raise TipError(f"the student's checkpoint holds no tensor {key}; it does not "
-                               "match its config.json")
-            reader = opened.get(path) or opened.setdefault(path, safe_open(path, "pt"))
-            local = param.to_local() if isinstance(param, DTensor) else param
-            if isinstance(param, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements)
-            else:
-                shape, offset = tuple(param.shape), (0,) * param.dim()
-            rows = reader.get_slice(key)[offset[0]:offset[0] + shape[0]] if param.dim() \
-                else reader.get_tensor(key)
-            local.copy_(rows)  # cast as it is copied: no converted copy of the rows
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
