@@ -163,7 +163,9 @@ def collect(args) -> None:
     distances = []
     for removed in DISTANCES:
         seeds = sorted({s for (d, _, s) in runs if d == removed})
-        starts = [r["rkl_before"] for (d, _, _), r in runs.items() if d == removed]
+        starts = [r["rkl_before"] for (d, row, _), r in runs.items()
+                  if d == removed and row == "all-1"] or \
+                 [r["rkl_before"] for (d, _, _), r in runs.items() if d == removed]
         start = statistics.fmean(starts) if starts else start_rkl(work, removed)
         shares = [m for s in SEEDS if (m := matched_share(work, removed, s))]
         entry = {"removed": removed, "seeds": seeds, "start_rkl": start,
@@ -182,6 +184,7 @@ def collect(args) -> None:
                     paired = [r[key] - runs[removed, "all-1", s][key] for s, r in have.items()
                               if (removed, "all-1", s) in runs]
                     out[key.replace("after", "vs_all")] = mean_std(paired) if paired else None
+                    out[key.replace("after", "vs_all_per_seed")] = paired
             entry["rows"][row] = out
         distances.append(entry)
     result = {"settings": LARGE_STEPS, "matched_bounds": list(MATCHED),
@@ -211,7 +214,7 @@ def gap_markdown(result: dict) -> str:
     for d in result["distances"]:
         start = "-" if d["start_rkl"] is None else f"{d['start_rkl']:.3f}"
         matched = ("-" if d["matched"] is None else
-                   " / ".join(f"{100 * v:.0f}%" for v in d["matched"].values()))
+                   " / ".join(f"{100 * v:.1f}%" for v in d["matched"].values()))
         if not d["rows"]:
             lines.append(f"| minus {d['removed']} layers | {start} | {matched} | no finished "
                          "run yet | | | | | |")
@@ -239,12 +242,18 @@ def gap_plot(result: dict, path: Path) -> None:
                    and d["rows"][slug].get(key)]
             if pts:
                 xs = [x for x, _ in pts]
-                ax.errorbar(xs, [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
-                            marker="o", capsize=3, label=LABELS[slug],
-                            ls="--" if slug.startswith("random") else "-")
+                line = ax.errorbar(xs, [v[0] for _, v in pts], yerr=[v[1] for _, v in pts],
+                                   marker="o", capsize=3, label=LABELS[slug],
+                                   ls="--" if slug.startswith("random") else "-")
+                seeds = [(d["start_rkl"], y) for d in result["distances"]
+                         if d["start_rkl"] is not None and slug in d["rows"]
+                         for y in d["rows"][slug].get(key.replace("vs_all",
+                                                                  "vs_all_per_seed"), [])]
+                ax.scatter([x for x, _ in seeds], [y for _, y in seeds], s=14, alpha=0.6,
+                           color=line[0].get_color(), marker="x")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xlabel="student's held-out reverse KL before training (nats/token)",
-               ylabel="row minus all tokens, after 8 iterations", title=title)
+               ylabel="row minus all tokens, after 8 iterations (x: each seed)", title=title)
         ax.legend(fontsize=8)
     fig.suptitle("When selection pays: SmolLM2-135M students 2 / 4 / 8 layers short")
     fig.tight_layout()
