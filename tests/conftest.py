@@ -23,6 +23,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_every_process_of(marker: str, timeout: float = 60) -> None:
+    """SIGKILL every process whose command line holds ``marker`` (a run's output path),
+    until none is left: a launcher's workers may outlive a kill of its process group for
+    a moment, and a test that reads or copies their output must not race them."""
+    import signal
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                        found.append(int(entry.name))
+                except OSError:  # the process ended meanwhile
+                    continue
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes {found} of {marker} survive SIGKILL")
+        time.sleep(0.05)
+
+
 def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
     """A CliRunner result that failed the way tip promises: exit ``code``, one line on
     stderr starting with ``error:`` and holding every needle, no traceback."""

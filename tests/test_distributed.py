@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, kill_every_process_of
 from safetensors.torch import load_file
 
 from tipcli.errors import TipError
@@ -248,6 +248,7 @@ def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path):
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    kill_every_process_of(str(out))  # its workers too, before reading their output
     if json.loads((out / "manifest.json").read_text())["complete"]:
         pytest.skip("the run finished before it could be killed")
     refused = tip(train_args(tiny_score, out, 3, "--resume"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, kill_every_process_of
 from safetensors.torch import load_file
 
 from tipcli.configs import resolve
@@ -135,6 +135,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(fsdp_run, tiny_score, tmp
             break
         time.sleep(0.005)
     proc.wait()
+    kill_every_process_of(str(out))  # its workers too, before reading their output
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     assert not (out / "model.safetensors").exists()
