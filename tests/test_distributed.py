@@ -225,6 +225,23 @@ def test_device_map_spreads_the_teacher_in_one_process(tiny_pair, many_prompts, 
     assert (str(tiny_pair[1]), ("sequential", "")) in seen
 
 
+def kill_at_first_checkpoint(args: list, out) -> None:
+    """``tip ARGS`` on 2 processes, every one of them killed with SIGKILL once a checkpoint
+    is complete under ``out`` (or left to finish, if it ends first)."""
+    proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
+                             *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.is_dir() and list((out / "checkpoints").glob("step-*/checkpoint.json")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    kill_every_process_of(str(out))  # its workers too, before reading their output
+
+
 def train_args(score, out, batch: int, *extra) -> list:
     return ["train", score, "-o", out, "--strategy", "all", "--max-steps", "6",
             "--save-every", "2", "--lr", "1e-3", "--train-chunk-size", "16",
@@ -237,18 +254,7 @@ def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path):
     whole = tmp_path / "whole"
     assert tip(train_args(tiny_score, whole, 2), procs=2).returncode == 0
     out = tmp_path / "t"
-    proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
-                             *map(str, train_args(tiny_score, out, 2))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if list((out / "checkpoints").glob("step-*/checkpoint.json")) if out.is_dir() else []:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    kill_every_process_of(str(out))  # its workers too, before reading their output
+    kill_at_first_checkpoint(train_args(tiny_score, out, 2), out)
     if json.loads((out / "manifest.json").read_text())["complete"]:
         pytest.skip("the run finished before it could be killed")
     refused = tip(train_args(tiny_score, out, 3, "--resume"))

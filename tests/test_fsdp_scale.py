@@ -5,18 +5,15 @@ storage), resumed on another number of processes, written out a tensor at a time
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import free_port, kill_every_process_of
+from conftest import free_port
 from safetensors.torch import load_file
-from test_distributed import ENV, tip, torchrun
+from test_distributed import ENV, kill_at_first_checkpoint, tip, torchrun
 
 LOAD = """
 import sys, torch
@@ -85,18 +82,7 @@ def test_saved_on_two_processes_resumes_on_one_and_on_three(tiny_score, tmp_path
     r = tip(train_args(tiny_score, whole, 3), procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
-                             *map(str, train_args(tiny_score, cut, 3))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if cut.is_dir() and list((cut / "checkpoints").glob("step-*/checkpoint.json")):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    kill_every_process_of(str(cut))  # its workers too, before reading their output
+    kill_at_first_checkpoint(train_args(tiny_score, cut, 3), cut)
     if json.loads((cut / "manifest.json").read_text())["complete"]:
         pytest.skip("the run finished before it could be killed")
     step = next((cut / "checkpoints").glob("step-*"))
