@@ -117,6 +117,8 @@ if procs.main:
     out.mkdir()
 procs.barrier()
 fsdp2.save_whole(module, out, procs.main, max_shard_bytes=int(sys.argv[3]))
+procs.barrier()
+torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left running
 """
 
 
