@@ -13,9 +13,10 @@ are reused, not run again.
 ``run`` builds the students, then works through the jobs ``--workers`` at a time, each
 one ``run.py`` invocation (one row, one seed) with one torch thread, seed 0 of every
 row first; a finished run is skipped, an interrupted one resumed; ``--only`` runs the named
-jobs (``minus2-all-1-s0,...``) in the order given. ``collect`` reads the finished runs
-and writes ``results/gap.{json,md,png}``; a distance's starting divergence and matched
-share come from any run that has reached them, finished or not.
+jobs (``minus2-all-1-s0,...``) in the order given. Each finished job's record (run.py's
+figures plus its iteration-0 matched share) is copied to ``results/gap-runs/NAME.json``,
+which is committed: the study survives the loss of its work directory. ``collect`` reads
+those records and writes ``results/gap.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def job_name(removed: int, row: str, seed: int) -> str:
     return f"minus{removed}-{row}-s{seed}"
 
 
-def run_job(work: Path, removed: int, row: str, seed: int) -> tuple[str, int, float]:
+def run_job(work: Path, results: Path, removed: int, row: str,
+            seed: int) -> tuple[str, int, float]:
     name = job_name(removed, row, seed)
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -63,8 +65,21 @@ def run_job(work: Path, removed: int, row: str, seed: int) -> tuple[str, int, fl
     with open(logs / f"{name}.log", "a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     seconds = time.perf_counter() - t0
+    if code == 0:
+        keep_record(work, results, removed, row, seed)
     print(f"{name}: exit {code}, {seconds:.0f} s", file=sys.stderr, flush=True)
     return name, code, seconds
+
+
+def keep_record(work: Path, results: Path, removed: int, row: str, seed: int) -> Path:
+    """run.py's record of a finished job, with its matched share, into results/gap-runs."""
+    name = job_name(removed, row, seed)
+    record = json.loads((work / "jobs" / f"{name}.json").read_text())
+    record["matched"] = matched_share(work, removed, seed)
+    out = results / "gap-runs" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
 
 
 def build_students() -> None:
@@ -89,7 +104,7 @@ def run(args) -> None:
         todo = [named[n] for n in args.only.split(",")]
     print(f"{len(todo)} jobs, {args.workers} at a time", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(args.workers) as pool:
-        done = list(pool.map(lambda j: run_job(work, *j), todo))
+        done = list(pool.map(lambda j: run_job(work, Path(args.results), *j), todo))
     failed = [name for name, code, _ in done if code]
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)} (logs under {work / 'logs'})")
@@ -106,21 +121,27 @@ def row_slug(row: dict) -> str:
     return f"{row['strategy']}-{row['keep']:g}"
 
 
-def finished_runs(work: Path) -> dict[tuple[int, str, int], dict]:
-    """(removed, row, seed) -> run.py's record of one finished run (job files, then reused)."""
+def finished_runs(results: Path) -> tuple[dict[tuple[int, str, int], dict],
+                                          dict[tuple[int, int], dict[str, float]]]:
+    """(removed, row, seed) -> one finished run's figures (the committed job records, then
+    the reused rows); (removed, seed) -> iteration 0's matched share."""
     runs: dict[tuple[int, str, int], dict] = {}
+    matched: dict[tuple[int, int], dict[str, float]] = {}
     for removed, row, seed in jobs():
-        path = work / "jobs" / f"{job_name(removed, row, seed)}.json"
+        path = results / "gap-runs" / f"{job_name(removed, row, seed)}.json"
         if path.is_file():
-            for r in json.loads(path.read_text())["rows"][0]["runs"]:
+            record = json.loads(path.read_text())
+            for r in record["rows"][0]["runs"]:
                 runs[removed, row, r["seed"]] = r
-    reused = json.loads((HERE / "results" / "large-steps.json").read_text())
+            if record.get("matched"):
+                matched[removed, seed] = record["matched"]
+    reused = json.loads((results / "large-steps.json").read_text())
     removed = len(reused["removed_layers"])
     for row in reused["rows"]:
         for r in row["runs"]:
             if (removed, row_slug(row)) in REUSED:
                 runs[removed, row_slug(row), r["seed"]] = r
-    return runs
+    return runs, matched
 
 
 def matched_share(work: Path, removed: int, seed: int) -> dict[str, float] | None:
@@ -143,31 +164,17 @@ def matched_share(work: Path, removed: int, seed: int) -> dict[str, float] | Non
     return None
 
 
-def start_rkl(work: Path, removed: int) -> float | None:
-    """The starting student's held-out reverse KL (nats/token) at this distance, from the
-    initial evaluation of any run there (it depends on the student alone)."""
-    from tipcli.heldout import mean
-    from tipcli.shards import StageDir, is_complete
-
-    for run in sorted((work / f"minus{removed}" / "runs").glob("*-s*")):
-        score = run / "eval-initial-kl" / "score"
-        if is_complete(score):
-            return mean(StageDir.open(score), "rkl")
-    return None
-
-
 def collect(args) -> None:
-    sys.path.insert(0, str(HERE.parents[1]))
-    work = Path(args.work)
-    runs = finished_runs(work)
+    results = Path(args.results)
+    runs, matched = finished_runs(results)
     distances = []
     for removed in DISTANCES:
         seeds = sorted({s for (d, _, s) in runs if d == removed})
         starts = [r["rkl_before"] for (d, row, _), r in runs.items()
                   if d == removed and row == "all-1"] or \
                  [r["rkl_before"] for (d, _, _), r in runs.items() if d == removed]
-        start = statistics.fmean(starts) if starts else start_rkl(work, removed)
-        shares = [m for s in SEEDS if (m := matched_share(work, removed, s))]
+        start = statistics.fmean(starts) if starts else None
+        shares = [matched[removed, s] for s in SEEDS if (removed, s) in matched]
         entry = {"removed": removed, "seeds": seeds, "start_rkl": start,
                  "matched": {f"{b:g}": statistics.fmean(m[f"{b:g}"] for m in shares)
                              for b in MATCHED} if shares else None,
@@ -189,7 +196,6 @@ def collect(args) -> None:
         distances.append(entry)
     result = {"settings": LARGE_STEPS, "matched_bounds": list(MATCHED),
               "distances": distances}
-    results = HERE / "results"
     (results / "gap.json").write_text(json.dumps(result, indent=2) + "\n")
     (results / "gap.md").write_text(gap_markdown(result))
     gap_plot(result, results / "gap.png")
@@ -267,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", default="runs/smollm2-gap")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", default="", help="run: these jobs only, in this order")
+    ap.add_argument("--results", default=str(HERE / "results"),
+                    help="where gap-runs/ (the job records) and gap.{json,md,png} go")
     args = ap.parse_args(argv)
     if args.command == "run":
         run(args)
