@@ -356,6 +356,12 @@ CASES = [
                        *([] if torch.cuda.is_available() else [("train", "cuda")])]],
     Case("eval-unknown-verifier", lambda e: ["eval", "-m", e.student, "-p", e.prompts,
                                              "--verifier", "magic"], "--verifier"),
+    # --- a served teacher's answers, in-process statistics, the teacher's context ------
+    # (SERVED-CASES)
+    # --- sharded checkpoints, settings files, processes that disagree -----------------
+    # (DIST-CASES)
+    # --- prompts, reports, messages, commands a newcomer trips on ----------------------
+    # (UX-CASES)
     # --- Ctrl-C -------------------------------------------------------------------------
     Case("ctrl-c-select", lambda e: [SELECT, e.score, "-o", e.w / "o"],
          "run the same command again", code=130, interrupt="tipcli.select:select_tokens"),
