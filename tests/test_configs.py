@@ -80,6 +80,49 @@ def test_flat_round_trip_and_manifest_config_is_a_settings_file(tmp_path):
     assert resolve(TrainConfig, f) == cfg
 
 
+def _assert_left_out(err: str, path, names: list[str]) -> None:
+    if not names:
+        assert err == "", err
+        return
+    assert err.count("\n") == 1 and err.startswith(f"notice: {path}: left out"), err
+    assert err.strip().endswith(", ".join("--" + n.replace("_", "-") for n in names)), err
+
+
+def test_a_manifest_or_its_config_is_a_settings_file_for_its_command_and_the_next(
+        tiny_pair, tiny_rollout, tiny_score, tmp_path, capsys):
+    """Each stage's manifest, and its config object saved alone, serve as --config for the
+    command that wrote it (the same settings) and for the next stage's; what a command does
+    not take (another stage's settings, what train records beside its own) is left out
+    with one notice on stderr listing it."""
+    from tipcli.configs import ScoreConfig
+    from tipcli.select import run_select
+    from tipcli.train import run_train
+
+    sel = run_select(resolve(SelectConfig, score=str(tiny_score), output=str(tmp_path / "s")))
+    trained = run_train(resolve(TrainConfig, input=str(sel), output=str(tmp_path / "t"),
+                                strategy="all", max_steps=1, train_batch_size=4, lr=1e-3))
+    paths = {"student": str(tiny_pair[0]), "prompts": "p", "rollout": str(tiny_rollout),
+             "teacher": str(tiny_pair[1]), "score": str(tiny_score), "input": str(sel),
+             "output": str(tmp_path / "next")}
+    chain = [(tiny_rollout, RolloutConfig, ScoreConfig), (tiny_score, ScoreConfig, SelectConfig),
+             (sel, SelectConfig, TrainConfig), (trained, TrainConfig, RolloutConfig)]
+    for d, same, after in chain:
+        record = json.loads((d / "manifest.json").read_text())["config"]
+        (tmp_path / "config.json").write_text(json.dumps(record))
+        for f in (d / "manifest.json", tmp_path / "config.json"):
+            capsys.readouterr()
+            taken = to_flat(resolve(same, f))
+            assert taken == {k: record[k] for k in taken}, (d, f)  # the settings it ran with
+            left = [k for k in record if k not in taken]  # train's: --score-temperature ...
+            _assert_left_out(capsys.readouterr().err, f, left)
+            nxt = to_flat(resolve(after, f, **{k.name: paths[k.name] for k in leaves(after)
+                                               if k.meta["required"]}))
+            assert nxt["output"] == paths["output"]
+            _assert_left_out(capsys.readouterr().err, f, [k for k in record if k not in nxt])
+    r = runner.invoke(app, ["select", str(tiny_score), "--config", str(sel / "manifest.json")])
+    assert r.exit_code == 0 and r.stdout.strip() == str(sel)  # the same run: done already
+
+
 @pytest.mark.parametrize("setting,value,needle", [
     ("keep", "abc", "--keep must be a number"),
     ("keep", None, "--keep must be a number (got null)"),

@@ -115,7 +115,7 @@ def test_kill_9_of_one_process_mid_iteration_resumes(tiny_pair, many_prompts,
                         "--eval-max-prompts", "20")
     proc = subprocess.Popen([*torchrun(2, "--master_port", str(free_port())), "-m", "tipcli",
                              *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+                            stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     marker, deadline, killed = out / "iter-000" / "score", time.monotonic() + 600, False
     while proc.poll() is None and time.monotonic() < deadline:
         if marker.is_dir():
@@ -126,7 +126,8 @@ def test_kill_9_of_one_process_mid_iteration_resumes(tiny_pair, many_prompts,
                 killed = True
                 break
         time.sleep(0.05)
-    proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    kill_every_process_of(str(out))  # the other worker too, before the resume starts
     assert killed and proc.returncode != 0
     r = tip(args, procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -150,6 +151,39 @@ def test_two_nodes_on_this_machine(tiny_pair, many_prompts, one_process_run, tmp
     r = tip(distill_args(tiny_pair, many_prompts, single, 4))
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(single, out)
+
+
+def on_two_nodes(args_of, tmp_path) -> list[tuple[int, str]]:
+    """(exit code, stderr) of two torchrun "nodes" of one process each, joined by a c10d
+    rendezvous on 127.0.0.1; node r runs ``tip *args_of(r)``."""
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [*torchrun(1, "--nnodes", "2", "--node_rank", str(rank), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tip-agree"),
+         "-m", "tipcli", *map(str, args_of(rank))], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path) for rank in (0, 1)]
+    errs = [n.communicate(timeout=600)[1] for n in nodes]
+    return [(n.returncode, err) for n, err in zip(nodes, errs)]
+
+
+@pytest.mark.parametrize("stage", ["rollout", "train"])
+def test_nodes_launched_with_other_settings_are_refused(tiny_pair, prompts_file, tiny_score,
+                                                        tmp_path, stage):
+    """Two nodes started with --seed 0 and --seed 1 (train: two learning rates): every
+    process refuses in one line naming the setting and both values; nothing is written."""
+    out = tmp_path / "o"
+    flag, values = ("--seed", ["0", "1"]) if stage == "rollout" else ("--lr", ["0.001", "0.002"])
+    head = ["rollout", "-s", tiny_pair[0], "-p", prompts_file, "--max-new-tokens", "4"] \
+        if stage == "rollout" else ["train", tiny_score, "--strategy", "all", "--max-steps",
+                                    "2", "--train-batch-size", "2", "--train-chunk-size", "16"]
+    results = on_two_nodes(lambda r: [*head, "-o", out, flag, values[r]], tmp_path)
+    want = (f"error: process 1 of this launch resolved other settings than process 0: "
+            f"{flag} {values[0]} on process 0, {values[1]} on process 1; start every process")
+    for code, err in results:
+        assert code != 0 and want in err, err[-2000:]
+        assert sum(ln.startswith("error:") for ln in err.splitlines()) == 1, err[-2000:]
+        assert "tipcli/" not in err  # no traceback of tip's own
+    assert not out.exists()
 
 
 def test_a_process_takes_its_entry_of_cuda_visible_devices():

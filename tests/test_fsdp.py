@@ -231,6 +231,63 @@ def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
     _assert_close(tmp_path / "full", tmp_path / "cut", atol=0, rtol_metrics=0)
 
 
+CUT = dict(train_batch_size=2, max_steps=4, save_every=2, fsdp=True)
+
+
+def _cut_at_step_2(score, out, monkeypatch) -> None:
+    """One process, --fsdp, stopped after step 2's checkpoint (of 4)."""
+    import tipcli.train.loop as loop
+
+    save = loop.save_checkpoint
+
+    def save_then_stop(tr):
+        path = save(tr)
+        if tr.state.step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _one_process(score, out, **CUT)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+
+
+def _plant_shifted_copy(sharded: Path, name: str) -> None:
+    """A valid shard file beside the real one: the same tensors and header, plus 1.0."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    real = next(sharded.glob("*.safetensors"))
+    with safe_open(str(real), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) + 1 for k in f.keys()}
+        save_file(tensors, str(sharded / name), metadata=f.metadata())
+
+
+@pytest.mark.parametrize("name,plant", [
+    ("extra.safetensors", _plant_shifted_copy),
+    ("notes.safetensors", lambda d, n: (d / n).write_bytes(b"not a safetensors file"))])
+def test_resume_refuses_a_file_the_checkpoint_does_not_list(tiny_score, tmp_path, monkeypatch,
+                                                           name, plant):
+    """torch's reader takes every safetensors file in sharded/: one planted there (a
+    valid shard that would shift every weight by 1, or garbage) makes resume refuse in one
+    line, nothing changed; without it the run resumes."""
+    from tipcli.errors import TipError
+
+    out = tmp_path / "cut"
+    _cut_at_step_2(tiny_score, out, monkeypatch)
+    sharded = next((out / "checkpoints").glob("step-*")) / "sharded"
+    plant(sharded, name)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(TipError) as err:
+        _one_process(tiny_score, out, resume=True, **CUT)
+    assert len(str(err.value).splitlines()) == 1
+    assert f"sharded/{name} is not listed in" in str(err.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (sharded / name).unlink()
+    _one_process(tiny_score, out, resume=True, **CUT)
+    assert _summary(out)["steps"] == 4
+
+
 def test_distill_passes_fsdp_to_training(tiny_pair, prompts_file, tmp_path):
     from tipcli.distill import DistillConfig, run_distill
 
@@ -246,3 +303,28 @@ def test_distill_passes_fsdp_to_training(tiny_pair, prompts_file, tmp_path):
     # iteration 1 trained the student iteration 0 wrote
     assert json.loads((run / "iter-001" / "train" / "manifest.json").read_text()
                       )["config"]["student"] == str(run / "iter-000" / "train")
+
+
+@pytest.mark.parametrize("flags", [["--fsdp"], ["--shard-teacher"], ["--fsdp", "--shard-teacher"]])
+def test_distill_says_that_sharding_needs_a_launcher(tiny_pair, prompts_file, tmp_path,
+                                                     monkeypatch, flags):
+    """Without a launcher --fsdp and --shard-teacher shard over one process: one notice
+    line on stderr says so (the run itself is stopped here, once that is decided)."""
+    from typer.testing import CliRunner
+
+    import tipcli.distill as distill
+    from tipcli.cli import app
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "load_tokenizer", stop)
+    args = ["distill", "-s", str(tiny_pair[0]), "-t", str(tiny_pair[1]), "-p",
+            str(prompts_file), "-o", str(tmp_path / "run")]
+    r = CliRunner().invoke(app, [*args, *flags])
+    notices = [ln for ln in r.stderr.splitlines() if ln.startswith("notice:")]
+    assert notices == [f"notice: {' and '.join(flags)} shard over the launched processes, and "
+                       "this run has one (no launcher), so they save no memory; launch it with "
+                       "torchrun or accelerate launch to shard"], r.stderr
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130 and "notice:" not in r.stderr

@@ -9,13 +9,18 @@ Under a launcher (``WORLD_SIZE`` > 1) the processes share out a stage's shards b
 (process r takes shards r, r + W, r + 2W, ...): a shard's content and its random seeds
 depend only on its index, so the output does not depend on the number of processes.
 Each process runs on its own device (``cuda:LOCAL_RANK``, or the CPU); the main process
-writes the manifest once every shard is done. accelerate's ``PartialState`` sets up
-torch.distributed (NCCL on GPUs, gloo on CPUs), with ``--dist-timeout`` as the process
-group's timeout: how long one process waits for the others at a barrier.
+writes the manifest once every shard is done. Before anything is written every process
+compares a digest of its resolved settings with the main process's (``Processes.agree``):
+nodes launched with other flags are refused, on every process, naming what differs.
+accelerate's ``PartialState`` sets up torch.distributed (NCCL on GPUs, gloo on CPUs),
+with ``--dist-timeout`` as the process group's timeout: how long one process waits for
+the others at a barrier.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,6 +67,38 @@ class Processes:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def agree(self, settings: dict[str, Any]) -> None:
+        """Refuse, on every process, a launch whose processes resolved other settings than
+        the main one (a node started with other flags or another settings file): their
+        digests are compared, and the settings that differ named with both values. Every
+        process must call it, before anything is written."""
+        digests = self.gather(settings_digest(settings))
+        odd = next((r for r, d in enumerate(digests) if d != digests[0]), None)
+        if odd is None:
+            return
+        every = self.gather(settings)  # every process saw the same digests: all call this
+        from tipcli.errors import TipError
+
+        raise TipError(f"process {odd} of this launch resolved other settings than process "
+                       f"0: {differences(every[0], every[odd], odd)}; start every process "
+                       "(each node) with the same flags and settings file")
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differences(main: dict[str, Any], other: dict[str, Any], rank: int) -> str:
+    """``--seed 0 on process 0, 1 on process 1`` for each setting that differs."""
+    def shown(config: dict[str, Any], key: str) -> str:
+        text = json.dumps(config[key], sort_keys=True, default=str) if key in config \
+            else "unset"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    keys = [k for k in dict.fromkeys((*main, *other)) if shown(main, k) != shown(other, k)]
+    return "; ".join(f"--{k.replace('_', '-')} {shown(main, k)} on process 0, "
+                     f"{shown(other, k)} on process {rank}" for k in keys)
 
 
 def processes(device: str = "auto", timeout_minutes: float | None = None) -> Processes:

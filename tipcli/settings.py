@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from tipcli.errors import ConfigError, TipError, first_line
 
 C = TypeVar("C")
+STAGES: dict[str, type] = {}  # each stage's config by stage name (``tipcli.configs`` fills it)
 
 
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
@@ -280,7 +281,9 @@ def _flag(name: str) -> str:
 
 def load_config_file(path: str | Path, cls: type | None = None) -> dict[str, Any]:
     """Settings from a .json, .toml or .yaml file: flat names (``-`` or ``_``), or a group
-    of ``cls`` as a nested table (``[selection]`` holding ``keep = 0.5``)."""
+    of ``cls`` as a nested table (``[selection]`` holding ``keep = 0.5``); or a stage's
+    ``manifest.json`` or its ``config`` object, of which the settings of ``cls`` are taken
+    (the rest left out with a notice). Values must be JSON's kinds, each setting given once."""
     import tomllib
 
     path = Path(path)
@@ -299,25 +302,101 @@ def load_config_file(path: str | Path, cls: type | None = None) -> dict[str, Any
         raise TipError(f"config file {path} could not be parsed: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise TipError(f"config file {path} must hold a mapping of setting names to values")
-    return _flatten_file(data, cls)
+    found = _non_json(data, path)
+    if found:
+        raise ConfigError(found)
+    if _is_manifest(data):
+        return _from_record(data["config"], cls, path, STAGES.get(data["stage"]))
+    writer = _recorded_by(data, cls)
+    if writer is not None:
+        return _from_record(data, cls, path, writer)
+    return _flatten_file(data, cls, path)
 
 
-def _flatten_file(data: dict[str, Any], cls: type | None) -> dict[str, Any]:
+JSON_TYPES = (dict, list, str, int, float, bool, type(None))
+
+
+def _non_json(data: dict[str, Any], path: Path, where: str = "") -> list[str]:
+    """Values of kinds JSON lacks: TOML and YAML also hold dates, times, bytes and sets,
+    which no setting takes."""
+    found = []
+    for key, value in data.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            found += _non_json(value, path, f"{name}.")
+        elif not isinstance(value, JSON_TYPES) or isinstance(value, list) and not all(
+                isinstance(v, JSON_TYPES) for v in value):
+            shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+            found.append(f"config file {path}: '{name}' is a {type(value).__name__} ({shown}), "
+                         "which no setting takes: write a number, true/false or a quoted string")
+    return found
+
+
+def _is_manifest(data: dict[str, Any]) -> bool:
+    """Whether a settings file is a stage's ``manifest.json`` (its settings: ``config``)."""
+    return "schema_version" in data and isinstance(data.get("stage"), str) and \
+        isinstance(data.get("config"), dict)
+
+
+def _recorded_by(data: dict[str, Any], cls: type | None) -> type | None:
+    """The command whose config object a settings file is (a manifest's ``config`` saved
+    alone: every setting of that command, as tip records them), or None."""
+    for c in (*([cls] if cls else []), *STAGES.values()):
+        if set(leaf_map(c)) <= set(current_names(c, data, notice=False)[0]):
+            return c
+    return None
+
+
+def _from_record(config: dict[str, Any], cls: type | None, path: Path,
+                 writer: type | None) -> dict[str, Any]:
+    """The settings of ``cls`` in what the command ``writer`` recorded, under today's
+    names; the others (another command's, or recorded beside the settings, like train's
+    ``selection``) are left out with a notice."""
+    if writer is not None:
+        config = current_names(writer, config, notice=False)[0]
+    if cls is None:
+        return dict(config)
+    known = leaf_map(cls)
+    left_out = [k for k in config if k not in known]
+    if left_out:
+        print(f"notice: {path}: left out what this command does not take: "
+              f"{', '.join(_flag(k) for k in left_out)}", file=sys.stderr)
+    return {k: v for k, v in config.items() if k in known}
+
+
+def _flatten_file(data: dict[str, Any], cls: type | None, path: Path | str = "") -> dict[str, Any]:
+    """Flat names from a file's keys (``-`` or ``_``) and group tables; a setting spelled
+    twice is refused."""
     groups = {}
     if cls is not None:
         for f in dataclasses.fields(cls):
             if "group" in f.metadata:
                 groups[f.name] = {leaf.path[0]: leaf.name for leaf in leaves(f.metadata["group"])}
     out: dict[str, Any] = {}
-    for key, value in data.items():
-        key = str(key).replace("-", "_")
-        if key in groups and isinstance(value, dict):
-            for sub, v in value.items():
-                sub = str(sub).replace("-", "_")
-                out[groups[key].get(sub, f"{key}.{sub}")] = v
-        else:
-            out[key] = value
+    spelled: dict[str, str] = {}
+    twice: list[str] = []
+    for spelling, name, value in _file_entries(data, groups):
+        if name in spelled:
+            twice.append(f"config file {path} sets {_flag(name)} twice, as '{spelled[name]}' "
+                         f"and as '{spelling}': keep one")
+        spelled.setdefault(name, spelling)
+        out[name] = value
+    if twice:
+        raise ConfigError(twice)
     return out
+
+
+def _file_entries(data: dict[str, Any], groups: dict[str, dict[str, str]]):
+    """(the key as written, its flat name, its value) for each entry of a settings file,
+    a group table's entries one by one."""
+    for key, value in data.items():
+        norm = str(key).replace("-", "_")
+        if norm in groups and isinstance(value, dict):
+            for sub, v in value.items():
+                sub_norm = str(sub).replace("-", "_")
+                yield f"{key}.{sub}", groups[norm].get(sub_norm, f"{norm}.{sub_norm}"), v
+        else:
+            yield str(key), norm, value
 
 
 def help_text(leaf: Leaf) -> str:

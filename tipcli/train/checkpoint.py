@@ -13,7 +13,8 @@ A checkpoint is ``OUTPUT/checkpoints/step-NNNNNN/``::
     checkpoint.json          written last: the step and the sha256 of every file above
 
 Only these files are read back, and only after their checksums match ``checkpoint.json``:
-JSON and safetensors, never a pickle, so a file planted in a checkpoint runs nothing. A
+JSON and safetensors, never a pickle, so a file planted in a checkpoint runs nothing (one
+the index does not list is never opened; in ``sharded/``, below, it is refused). A
 checkpoint is written under a hidden temporary name and renamed when complete; the
 previous one is removed after that.
 
@@ -23,6 +24,8 @@ with its safetensors storage (each file's header says, in JSON, where its shards
 DCP's own pickled ``.metadata`` is not used), ``optimizer.json`` AdamW's hyper-parameters;
 ``model.safetensors`` and ``optimizer.safetensors`` are absent. On resume each process
 reads the pieces of the saved shards that make up its own, on any number of processes.
+torch's reader takes every ``*.safetensors`` file of that folder, so resume refuses a
+checkpoint whose ``sharded/`` holds any file its index does not list (one line: remove it).
 
 The state is whole, so a run resumes on another number of processes: the data order
 depends on the global batch alone (processes x --train-batch-size x --grad-accum, kept in
@@ -114,6 +117,8 @@ def load_checkpoint(tr, path: Path) -> None:
             raise TipError(f"{path / name} does not match {path / INDEX}; the checkpoint was "
                            "changed or damaged: start again with --overwrite")
     sharded = any(f.startswith(SHARDED + "/") for f in index["files"])
+    if sharded:
+        _refuse_unlisted(path, index["files"])
     needed = {"optimizer.json", "scheduler.json", "trainer.json", "rng-0.safetensors",
               *(() if sharded else ("model.safetensors", "optimizer.safetensors"))}
     missing = sorted(needed - set(index["files"]))
@@ -164,6 +169,18 @@ def _read_index(path: Path) -> dict[str, Any]:
         raise TipError(f"{path / INDEX} is not a checkpoint index tip wrote; start again "
                        "with --overwrite")
     return index
+
+
+def _refuse_unlisted(path: Path, listed: dict[str, str]) -> None:
+    """torch's reader takes every safetensors file in ``sharded/``, listed or not: a file
+    the index does not list there would be read unchecked, so it is refused."""
+    extra = sorted(str(p.relative_to(path)) for p in (path / SHARDED).rglob("*")
+                   if not p.is_dir() and str(p.relative_to(path)) not in listed)
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise TipError(f"{path / extra[0]}{more} is not listed in {path / INDEX}, so tip did "
+                       "not write it, and torch would read it with the checkpoint's shards: "
+                       "remove it, then resume again")
 
 
 def load_latest(tr) -> None:
