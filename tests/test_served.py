@@ -183,3 +183,136 @@ def test_served_teacher_refusals(tiny_pair, prompts_file, tmp_path):
     r = runner.invoke(app, ["score", str(prompts_file), "-t", "t", "--teacher-url", "ftp://x",
                             "-o", str(tmp_path / "s")])
     assert_one_line_error(r, "--teacher-url must start with http://")
+
+
+# ---------------------------------------------------------------------- a server that misbehaves
+
+# (misbehaviour of tests/fake_vllm.py, what the one line says about it)
+SPOILT = [("nan", "log-prob NaN"), ("inf", "log-prob Infinity"), ("bad-json", "is not JSON"),
+          ("fewer-top-k", "7 ranked log-probs at position"),
+          ("fewer-positions", "for {less} positions where {sent} were sent"),
+          ("more-positions", "for {more} positions where {sent} were sent"),
+          ("out-of-vocab", "outside the student's vocabulary of 100 ids"),
+          ("close-mid-body", "the answer was cut short"), ("hang", "timed out")]
+
+
+def _cut_args(tiny_rollout, url, out, *extra) -> list[str]:
+    return ["score", str(tiny_rollout), "-t", "teacher", "--teacher-url", url,
+            "--teacher-top-k", "8", "--score-batch-size", "3", "--score-chunk-size", "7",
+            "--teacher-concurrency", "1", "-o", str(out), *extra]
+
+
+@pytest.mark.parametrize("kind,needle", SPOILT, ids=[f"served-{k}" for k, _ in SPOILT])
+def test_a_served_answer_that_cannot_be_used_stops_the_run_resumably(
+        kind, needle, tiny_rollout, server, tmp_path, fast_retries):
+    """Shard 0 is answered well, then every answer is spoilt: tried again, then one line
+    naming the server, the response and what was wrong; shard 0 is kept, the directory is
+    not complete, and once the server is fixed the same command completes it."""
+    from fake_vllm import MISBEHAVIOURS
+
+    from tipcli.shards import split_sequences
+
+    assert kind in MISBEHAVIOURS
+    first = split_sequences(StageDir.open(tiny_rollout).load_shard(1))[0]
+    sent = first["prompt_ids"].numel() + first["response_ids"].numel()
+    needle = needle.format(sent=sent, less=sent - 3, more=sent + 1)
+    server.misbehave, server.good = kind, server.completions + 1 + 4  # the probe, shard 0
+    args = _cut_args(tiny_rollout, server.url, tmp_path / "s", "--teacher-timeout", "0.5")
+    r = runner.invoke(app, args)
+    assert_one_line_error(r, server.url, "shard 1, sequence 0", needle,
+                          "run the same command again")
+    cut = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert not cut["complete"] and len(cut["shards"]) == 1
+    server.misbehave = None
+    server.release.set()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    done = StageDir.open(tmp_path / "s")
+    assert done.manifest["complete"] and len(done.shards) == 3
+    assert all(torch.isfinite(s[k]).all() for s in done.iter_shards()
+               for k in ("teacher_logprob", "teacher_topk_logprobs", "rkl", "fkl", "jsd"))
+
+
+def test_a_bad_answer_is_tried_again_a_bounded_number_of_times(tiny_rollout, server, tmp_path,
+                                                               fast_retries):
+    server.misbehave, server.good = "nan", server.completions + 1
+    r = runner.invoke(app, _cut_args(tiny_rollout, server.url, tmp_path / "s"))
+    assert_one_line_error(r, f"({served.RETRIES} tries)", "shard 0, sequence 0 (prompt 0)")
+    assert server.completions == 1 + served.RETRIES  # the probe, then one response's tries
+
+
+def test_a_plain_web_server_is_one_line_and_writes_nothing(tiny_rollout, server, tmp_path,
+                                                           fast_retries):
+    server.misbehave = "html"
+    r = runner.invoke(app, _cut_args(tiny_rollout, server.url, tmp_path / "s"))
+    assert_one_line_error(r, server.url, "/v1/models", "is not JSON", "<html>")
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_hung_server_gives_up_within_the_deadline(tiny_rollout, server, tmp_path,
+                                                    fast_retries):
+    """--teacher-timeout 0.4: one response's tries stop after 3 x 0.4 s in all; a larger
+    --teacher-timeout on the resume is the same run (it decides nothing stored)."""
+    import time
+
+    server.misbehave, server.good = "hang", server.completions + 1 + 4
+    start = time.monotonic()
+    r = runner.invoke(app, _cut_args(tiny_rollout, server.url, tmp_path / "s",
+                                     "--teacher-timeout", "0.4"))
+    took = time.monotonic() - start
+    assert_one_line_error(r, "does not answer", "timed out", "--teacher-timeout, now 0.4 s")
+    assert server.hung <= served.DEADLINE_TIMEOUTS + 1 and took < 60
+    server.misbehave = None
+    r = runner.invoke(app, _cut_args(tiny_rollout, server.url, tmp_path / "s",
+                                     "--teacher-timeout", "30"))
+    assert r.exit_code == 0, r.output
+    assert StageDir.open(tmp_path / "s").manifest["complete"]
+
+
+def test_a_url_ending_in_v1_is_the_server(tiny_rollout, server, tmp_path):
+    """OpenAI clients take http://HOST:8000/v1 (vLLM's docs say so): the same server."""
+    out = score(tiny_rollout, tmp_path / "s", "teacher", teacher_url=server.url + "/v1/")
+    m = StageDir.open(out).manifest
+    assert m["complete"] and m["models"]["teacher"]["url"] == server.url
+    assert m["config"]["teacher_url"] == server.url
+
+
+def test_ctrl_c_stops_tip_while_the_server_hangs(tiny_rollout, server, tmp_path):
+    """tip score in a process of its own, its requests held by a hung server: SIGINT ends
+    it within seconds (no thread waited for), exit code 130 and one line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    server.misbehave, server.good = "hang", 1  # the top-k probe answered, then nothing
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from tipcli.cli import main; main()")
+    proc = subprocess.Popen([sys.executable, "-c", code, "score", str(tiny_rollout), "-t",
+                             "teacher", "--teacher-url", server.url, "--teacher-top-k", "8",
+                             "-o", str(tmp_path / "s")],
+                            cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TIP_QUIET": "1", "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 300  # a loaded machine imports torch slowly
+        while server.hung == 0:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no request reached the server"
+            time.sleep(0.1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert took < 10, f"{took:.1f} s after SIGINT"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+    assert "run the same command again" in lines[0]
+    assert not json.loads((tmp_path / "s" / "manifest.json").read_text())["complete"]

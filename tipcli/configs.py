@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tipcli.catalog import DIVERGENCES, LOSSES, STRATEGIES, strategy_problem
-from tipcli.settings import (current_names, from_flat, group, resolve, setting, to_flat,
-                             validate)
+from tipcli.settings import (STAGES, current_names, from_flat, group, resolve, setting,
+                             to_flat, validate)
 
 __all__ = ["from_flat", "resolve", "to_flat", "validate"]
 
@@ -59,6 +59,51 @@ def _max_memory_problem(text: str) -> str | None:
     except ValueError as exc:
         return (f"--max-memory: cannot read '{exc}'; write device=size pairs, e.g. "
                 "0=70GiB,cpu=200GiB")
+    return None
+
+
+def parse_layers(text: str) -> list[int]:
+    """``5,7,12`` or ``0-3,8`` -> [5, 7, 12] or [0, 1, 2, 3, 8], as given; ValueError (the
+    part it cannot read) when malformed."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise ValueError(part)
+        out += range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1)
+    return out
+
+
+def _layers_problem(flag: str):
+    def check(text: str) -> str | None:
+        try:
+            layers = parse_layers(text)
+        except ValueError as exc:
+            return (f"{flag}: cannot read '{exc}'; write decoder layer indices counted from 0, "
+                    "e.g. 5,7,12 or 4-7")
+        twice = sorted({i for i in layers if layers.count(i) > 1})
+        if twice:
+            return f"{flag} names layer {twice[0]} twice; name each layer once"
+        return None if layers else f"{flag} names no layer"
+    return check
+
+
+def _teacher_url_problem(url: str) -> str | None:
+    """An address urllib can ask: http(s)://HOST[:PORT][/PATH], no query; a trailing /v1
+    (the OpenAI clients' base_url) is allowed and dropped by the served teacher."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        return f"--teacher-url must start with http:// or https:// (got '{url}')"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # reading it checks the port
+    except ValueError as exc:
+        return (f"--teacher-url '{url}' is not a valid address ({exc}); write "
+                "http://HOST:PORT, e.g. http://127.0.0.1:8000 or http://[::1]:8000")
+    if not parts.hostname or parts.query or parts.fragment or any(c.isspace() for c in url):
+        return (f"--teacher-url '{url}' is not a server's address; write http://HOST:PORT, "
+                "e.g. http://127.0.0.1:8000")
     return None
 
 
@@ -156,14 +201,16 @@ class Scoring:
                               name="score_batch_size")
     chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about 2^22 "
                                  "logits).", ge=0, name="score_chunk_size")
-    teacher_url: str = setting("", "A vLLM server (OpenAI-compatible) serving --teacher: ask "
+    teacher_url: str = setting("", "A vLLM server (OpenAI-compatible, http://HOST:PORT, a "
+                               "trailing /v1 allowed) serving --teacher: ask "
                                "it for the teacher's top-k instead of loading the teacher "
                                "(divergences become top-k estimates; docs/scale.md).",
-                               check=lambda u: None if u.startswith(("http://", "https://"))
-                               else f"--teacher-url must start with http:// or https:// "
-                                    f"(got '{u}')")
+                               check=_teacher_url_problem)
     teacher_concurrency: int = setting(8, "With --teacher-url: requests to the server at once.",
                                        ge=1)
+    teacher_timeout: float = setting(300.0, "With --teacher-url: seconds to wait for the "
+                                     "server's answer to one request; a response's retries "
+                                     "stop after 3 times this in all.", gt=0)
 
     def rules(self) -> list[str]:
         if not self.teacher_url:
@@ -289,6 +336,13 @@ class ScoreConfig:
                           required=False)
     scoring: Scoring = group(Scoring)
     runtime: Runtime = group(Runtime)
+
+    def rules(self) -> list[str]:
+        # (tip distill refuses the same, and --device-map, which here spreads the student)
+        if self.scoring.teacher_url and self.runtime.shard_teacher:
+            return ["--teacher-url serves the teacher elsewhere, so there is none here to "
+                    "shard: drop --shard-teacher (or --teacher-url, to load the teacher here)"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -448,6 +502,29 @@ class DemoConfig:
                             "other models), then run the demo on it.")
 
 
+@dataclass(frozen=True)
+class StudentConfig:
+    """`tip student`: cut a smaller student from a teacher by removing decoder layers (a
+    model directory)."""
+
+    teacher: str = setting("", "Teacher model to cut: hub id, local directory or .gguf file.",
+                           required=True, argument="TEACHER")
+    output: str = _output("Output directory: the student (a save_pretrained directory) and a "
+                          "manifest of the layers kept.")
+    drop_layers: str = setting("", "Decoder layers to remove, counted from 0: 5,7,12 or 4-7.",
+                               check=_layers_problem("--drop-layers"))
+    keep_layers: str = setting("", "Decoder layers to keep instead (the others are removed): "
+                               "0-9,20-29.", check=_layers_problem("--keep-layers"))
+
+    def rules(self) -> list[str]:
+        if not self.drop_layers and not self.keep_layers:
+            return ["--drop-layers or --keep-layers is required: the decoder layers to remove, "
+                    "or those to keep"]
+        if self.drop_layers and self.keep_layers:
+            return ["--drop-layers and --keep-layers exclude each other: give one of them"]
+        return []
+
+
 def current_config(stage: str, flat: dict) -> dict:
     """A stage's settings as its manifest stores them, under today's names (a directory
     that tip 0.1 wrote keeps the old ones)."""
@@ -457,4 +534,5 @@ def current_config(stage: str, flat: dict) -> dict:
 
 STAGE_CONFIGS = {"rollout": RolloutConfig, "score": ScoreConfig, "select": SelectConfig,
                  "train": TrainConfig, "eval": EvalConfig, "report": ReportConfig,
-                 "distill": DistillConfig, "demo": DemoConfig}
+                 "distill": DistillConfig, "demo": DemoConfig, "student": StudentConfig}
+STAGES.update(STAGE_CONFIGS)  # settings files that are a stage's manifest are read by them

@@ -6,7 +6,9 @@ For each response token: student and teacher log-prob of the sampled token, stud
 teacher entropy, reverse KL, forward KL and JSD (exact over the real vocabulary), and
 the teacher's top-k ids and log-probs. One score shard per rollout shard, carrying the
 rollout's tensors too, so later stages need only the score directory. A killed run,
-started again, resumes after its last complete shard.
+started again, resumes after its last complete shard. A model whose context is shorter
+than the rollout's longest sequence is refused before scoring, and a statistic that is
+NaN or infinite (NaN weights, float16 overflow) stops the run before its shard is written.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tipcli.configs import ScoreConfig, to_flat
+from tipcli.errors import TipError
 from tipcli.forward import collate, head_logits, response_hidden
 from tipcli.models import (check_model_fits_vocab, check_same_vocab, check_tokenizer_matches,
                            input_device, load_model, load_tokenizer, model_ref,
@@ -53,14 +56,19 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     check_model_fits_vocab(student, s_tok, student_name)
     side, own = _teacher(cfg, teacher, s_tok, student_name, device, dtype, procs)
     try:
+        served = isinstance(side, ServedTeacher)
+        check_context(rollout, {f"the student {student_name}": student,
+                                **({} if served else {f"the teacher {cfg.teacher}": side.model})})
         # what is stored: the student actually used, no more top-k columns than tokens,
-        # and which statistics are exact (a served teacher's divergences are estimates)
+        # the server's address as asked, and which statistics are exact (a served
+        # teacher's divergences are estimates); --teacher-timeout may change on a resume
         resolved = {**to_flat(cfg), "student": student_name,
-                    "teacher_top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok))}
+                    "teacher_top_k": min(cfg.scoring.top_k, real_vocab_size(s_tok)),
+                    **({"teacher_url": side.url} if served else {})}
         writer = run.writer({"student": model_ref(student_name, student),
                              "teacher": teacher_ref(cfg, side)},
                             tokenizer_info(s_tok), parent=rollout, config=resolved,
-                            reads=(student_name,), procs=procs)
+                            reads=(student_name,), procs=procs, launch=("teacher_timeout",))
         if not writer.complete:
             _score_shards(cfg, rollout, writer, student, side, s_tok,
                           writer.todo(len(rollout.shards)), procs)
@@ -79,8 +87,9 @@ def _teacher(cfg: ScoreConfig, teacher, tok, student_name: str, device, dtype, p
     if isinstance(teacher, (ShardedTeacher, WholeTeacher, ServedTeacher)):
         return teacher, False
     if cfg.scoring.teacher_url:
-        return ServedTeacher(cfg.scoring.teacher_url, cfg.teacher, tok, cfg.scoring.top_k,
-                             cfg.scoring.teacher_concurrency), False
+        sc = cfg.scoring
+        return ServedTeacher(sc.teacher_url, cfg.teacher, tok, sc.top_k, sc.teacher_concurrency,
+                             sc.teacher_timeout), False
     if teacher is None:
         check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), student_name,
                          cfg.teacher)
@@ -127,7 +136,8 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
                     hs = response_hidden(student, batch, s_dev)
                 if served:
                     stats = served_stats(hs, batch.tokens_P, s_logits,
-                                         _asked(teacher, seqs[a:a + sc.batch_size]), chunk)
+                                         _asked(teacher, seqs[a:a + sc.batch_size], si, a),
+                                         chunk)
                 else:
                     with torch.no_grad():
                         ht = teacher.hidden(batch.input_ids_BT, batch.attention_mask_BT)
@@ -141,13 +151,54 @@ def _score_shards(cfg: ScoreConfig, rollout, writer, student, teacher, tok, todo
             out = dict(shard)
             out.update({k: torch.cat(v) for k, v in parts.items()})
             out["prompt_lengths"] = shard["prompt_offsets"].diff()
+            check_finite({k: out[k] for k in parts}, si, cfg.output)
             writer.write_shard(si, out)
     for _ in range(most - batches):  # in step with the busiest process
         teacher.idle(s_dev)
 
 
-def _asked(teacher: ServedTeacher, seqs) -> dict[str, torch.Tensor]:
-    """The served teacher's answers for a batch of sequences, joined in order."""
+def _asked(teacher: ServedTeacher, seqs, shard: int, first: int) -> dict[str, torch.Tensor]:
+    """The served teacher's answers for a batch of sequences (those from ``first`` on in
+    ``shard``, so named in errors), joined in order."""
+    names = [f"shard {shard}, sequence {first + i}"
+             + (f" (prompt {int(s['prompt_index'])})" if "prompt_index" in s else "")
+             for i, s in enumerate(seqs)]
     answers = teacher.score([(s["prompt_ids"].tolist(), s["response_ids"].tolist())
-                             for s in seqs])
+                             for s in seqs], names)
     return {k: torch.cat([a[k] for a in answers]) for k in answers[0]}
+
+
+def check_finite(stats: dict[str, torch.Tensor], shard: int, output: str) -> None:
+    """Every statistic of ``shard`` is finite: a NaN or an infinity is never written."""
+    for name, values in stats.items():
+        bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
+        if bad:
+            raise TipError(f"shard {shard}'s {name} is NaN or infinite at {bad} of its "
+                           f"{values.numel()} values, so it is not written: likely a teacher "
+                           "or student with NaN or infinite weights, or logits that overflow in "
+                           "float16 (--dtype); check the models, then run the same command "
+                           f"again: the complete shards in {output} are kept")
+
+
+def check_context(rollout: StageDir, models: dict) -> None:
+    """Each of ``models`` (by role and name; a model's context is its config's
+    ``max_position_embeddings``, where it has one) holds the rollout's longest sequence:
+    scored past its context, a model gives numbers without a word of warning."""
+    contexts = {role: getattr(getattr(m, "config", None), "max_position_embeddings", None)
+                for role, m in models.items()}
+    if not any(contexts.values()):
+        return
+    longest, where = 0, ""
+    for si in range(len(rollout.shards)):
+        shard = rollout.load_shard(si, ("prompt_offsets", "response_offsets"))
+        lengths_N = shard["prompt_offsets"].diff() + shard["response_offsets"].diff()
+        if lengths_N.numel() and int(lengths_N.max()) > longest:
+            longest = int(lengths_N.max())
+            where = f"sequence {int(lengths_N.argmax())} of shard {si}"
+    for role, context in contexts.items():
+        if context and longest > context:
+            raise TipError(f"{role} has a context of {context} tokens (max_position_embeddings), "
+                           f"but {where} of {rollout.path} is {longest} tokens long (prompt and "
+                           "response): score with a model whose context holds the rollout's "
+                           "sequences, or sample shorter ones (tip rollout --max-new-tokens, "
+                           "shorter prompts)")
