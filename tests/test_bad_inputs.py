@@ -107,8 +107,42 @@ def _trained(e: Env) -> None:
     e.edit_manifest(e.w / "t", lambda m: m.update(complete=False))
 
 
+def _planted_shard(e: Env, name: str) -> None:
+    """An unfinished --fsdp run whose checkpoint's sharded/ holds a file tip did not write:
+    a copy of its shard (extra), or garbage (notes)."""
+    r = runner.invoke(app, [str(a) for a in _train_args(e, e.score, e.w / "t", "--save-every",
+                                                         "1", "--fsdp")])
+    assert r.exit_code == 0, r.output
+    e.edit_manifest(e.w / "t", lambda m: m.update(complete=False))
+    sharded = e.w / "t" / "checkpoints" / "step-000002" / "sharded"
+    shard = next(sharded.glob("*.safetensors")).read_bytes()
+    (sharded / f"{name}.safetensors").write_bytes(shard if name == "extra" else b"garbage")
+
+
 def _loop(e: Env) -> None:
     (e.w / "loop").symlink_to(e.w / "loop")
+
+
+def _short_teacher(e: Env) -> None:
+    """The teacher, told its context is 16 tokens (the rollout's sequences are longer)."""
+    e.copy(e.teacher, "t")
+    config = json.loads((e.w / "t" / "config.json").read_text())
+    (e.w / "t" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+
+
+def _nan_teacher(e: Env) -> None:
+    """The teacher with every weight NaN."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(e.copy(e.teacher, "t"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.save_pretrained(e.w / "t")
+
+
+def _served(e: Env, *extra) -> list:
+    return [SCORE, e.rollout, "-t", "teacher", "-o", e.w / "o", *extra]
 
 
 SCORE, ROLLOUT, SELECT = "score", "rollout", "select"
@@ -358,10 +392,64 @@ CASES = [
                                              "--verifier", "magic"], "--verifier"),
     # --- a served teacher's answers, in-process statistics, the teacher's context ------
     # (SERVED-CASES)
+    Case("served-url-unclosed-ipv6", lambda e: _served(e, "--teacher-url", "http://[::1"),
+         "--teacher-url 'http://[::1' is not a valid address"),
+    Case("served-url-port-not-a-number", lambda e: _served(e, "--teacher-url",
+                                                           "http://127.0.0.1:abc"),
+         "is not a valid address"),
+    Case("served-url-with-a-query", lambda e: _served(e, "--teacher-url",
+                                                      "http://127.0.0.1:8000/v1?key=x"),
+         "is not a server's address"),
+    Case("served-with-shard-teacher", lambda e: _served(e, "--teacher-url", "http://127.0.0.1:9",
+                                                        "--shard-teacher"),
+         "drop --shard-teacher"),
+    *[Case(f"served-teacher-timeout-{v}", lambda e, v=v: _served(
+        e, "--teacher-url", "http://127.0.0.1:9", "--teacher-timeout", v), "--teacher-timeout")
+      for v in ("0", "-1", "nan")],
+    Case("teacher-context-shorter-than-the-sequences", lambda e: [
+        SCORE, e.rollout, "-t", e.w / "t", "-o", e.w / "o"],
+        "has a context of 16 tokens", _short_teacher),
+    Case("teacher-with-nan-weights", lambda e: [SCORE, e.rollout, "-t", e.w / "t", "-o",
+                                                e.w / "o"],
+         "teacher_logprob is NaN or infinite", _nan_teacher),
     # --- sharded checkpoints, settings files, processes that disagree -----------------
     # (DIST-CASES)
+    Case("settings-file-date", lambda e: [SELECT, e.score, "-o", e.w / "o", "--config",
+                                          e.write("c.toml", "seed = 2024-01-01\n")],
+         "'seed' is a date (2024-01-01)"),
+    Case("settings-file-datetime-yaml", lambda e: [
+        SELECT, e.score, "-o", e.w / "o", "--config",
+        e.write("c.yaml", "seed: 2024-01-01 10:00:00\n")], "'seed' is a datetime"),
+    Case("settings-file-setting-twice", lambda e: [
+        SELECT, e.score, "-o", e.w / "o", "--config",
+        e.write("c.toml", "keep = 0.3\n[selection]\nkeep = 0.6\n")],
+        "sets --keep twice, as 'keep' and as 'selection.keep'"),
+    *[Case(f"resume-fsdp-{name}-in-sharded", lambda e, n=name: [
+        *_train_args(e, e.score, e.w / "t", "--resume", "--save-every", "1", "--fsdp")],
+        f"sharded/{name}.safetensors is not listed in", lambda e, n=name: _planted_shard(e, n))
+      for name in ("extra", "notes")],
     # --- prompts, reports, messages, commands a newcomer trips on ----------------------
     # (UX-CASES)
+    *[Case(f"messages-content-{name}", lambda e, c=content: [
+        "rollout", "-s", e.student, "-p", _json(e, "p.jsonl", {"messages": [
+            {"role": "user", "content": c}]}), "-o", e.w / "o"], f"content is {kind}")
+      for name, content, kind in [("object", {"text": "hi"}, "an object"),
+                                  ("null", None, "null"), ("list", ["hi"], "a list")]],
+    Case("rerun-names-the-changed-setting", lambda e: _rollout_args(e, "--temperature", "0.5"),
+         "--temperature was 1.0, now 0.5", _stale_rollout),
+    Case("max-memory-names-an-absent-device", lambda e: [
+        SCORE, e.rollout, "-t", e.teacher, "-o", e.w / "o", "--device-map", "auto",
+        "--max-memory", "99=70GiB" if torch.cuda.is_available() else "0=70GiB"],
+        "--max-memory"),
+    *[Case(f"student-{name}", lambda e, f=flags: ["student", e.teacher, "-o", e.w / "o", *f],
+           needle) for name, flags, needle in [
+        ("layer-out-of-range", ["--drop-layers", "3"], "names layer 3, but"),
+        ("keep-layer-out-of-range", ["--keep-layers", "0,7"], "numbered 0 to 2"),
+        ("drops-every-layer", ["--drop-layers", "0-2"], "removes all 3 decoder layers"),
+        ("layer-twice", ["--drop-layers", "1,1"], "names layer 1 twice"),
+        ("not-a-layer", ["--drop-layers", "one"], "cannot read 'one'"),
+        ("no-layers-named", [], "--drop-layers or --keep-layers is required"),
+        ("drop-and-keep", ["--drop-layers", "1", "--keep-layers", "0"], "exclude each other")]],
     # --- Ctrl-C -------------------------------------------------------------------------
     Case("ctrl-c-select", lambda e: [SELECT, e.score, "-o", e.w / "o"],
          "run the same command again", code=130, interrupt="tipcli.select:select_tokens"),

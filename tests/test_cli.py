@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["rollout", "score", "select", "report", "train", "eval", "distill", "demo"]
+COMMANDS = ["rollout", "score", "select", "report", "train", "eval", "distill", "demo",
+            "student"]
 
 
 def test_help_lists_every_command():

@@ -195,7 +195,8 @@ def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_pat
     r = CliRunner().invoke(app, ["distill", "--student", str(tiny_pair[0]), "--teacher",
                                  str(tiny_pair[1]), "--prompts", str(prompts_file), "-o",
                                  str(out), "--iterations", "1"])
-    assert r.exit_code == 2 and "different distill run (its settings differ)" in r.stderr
+    assert r.exit_code == 2 and "different distill run (its settings differ: " in r.stderr
+    assert "--num-samples was 2, now 4" in r.stderr  # each setting that differs, both values
     # a planted manifest that is no distill run tip wrote is refused too
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text(json.dumps({"stage": "distill"}))

@@ -33,12 +33,13 @@ from tipcli.settings import help_text, leaf_map, leaves, old_names, resolve
 COMMANDS = {
     "rollout": ("tipcli.rollout:run_rollout", ("overwrite",)),
     "score": ("tipcli.score:run_score", ("overwrite",)),
-    "select": ("tipcli.select:run_select", ("overwrite",)),
-    "train": ("tipcli.train:run_train", ("overwrite", "resume")),
+    "select": ("tipcli.select:run_select_cli", ("overwrite",)),
+    "train": ("tipcli.train:run_train_cli", ("overwrite", "resume")),
     "report": ("tipcli.report:run_report_cli", ()),
     "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",)),
     "distill": ("tipcli.distill:run_distill", ("overwrite",)),
     "demo": ("tipcli.demo:run_demo", ()),
+    "student": ("tipcli.student:run_student_cli", ("overwrite",)),
 }
 EXTRAS = {
     "config": typer.Option(None, "--config", help="Settings file (.json, .toml, .yaml; keys are "

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from tipcli.configs import DemoConfig, DistillConfig, ReportConfig, resolve
-from tipcli.distill import iteration_dir, run_distill
+from tipcli.distill import iteration_dir, run_distill, shown_iteration
 from tipcli.errors import TipError
 from tipcli.files import write_atomic
 from tipcli.models import cache_dir
@@ -86,7 +86,8 @@ def _summarise(run: Path, iterations: int, seconds: float) -> None:
     history = StageDir.open(run, stage="distill").manifest["summary"]["history"]
     console.rule("student accuracy on held-out prompts (greedy)")
     for h in history:
-        label = "before" if h["iteration"] == "initial" else f"after iteration {h['iteration']}"
+        label = "before" if h["iteration"] == "initial" else \
+            f"after iteration {shown_iteration(h)}"
         lo, hi = h["interval_95"]
         console.print(f"{label:>17}: {h['accuracy']:.3f}  (95% CI {lo:.3f}-{hi:.3f})")
     console.print(f"distill time: {seconds:.0f} s")

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     check_available(cfg.training.report_to)
     rt = cfg.runtime
     procs = processes(rt.device, rt.dist_timeout)
+    _notice_one_process(cfg, procs)
     if procs.world > 1 and rt.device_map:
         raise TipError("--device-map spreads one copy of the teacher over the devices of one "
                        f"process, but {procs.world} processes were launched: drop "
@@ -85,7 +87,7 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} if cfg.scoring.teacher_url \
         else model_ref(cfg.teacher)
     writer = run.writer({"student": model_ref(cfg.student), "teacher": teacher},
-                        tokenizer_info(tok), procs=procs)
+                        tokenizer_info(tok), procs=procs, launch=("teacher_timeout",))
     if writer.complete:  # finished before: nothing to load or redo
         if procs.main:
             _render(writer.manifest["summary"]["history"])
@@ -104,6 +106,17 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     return writer.path
 
 
+def _notice_one_process(cfg: DistillConfig, procs: Processes) -> None:
+    """--fsdp and --shard-teacher share out over the launched processes: without a
+    launcher there is one, and they do nothing a user would notice, so say so."""
+    given = [flag for flag, on in (("--fsdp", cfg.training.fsdp),
+                                   ("--shard-teacher", cfg.runtime.shard_teacher)) if on]
+    if given and procs.world == 1:
+        print(f"notice: {' and '.join(given)} shard over the launched processes, and this run "
+              "has one (no launcher), so they save no memory; launch it with torchrun or "
+              "accelerate launch to shard", file=sys.stderr)
+
+
 class Loop:
     """One process's models and the run's record: the teacher, the current student (loaded
     once, kept between iterations), the sampler (with ``--backend vllm`` an engine started
@@ -119,7 +132,8 @@ class Loop:
         # or served by its own engine
         sc = cfg.scoring
         self.teacher = ServedTeacher(sc.teacher_url, cfg.teacher, tok, sc.top_k,
-                                     sc.teacher_concurrency) if sc.teacher_url else \
+                                     sc.teacher_concurrency, sc.teacher_timeout) \
+            if sc.teacher_url else \
             load_teacher(cfg.teacher, self.device, self.dtype, rt, procs)
         self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
                                "tip-distill", to_flat(cfg))
@@ -196,7 +210,7 @@ class Loop:
         if self.cfg.sampling.backend == "vllm":
             row["sampler_reload_seconds"] = self.reload_seconds[-1] if self.reload_seconds \
                 else None
-        self.tracker.log({"iteration": i, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
+        self.tracker.log({"iteration": i + 1, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
         self.history.append(row)
         self.say(f"iteration {i + 1}/{cfg.iterations}", row, time.perf_counter() - started)
         if self.procs.main:
@@ -312,7 +326,7 @@ def _train_steps(train: Path) -> int:
 
 def _render(history: list[dict[str, Any]]) -> None:
     """The run's history: one row per iteration, with the evaluations it had."""
-    columns = {"iteration": lambda h: str(h["iteration"]),
+    columns = {"iteration": shown_iteration,
                "rollout tokens": lambda h: str(h.get("rollout_tokens", "-")),
                "mean rkl": lambda h: _num(h.get("mean_rkl")),
                "train loss": lambda h: _num(h.get("train_loss"))}
@@ -329,6 +343,13 @@ def _render(history: list[dict[str, Any]]) -> None:
     for h in history:
         table.add_row(*(cell(h) for cell in columns.values()))
     console.print(table)
+
+
+def shown_iteration(row: dict[str, Any]) -> str:
+    """A history row's iteration as a user reads it: 1-based, as the progress lines count
+    (the manifest and the ``iter-NNN`` directories count from 0), or "initial"."""
+    i = row["iteration"]
+    return str(i + 1) if isinstance(i, int) else str(i)
 
 
 def say_row(label: str, row: dict[str, Any], seconds: float | None = None) -> None:

@@ -28,7 +28,7 @@ def interrupted(command: str, cfg) -> str:
                if cfg.save_every else "no checkpoint was saved (--save-every 0); start again "
                "with --overwrite")
         return f"interrupted: {out} is kept unfinished; {how}"
-    if command in ("rollout", "score", "select", "distill", "demo") and out:
+    if command in ("rollout", "score", "select", "distill", "demo", "student") and out:
         return (f"interrupted: {out} keeps everything that was complete; run the same command "
                 "again to resume")
     return "interrupted: nothing was written"

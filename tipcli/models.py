@@ -7,6 +7,7 @@ model, so a vocabulary mismatch stops the run before the heavy work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging as pylogging
@@ -115,16 +116,54 @@ def _gguf_cache_path(spec: ModelSpec) -> Path:
     return cache_dir() / "gguf" / f"{f.stem}-{key}"
 
 
+HUB_TIMEOUT = 5.0  # seconds the hub has to answer before a hub id is looked up in the cache only
+
+
+def hub_problem() -> str | None:
+    """Why the hub cannot be reached, or None (it answers, or HF_HUB_OFFLINE is set): one
+    request with a short timeout, where huggingface_hub would retry each file 5 times
+    (about a minute without a network) before it tried its cache."""
+    from huggingface_hub import constants
+
+    return None if constants.HF_HUB_OFFLINE else _hub_problem(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_problem(endpoint: str) -> str | None:
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_TIMEOUT)
+    except Exception as exc:  # httpx's many errors: no route, no name, a timeout, a proxy
+        return f"{endpoint} cannot be reached ({first_line(exc)})"
+    return None
+
+
+def _hub_options(spec: ModelSpec) -> dict[str, Any]:
+    """``local_files_only`` for a hub id while the hub cannot be reached (its cached copy,
+    if any, still loads)."""
+    if Path(spec.path).exists() or hub_problem() is None:
+        return {}
+    return {"local_files_only": True}
+
+
 def _load_error(kind: str, spec: ModelSpec, exc: Exception) -> TipError:
-    where = "" if Path(spec.path).exists() else "no local directory of that name, and the hub: "
-    return TipError(f"could not load {kind} '{spec.name}': {where}{first_line(exc)}")
+    if Path(spec.path).exists():
+        return TipError(f"could not load {kind} '{spec.name}': {first_line(exc)}")
+    offline = hub_problem()
+    if offline:
+        return TipError(f"could not load {kind} '{spec.name}': no local directory of that "
+                        f"name, the hub {offline}, and no copy is in the cache; check the "
+                        "path, or the network (and HTTPS_PROXY)")
+    return TipError(f"could not load {kind} '{spec.name}': no local directory of that name, "
+                    f"and the hub: {first_line(exc)}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of a model (a converted gguf's cached copy when there is one)."""
     quiet_transformers()
     spec = ModelSpec.parse(name)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_hub_options(spec)}
     path = spec.path
     if spec.gguf_file:
         cached = _gguf_cache_path(spec)
@@ -148,7 +187,7 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     converted once and cached."""
     quiet_transformers()
     spec = ModelSpec.parse(name)
-    path, kwargs = spec.path, {"trust_remote_code": trust_remote_code}
+    path, kwargs = spec.path, {"trust_remote_code": trust_remote_code, **_hub_options(spec)}
     if spec.gguf_file:
         path = str(_convert_gguf(spec))
     config = _without_gguf_quantization(path, trust_remote_code)
@@ -157,7 +196,7 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     if device_map:
         offload = cache_dir() / "offload" / model_fingerprint(path)[:16]
         kwargs.update(device_map=device_map, offload_folder=str(offload),
-                      max_memory=parse_max_memory(max_memory) if max_memory else None)
+                      max_memory=check_max_memory(max_memory) if max_memory else None)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except Exception as exc:
@@ -166,6 +205,35 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
         model.to(device)
     model.eval()
     return model
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    """A model's transformers config, without its weights (a .gguf file converted first)."""
+    quiet_transformers()
+    spec = ModelSpec.parse(name)
+    path = str(_convert_gguf(spec)) if spec.gguf_file else spec.path
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                          **_hub_options(spec))
+    except Exception as exc:
+        raise _load_error("model config", spec, exc) from None
+
+
+def check_max_memory(text: str) -> dict[int | str, str]:
+    """``--max-memory`` as accelerate takes it, each device it names present here."""
+    limits = parse_max_memory(text)
+    count = max(_device_count(k) for k in ("cuda", "xpu", "npu"))
+    for key in limits:
+        if key == "mps" and not _device_count("mps"):
+            have = "no MPS device"
+        elif isinstance(key, int) and key >= count:
+            have = f"{count} accelerator(s), numbered from 0" if count else "no accelerator"
+        else:
+            continue
+        raise TipError(f"--max-memory {text} names device {key}, but this machine has "
+                       f"{have}; name only devices it has (cpu=... works everywhere), or drop "
+                       "--max-memory")
+    return limits
 
 
 def empty_model(name: str, trust_remote_code: bool = False):
@@ -182,7 +250,8 @@ def empty_model(name: str, trust_remote_code: bool = False):
         try:
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+            path = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"],
+                                          **_hub_options(spec)))
         except Exception as exc:  # the hub's many errors, as loading reports them
             raise _load_error("model", spec, exc) from None
     files = safetensors_files(path)

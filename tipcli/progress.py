@@ -28,13 +28,18 @@ class RateColumn(ProgressColumn):
 
 class LoggedProgress(Progress):
     """rich's progress bars; where stderr is no terminal (a CI log, ``2> file``), where
-    rich draws nothing until the end, a plain line per task every 10% or 30 s instead."""
+    rich draws nothing until the end, a plain line per task every 10% or 30 s instead
+    (and no bar)."""
 
     EVERY_SECONDS = 30.0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.plain = not self.console.is_terminal and not self.disable
+    def __init__(self, *args, console: Console | None = None, disable: bool = False, **kwargs):
+        from rich import get_console
+
+        shown = console or get_console()
+        plain = not shown.is_terminal and not disable
+        super().__init__(*args, console=shown, disable=disable or plain, **kwargs)
+        self.plain = plain
         self._logged: dict[int, tuple[float, int]] = {}  # task: (time, tenths) last logged
 
     def update(self, task_id, **kwargs) -> None:

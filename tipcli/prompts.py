@@ -78,8 +78,9 @@ def load_prompts(source: str, fields: PromptSource = PromptSource()) -> list[dic
     if not records:
         raise TipError(f"prompt source {source} holds no prompts")
     for i, rec in enumerate(records):
+        where = f"line {i + 1}" if p.suffix == ".jsonl" else f"record {i}"
+        _check_contents(rec.get(messages_field), f"{source} {where}", messages_field)
         if not _has_text(rec.get(prompt_field)) and not _has_messages(rec.get(messages_field)):
-            where = f"line {i + 1}" if p.suffix == ".jsonl" else f"record {i}"
             raise TipError(f"{source} {where} has no '{prompt_field}' text nor "
                            f"'{messages_field}' list (fields: {', '.join(rec) or 'none'}); "
                            "name the field with --prompt-field or --messages-field")
@@ -92,7 +93,21 @@ def _has_text(v: Any) -> bool:
 
 def _has_messages(v: Any) -> bool:
     return isinstance(v, list) and len(v) > 0 and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in v)
+        isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in v)
+
+
+def _check_contents(v: Any, where: str, field: str) -> None:
+    """Refuse chat messages whose ``content`` is no string (an object, a list, null): the
+    prompt would be its Python repr."""
+    if not isinstance(v, list):
+        return
+    for j, m in enumerate(v):
+        content = m.get("content", "") if isinstance(m, dict) else ""
+        if not isinstance(content, str):
+            kind = {dict: "an object", list: "a list", type(None): "null",
+                    bool: "a boolean"}.get(type(content), "a number")
+            raise TipError(f"{where}: '{field}'[{j}] content is {kind}, not a string; each "
+                           "message's content must be its text")
 
 
 def encode_prompt(tokenizer, record: dict[str, Any], fields: PromptSource = PromptSource()

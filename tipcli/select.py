@@ -22,6 +22,7 @@ from tipcli.catalog import QUADRANTS
 from tipcli.configs import SelectConfig, Selection
 from tipcli.importance import token_importance
 from tipcli.errors import TipError
+from tipcli.progress import console
 from tipcli.shards import PROMPT_TOKEN_FIELDS, StageDir, StageRun
 from tipcli.stages import SELECT
 
@@ -128,3 +129,14 @@ def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
                            score_shard=score.shards[i]["file"],
                            num_selected=int(part["selected"].sum()))
     return writer.finish(summarize(out, cfg.selection), num_shards=len(shard_offsets))
+
+
+def run_select_cli(cfg: SelectConfig, overwrite: bool = False) -> Path:
+    """``run_select`` for the command line: one summary line on stderr, then the path."""
+    path = run_select(cfg, overwrite)
+    s = StageDir.open(path, stage="select").manifest["summary"]
+    share = s["kept_tokens"] / max(s["candidate_tokens"], 1)
+    console.print(f"select: kept {s['kept_tokens']} of {s['candidate_tokens']} candidate tokens "
+                  f"({share:.1%}), strategy {s['strategy']}, keep {s['keep']:g}", markup=False,
+                  highlight=False, soft_wrap=True)
+    return path

@@ -258,12 +258,29 @@ class StageRun:
         """The directory's writer; ``config`` (default: the stage's settings) is what a
         resumed run must equal, with the ``parent`` directory and the ``inputs``'
         checksums. ``reads``: paths it reads beyond its settings' (the output may not be or
-        hold them either)."""
+        hold them either). Every process of a launch first checks that all resolved the
+        same settings (``Processes.agree``)."""
+        procs.agree(to_flat(self.cfg))
         return StageWriter(self.cfg.output, self.stage.name,
                            to_flat(self.cfg) if config is None else config, models, tokenizer,
                            parent=parent, overwrite=self.overwrite, inputs=inputs,
                            sources=(*self.sources, *reads), procs=procs, launch=launch)
 
+
+
+def settings_diff(then: dict[str, Any], now: dict[str, Any]) -> str:
+    """The settings that differ, as flags with the run's value and this one's:
+    ``--temperature was 1.0, now 0.5``."""
+    def value(config: dict[str, Any], key: str) -> str:
+        return json.dumps(config[key], sort_keys=True) if key in config else "unset"
+
+    def shown(config: dict[str, Any], key: str) -> str:
+        text = value(config, key)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    keys = [k for k in dict.fromkeys((*then, *now)) if value(then, k) != value(now, k)]
+    return "; ".join(f"--{k.replace('_', '-')} was {shown(then, k)}, now {shown(now, k)}"
+                     for k in keys)
 
 
 class StageWriter:
@@ -350,7 +367,7 @@ class StageWriter:
                 if k not in self.launch}
         now = {k: v for k, v in new["config"].items() if k not in self.launch}
         if json.dumps(then, sort_keys=True) != json.dumps(now, sort_keys=True):
-            return "its settings differ"
+            return "its settings differ: " + settings_diff(then, now)
         if (old.get("parent") or {}).get("manifest_sha256") != \
                 (new.get("parent") or {}).get("manifest_sha256"):
             return "its input directory changed since"

@@ -67,4 +67,5 @@ TRAIN = Stage("train", ("input", "student", "teacher"),
 EVAL = Stage("eval", ("model", "prompts"), (MANIFEST, RESULTS, LEGACY_EVAL_SUMMARY))
 DISTILL = Stage("distill", ("prompts", "student", "teacher", "eval_prompts"),
                 (MANIFEST, ITERATION, EVALUATIONS, LOGS))
-STAGES = {s.name: s for s in (ROLLOUT, SCORE, SELECT, TRAIN, EVAL, DISTILL)}
+STUDENT = Stage("student", ("teacher",), (MANIFEST, *MODEL_FILES))
+STAGES = {s.name: s for s in (ROLLOUT, SCORE, SELECT, TRAIN, EVAL, DISTILL, STUDENT)}

@@ -91,38 +91,18 @@ def teacher_gguf() -> str:
 
 
 def build_student(teacher: str, removed: int = REMOVED) -> Path:
-    """The teacher without its ``removed`` least harmful layers, saved once in tip's cache."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from tipcli.files import atomic_dir
-    from tipcli.models import cache_dir, load_model, load_tokenizer
+    """The teacher without its ``removed`` least harmful layers, cut once into tip's cache
+    (``tip student``: ``tipcli.student``)."""
+    from tipcli.configs import StudentConfig, resolve
+    from tipcli.models import cache_dir
+    from tipcli.shards import is_complete
+    from tipcli.student import run_student
 
     out = cache_dir() / "smollm2" / f"student-minus{removed}"
-    if (out / "config.json").is_file():
+    if (out / "layers.json").is_file() or is_complete(out):  # layers.json: cut before tip student
         return out
-    model = load_model(teacher, "cpu", torch.float32)
-    drop = set(LEAST_HARMFUL[:removed])
-    keep = [i for i in range(model.config.num_hidden_layers) if i not in drop]
-    config = model.config
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("model.layers."):
-            index, rest = key.split(".", 3)[2:]
-            if int(index) not in keep:
-                continue
-            key = f"model.layers.{keep.index(int(index))}.{rest}"
-        state[key] = value
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    student.load_state_dict(state)
-    with atomic_dir(out) as tmp:
-        student.save_pretrained(tmp)
-        load_tokenizer(teacher).save_pretrained(tmp)
-        (tmp / "layers.json").write_text(json.dumps({"removed": sorted(drop), "kept": keep}))
-    return out
+    drop = ",".join(map(str, sorted(LEAST_HARMFUL[:removed])))
+    return run_student(resolve(StudentConfig, teacher=teacher, output=str(out), drop_layers=drop))
 
 
 # ----------------------------------------------------------------------------- runs

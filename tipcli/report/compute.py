@@ -24,6 +24,7 @@ COVERAGE_KEEPS = (0.1, 0.2, 0.5)
 CURVE_KEEPS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 HIST_BINS = 10
 FIFTHS = 5
+NO_DIVERGENCE = 1e-6  # nats: divergences all at most this are rounding, not a signal
 REPORT_FIELDS = (*SELECTION_FIELDS, "student_logprob", "teacher_logprob", "response_ids")
 
 
@@ -88,7 +89,20 @@ def compute_report(data: ReportData) -> dict[str, Any]:
         "curves": coverage_curves(data),
         "positions": position_table(data),
         "median_thresholds": _median_thresholds(data),
+        "notes": notes(data),
     }
+
+
+def notes(data: ReportData) -> list[str]:
+    """Warnings about the data itself, one line each: a pair that does not diverge."""
+    name = data.selection.divergence
+    div_C = data.flat[name][_cand(data)]
+    if not div_C.numel() or float(div_C.abs().max()) > NO_DIVERGENCE:
+        return []
+    return [f"the student and the teacher do not diverge (every token's {name} is at most "
+            f"{NO_DIVERGENCE:g}): d carries no signal, so the high/low d split (d = 0 is at "
+            "its median, which counts as high) and the strategies that rank by d mean "
+            "nothing here; is the teacher the student itself?"]
 
 
 def _median_thresholds(data: ReportData) -> list[float]:

@@ -44,6 +44,9 @@ def render_tables(numbers: dict[str, Any]) -> None:
     for table in (_quadrant_rich(numbers), _histogram_rich(numbers), _coverage_rich(numbers),
                   _position_rich(numbers)):
         console.print(table)
+    for note in numbers.get("notes", ()):
+        console.print(f"note: {note}", style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 def _quadrant_rich(numbers):
@@ -135,22 +138,27 @@ def show_responses(data: ReportData, tok, n: int) -> None:
 
 
 def write_png(numbers: dict[str, Any], path: str | Path) -> None:
-    """(h, d) heat map with the quadrant lines, and kept divergence mass vs keep."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    """The report's figure (``figure``) as a PNG file."""
+    fig = figure(numbers)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def figure(numbers: dict[str, Any]):
+    """(h, d) heat map with the quadrant lines, and kept divergence mass vs keep; the title
+    names the directory, its strategy and keep."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
     counts = np.asarray(numbers["histogram"]["counts"], dtype=float)
     # token counts span orders of magnitude (most tokens sit near h = d = 0): log colours
     im = ax1.imshow(np.where(counts > 0, counts, np.nan), origin="lower", extent=(0, 1, 0, 1),
                     cmap="viridis", aspect="auto", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1)))
     fig.colorbar(im, ax=ax1, label="tokens")
-    tau_h, tau_d = numbers.get("median_thresholds", (0.5, 0.5))
-    ax1.axvline(tau_h, color="white", ls="--")
-    ax1.axhline(tau_d, color="white", ls="--")
-    hi_h, lo_h, hi_d, lo_d = (1 + tau_h) / 2, tau_h / 2, (1 + tau_d) / 2, tau_d / 2
-    for x, y, name in ((hi_h, hi_d, "Q1"), (hi_h, lo_d, "Q2"), (lo_h, hi_d, "Q3"),
-                       (lo_h, lo_d, "Q4")):
-        ax1.text(x, y, name, color="white", ha="center", va="center", fontsize=12)
+    _quadrant_labels(ax1, numbers)
     ax1.set(xlabel="h (normalised entropy)", ylabel="d (normalised divergence)",
             title="tokens by (h, d)")
+    fig.suptitle(png_title(numbers), fontsize=11)
     curves = numbers["curves"]
     for strategy, ys in curves["divergence_mass"].items():
         ax2.plot(curves["keep"], ys, label=strategy)
@@ -159,10 +167,41 @@ def write_png(numbers: dict[str, Any], path: str | Path) -> None:
             title="coverage", xlim=(0, 1), ylim=(0, 1.01))
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    return fig
+
+
+def png_title(numbers: dict[str, Any]) -> str:
+    """The run (the directory's last two names), its strategy and keep, and any note."""
+    inp = numbers["input"]
+    where = "/".join(Path(inp["path"]).parts[-2:])
+    what = (f"strategy {inp['strategy']}, keep {inp['keep']:g}" if inp["strategy"] else
+            "every token (a score directory: no selection)")
+    note = "\nthe student and the teacher do not diverge: d carries no signal" \
+        if numbers.get("notes") else ""
+    return f"{where} ({inp['stage']}): {what}; d = {inp['divergence']}{note}"
+
+
+def labelled_quadrants(tau_h: float, tau_d: float) -> list[tuple[str, bool, bool]]:
+    """(name, high h, high d) of the quadrants the map has room for: "high" is at or above
+    the threshold, so a threshold of 0 leaves no low side."""
+    return [(name, high_h, high_d) for name, high_h, high_d in (
+        ("Q1", True, True), ("Q2", True, False), ("Q3", False, True), ("Q4", False, False))
+        if (high_h or tau_h > 0) and (high_d or tau_d > 0)]
+
+
+def _quadrant_labels(ax, numbers: dict[str, Any]) -> None:
+    """The median lines, and each quadrant's name and share in its corner of the map, by
+    the table's rule ("high" = at or above the threshold): a side with no room (a
+    threshold of 0, where every token is high) gets no label."""
+    tau_h, tau_d = numbers.get("median_thresholds", (0.5, 0.5))
+    ax.axvline(tau_h, color="black", ls="--", lw=1)
+    ax.axhline(tau_d, color="black", ls="--", lw=1)
+    share = {r["quadrant"]: r["share"] for r in numbers["quadrants"]}
+    for name, high_h, high_d in labelled_quadrants(tau_h, tau_d):
+        ax.text(0.98 if high_h else 0.02, 0.97 if high_d else 0.03,
+                f"{name} {100 * share.get(name, 0):.0f}%", transform=ax.transAxes,
+                ha="right" if high_h else "left", va="top" if high_d else "bottom",
+                fontsize=10, bbox=dict(boxstyle="round", fc="white", ec="grey", alpha=0.85))
 
 
 def write_json(numbers: dict[str, Any], path: str | Path) -> None:

@@ -21,6 +21,8 @@ FSDP2 (``fsdp``); checkpoints and the output are the same whole state dicts.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ from tipcli.configs import TrainConfig, to_flat
 from tipcli.errors import TipError, first_line
 from tipcli.models import (check_tokenizer_matches, load_tokenizer, model_ref, quiet_transformers,
                            resolve_device, tokenizer_info)
+from tipcli.parallel import Processes
+from tipcli.progress import Timer, console
 from tipcli.shards import StageRun, StageWriter, is_complete, read_manifest
-from tipcli.stages import TRAIN
+from tipcli.stages import METRICS, TRAIN
 from tipcli.tracking import Tracker, check_available
 from tipcli.train import fsdp as fsdp2
 from tipcli.train.checkpoint import load_latest, saved_processes
@@ -42,12 +46,29 @@ from tipcli.train.module import DistillModule, distill_module
 
 __all__ = ["DistillModule", "TrainConfig", "accelerator_kwargs",
            "distill_module", "load_sequences", "make_micro_batch", "open_source", "run_train",
-           "train_model"]
+           "run_train_cli", "train_model"]
 
 
 def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
     """Train the student on the kept tokens of ``cfg.input``; returns the output directory."""
     return train_model(cfg, overwrite, resume)[0]
+
+
+def run_train_cli(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """``run_train`` for the command line: one summary line on stderr (steps, final loss,
+    seconds), then the path."""
+    before = not overwrite and is_complete(cfg.output)
+    with Timer() as t:
+        out = run_train(cfg, overwrite, resume)
+    if os.environ.get("RANK", "0") == "0":
+        steps = (read_manifest(out) or {}).get("summary", {}).get("steps", 0)
+        lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
+        loss = json.loads(lines[-1]).get("loss") if lines else None
+        when = "finished earlier" if before else f"{t.seconds:.0f} s"
+        console.print(f"train: {steps} steps, final loss "
+                      f"{'-' if loss is None else f'{loss:.4f}'}, {when}", markup=False,
+                      highlight=False)
+    return out
 
 
 def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
@@ -69,6 +90,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
     _check_resume(cfg, overwrite, resume, acc.num_processes)
+    Processes(acc.process_index, acc.num_processes).agree(to_flat(cfg))  # launched alike
     acc.wait_for_everyone()  # every process has checked before the main one writes
     writer = _writer(run, src, tok, acc.num_processes) if acc.is_main_process else None
     acc.wait_for_everyone()
