@@ -42,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _inputs(root: Path, args) -> tuple[Path, dict[str, Path]]:
     """A score directory of the tiny pair, and the students to train on it."""
     from tipcli.configs import resolve
-    from tipcli.rollout import RolloutConfig, run_rollout
-    from tipcli.score import ScoreConfig, run_score
-    from tipcli.tiny import build_model, build_tokenizer, save_pair
+    from tipcli.models.tiny import build_model, build_tokenizer, save_pair
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
+    from tipcli.stages.score import ScoreConfig, run_score
 
     student, teacher = save_pair(root / "models")
     prompts = root / "prompts.jsonl"

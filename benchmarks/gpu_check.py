@@ -9,7 +9,7 @@ tokenizer of 151,643 entries (Qwen's count: the characters tip's tiny models use
 filler tokens), so every statistic runs over the full vocabulary. Then, each a fresh
 command as a user runs it:
 
-1. ``hf`` sampler throughput in one process (``tipcli.sampling``, as
+1. ``hf`` sampler throughput in one process (``tipcli.engines.sampler``, as
    ``benchmarks/rollout_backends.py`` measures it on CPU): ``--prompts`` x ``--samples``
    responses of up to ``--tokens`` new tokens, ``--batch-size`` sequences at once, after a
    warm-up round; random weights rarely emit EOS, so nearly every response is full length;
@@ -45,7 +45,7 @@ def build_pair(out: Path, tiny: bool, device: str) -> tuple[Path, Path]:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from tipcli.tiny import build_tokenizer
+    from tipcli.models.tiny import build_tokenizer
 
     tok = build_tokenizer(size=2_000 if tiny else QWEN_TOKENIZER_SIZE)
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -71,9 +71,9 @@ def build_pair(out: Path, tiny: bool, device: str) -> tuple[Path, Path]:
 
 def sampler_throughput(model: Path, args, backend: str) -> dict:
     from tipcli.configs import Runtime, Sampling
-    from tipcli.models import load_tokenizer
-    from tipcli.prompts import encode_prompt
-    from tipcli.sampling import make_sampler
+    from tipcli.engines.sampler import make_sampler
+    from tipcli.models.loading import load_tokenizer
+    from tipcli.models.prompts import encode_prompt
 
     tok = load_tokenizer(str(model))
     prompts = [encode_prompt(tok, {"prompt": f"Write a short paragraph about topic number {i}: "
@@ -81,7 +81,8 @@ def sampler_throughput(model: Path, args, backend: str) -> dict:
                for i in range(args.prompts)]
     keys = [(p, s) for p in range(args.prompts) for s in range(args.samples)]
     items = [prompts[p] for p, _ in keys]
-    cfg = Sampling(backend=backend, max_new_tokens=args.tokens, batch_size=args.batch_size)
+    cfg = Sampling(backend=backend, max_new_tokens=args.tokens,
+                   sample_batch_size=args.batch_size)
     t0 = time.perf_counter()
     sampler = make_sampler(str(model), tok, cfg, Runtime())
     startup = time.perf_counter() - t0

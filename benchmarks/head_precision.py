@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tipcli.forward import head_logits
+from tipcli.ops.forward import head_logits
 
 
 class _Model:

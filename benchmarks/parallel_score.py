@@ -44,7 +44,7 @@ def max_difference(a: Path, b: Path) -> float:
     import torch
     from safetensors.torch import load_file
 
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     da, db = StageDir.open(a), StageDir.open(b)
     worst = 0.0

@@ -8,7 +8,7 @@
 
 SmolLM2-135M-Instruct samples ``--samples`` responses of up to ``--tokens`` new tokens to
 each of ``--prompts`` chat prompts, at temperature 1, stopping at EOS, through tip's own
-samplers (``tipcli.sampling``): ``hf`` in batches of ``--batch-size``, ``vllm`` in one
+samplers (``tipcli.engines.sampler``): ``hf`` in batches of ``--batch-size``, ``vllm`` in one
 call (continuous batching). The backends run one after the other in one process, each
 alone (vLLM's engine processes, which spin on a core while idle, are started only after
 the hf rounds); start-up time is reported apart. Throughput is new tokens (EOS included)
@@ -42,9 +42,9 @@ def main() -> None:
     import torch
 
     from tipcli.configs import Runtime, Sampling
-    from tipcli.models import load_tokenizer
-    from tipcli.prompts import encode_prompt
-    from tipcli.sampling import make_sampler
+    from tipcli.engines.sampler import make_sampler
+    from tipcli.models.loading import load_tokenizer
+    from tipcli.models.prompts import encode_prompt
 
     if not args.model:
         from score_throughput import smollm2_gguf
@@ -58,7 +58,8 @@ def main() -> None:
     items = [prompts[p] for p, _ in keys]
     result = {"settings": vars(args), "torch_threads": torch.get_num_threads(), "backends": {}}
     for backend in ("hf", "vllm"):
-        cfg = Sampling(backend=backend, max_new_tokens=args.tokens, batch_size=args.batch_size)
+        cfg = Sampling(backend=backend, max_new_tokens=args.tokens,
+                       sample_batch_size=args.batch_size)
         t0 = time.perf_counter()
         sampler = make_sampler(args.model, tok, cfg, Runtime())
         result["backends"][backend] = {"startup_seconds": time.perf_counter() - t0, "rounds": []}

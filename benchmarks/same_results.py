@@ -41,7 +41,7 @@ def pair(kind: str, models: Path) -> tuple[str, str, str]:
         try:
             from tipcli.models.tiny import save_pair
         except ImportError:
-            from tipcli.tiny import save_pair
+            from tipcli.tiny import save_pair  # before the package had folders
         save_pair(models)
         prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (
             "What is 2+3?", "Say hi.", "Count: 1 2 3", "Name a colour.", "Spell cat.",

@@ -43,8 +43,8 @@ def smollm2_gguf() -> str:
 
 
 def load_pair(model: str, workdir: Path):
-    from tipcli.models import load_model, load_tokenizer
-    from tipcli.tiny import save_pair
+    from tipcli.models.loading import load_model, load_tokenizer
+    from tipcli.models.tiny import save_pair
 
     if model == "tiny":
         s, t = save_pair(workdir / "tiny")
@@ -56,7 +56,7 @@ def load_pair(model: str, workdir: Path):
 def make_batch(tok, n: int, prompt_len: int, response_len: int, seed: int):
     import torch
 
-    from tipcli.forward import collate
+    from tipcli.ops.forward import collate
 
     g = torch.Generator().manual_seed(seed)
     V = len(tok)
@@ -69,8 +69,8 @@ def make_batch(tok, n: int, prompt_len: int, response_len: int, seed: int):
 def run_variant(name: str, student, teacher, tok, batch):
     import torch
 
-    from tipcli.forward import head_logits, response_hidden
-    from tipcli.stats import auto_chunk, chunk_stats, token_stats
+    from tipcli.ops.forward import head_logits, response_hidden
+    from tipcli.ops.stats import auto_chunk, chunk_stats, token_stats
 
     V = len(tok)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def child_memory(args) -> dict:
     import torch
     from memory import peak_mb, reset_peak, rss_mb
 
-    from tipcli.models import quiet_transformers
+    from tipcli.models.loading import quiet_transformers
 
     quiet_transformers()
     student, teacher, tok = load_pair(args.model, Path(args.workdir))
@@ -119,7 +119,7 @@ def child_memory(args) -> dict:
 def child_times(args) -> dict:
     """Median time of every variant, interleaved round by round in this one process, so a
     change in machine load hits all variants alike."""
-    from tipcli.models import quiet_transformers
+    from tipcli.models.loading import quiet_transformers
 
     quiet_transformers()
     student, teacher, tok = load_pair(args.model, Path(args.workdir))

@@ -3,7 +3,7 @@
     python benchmarks/select_speed.py --tokens 10000000 --repeats 3
 
 Builds ~10M tokens in sequences of 250..750 (mean ~500) with random entropy and
-divergences, then times ``tipcli.importance.importance`` (minmax normalisation over
+divergences, then times ``tipcli.ops.selection.importance`` (minmax normalisation over
 groups of 64 sequences, median thresholds, quadrants and the mask) for each strategy,
 best of ``--repeats`` runs, and prints tokens per second of wall time. The process CPU
 time of the best run and the 1-minute load average are printed too: on a shared machine
@@ -19,7 +19,7 @@ import time
 import torch
 
 from tipcli.configs import Selection
-from tipcli.importance import token_importance
+from tipcli.ops.selection import token_importance
 
 
 def synthetic(num_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:

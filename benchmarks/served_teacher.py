@@ -6,7 +6,7 @@ accuracy and in the selection, and the scoring speed, side by side in one run.
         --json benchmarks/results/served_teacher_tiny.json
 
 The pair is the SmolLM2 example's (``examples/smollm2``), or with ``--pair tiny`` two
-random tiny models (``tipcli.tiny``). The teacher is served by
+random tiny models (``tipcli.models.tiny``). The teacher is served by
 `vllm serve` (vLLM's CPU build, from ``--vllm-python``, by default
 `.venv-vllm/bin/python`: `make .venv-vllm/.installed`), on 127.0.0.1, in float32, with
 ``--max-logprobs`` the largest top-k. One rollout of the student (``--prompts``,
@@ -52,7 +52,7 @@ def smollm2_pair() -> tuple[str, str]:
     sys.path.insert(0, str(ROOT / "examples" / "smollm2"))
     from run import build_student, teacher_gguf
 
-    from tipcli.models import ModelSpec, _convert_gguf
+    from tipcli.models.loading import ModelSpec, _convert_gguf
 
     gguf = teacher_gguf()
     return str(build_student(gguf, 8)), str(_convert_gguf(ModelSpec.parse(gguf)))
@@ -63,9 +63,9 @@ TINY_PROMPTS = ["What is 2+3?", "Say hi.", "Count: 1 2 3", "Name a colour.", "Sp
 
 
 def tiny_pair(work: Path) -> tuple[str, str, str]:
-    """(student, teacher, prompts file): random tiny models (tipcli.tiny, head size 32, as
+    """(student, teacher, prompts file): random tiny models (tipcli.models.tiny, head size 32, as
     vLLM needs) with the character tokenizer, and a few prompts it can write."""
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer()
     for name, seed in (("student", 0), ("teacher", 1)):
@@ -118,7 +118,7 @@ def tip(*args) -> float:
 def compare(exact: Path, served: Path, work: Path, k: int) -> dict:
     import torch
 
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     a, b = StageDir.open(exact), StageDir.open(served)
     cat = {name: {f: torch.cat([s[f] for s in d.iter_shards()]) for f in

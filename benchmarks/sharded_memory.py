@@ -36,11 +36,11 @@ import torch
 
 LOAD = """
 import json, sys, torch
-from tipcli.mesh import make_mesh
-from tipcli.models import empty_model, load_model
-from tipcli.parallel import processes
-from tipcli.train import fsdp as fsdp2
-from tipcli.train.module import DistillModule
+from tipcli.dist.mesh import make_mesh
+from tipcli.models.loading import empty_model, load_model
+from tipcli.dist.processes import processes
+from tipcli.dist import fsdp as fsdp2
+from tipcli.trainer.module import DistillModule
 way, model, out = sys.argv[1:4]
 procs = processes("cpu")
 mesh, _ = make_mesh(torch.device("cpu"), procs.world)
@@ -82,8 +82,8 @@ with open(f"{out}/score-{rank}.json", "w") as f:
 def build(root: Path, vocab: int, hidden: int, layers: int) -> tuple[Path, Path, Path]:
     """A vocabulary-heavy teacher, a small student of the same vocabulary, a rollout."""
     from tipcli.configs import RolloutConfig, resolve
-    from tipcli.rollout import run_rollout
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
+    from tipcli.stages.rollout import run_rollout
 
     tok = build_tokenizer(size=vocab)
     paths = []

@@ -10,7 +10,7 @@ measured in a fresh subprocess:
 
 - ``naive``: the usual transformers step: ``model(input_ids).logits`` for every position,
   ``log_softmax`` over all of them, then the loss on the response positions;
-- ``keep=x``: tip's step (``tipcli.train.distill_module``): body on all tokens, hidden states
+- ``keep=x``: tip's step (``tipcli.stages.train.distill_module``): body on all tokens, hidden states
   gathered at ``floor(x * m)`` random response positions per sequence, head and loss in
   chunks of ``--chunk-size`` positions rebuilt in backward.
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a saved model to train instead of a random one (its vocabulary; "
                         "--arch/--hidden/--layers/--vocab unused)")
     p.add_argument("--fsdp-keeps", default="",
-                   help="also tip's step with the student sharded by FSDP2 (tipcli.train.fsdp, "
+                   help="also tip's step with the student sharded by FSDP2 (tipcli.dist.fsdp, "
                         "one process) at these keeps, e.g. 0.5")
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     p.add_argument("--threads", type=int, default=1,
@@ -136,7 +136,7 @@ def naive_step_fn(model, mb, vocab: int, device):
     """model(input_ids).logits -> log_softmax over every position -> loss on responses."""
     import torch
 
-    from tipcli.losses import divergence, teacher_buckets
+    from tipcli.ops.losses import divergence, teacher_buckets
 
     optimizer = adamw(model)
     ids, mask = mb.input_ids_BT.to(device), mb.attention_mask_BT.to(device)
@@ -160,11 +160,11 @@ def naive_step_fn(model, mb, vocab: int, device):
 def tip_step_fn(model, mb, vocab: int, chunk_size: int, device, fsdp: bool = False):
     import torch
 
-    from tipcli.train import distill_module
+    from tipcli.stages.train import distill_module
 
     module = distill_module(model, "rkl-topk", vocab, 1.0, chunk_size)
     if fsdp:  # as tip train --fsdp shards it, on a mesh of this one process
-        from tipcli.train.fsdp import make_mesh, shard
+        from tipcli.dist.fsdp import make_mesh, shard
 
         mesh, _ = make_mesh(torch.device(device), 1)
         shard(module, mesh, bf16=device == "cuda")
@@ -216,7 +216,7 @@ def worker(args) -> dict:
 
     import torch
 
-    from tipcli.train import make_micro_batch
+    from tipcli.stages.train import make_micro_batch
 
     mode = args.worker
     keep = 1.0 if mode == "naive" else float(mode.split("=")[1])

@@ -6,7 +6,7 @@
 Each row of the TIP paper's main table (arXiv 2604.14084) -- all tokens, entropy
 sampling at 50% and 20%, Soft-OR at 50% and 20%, the Q3 selector at 20% and 10%, the
 bottom 50% by Soft-OR -- plus a random 50% control, is run as a separate on-policy
-distillation (`tipcli.distill.run_distill`) of the embedded addition task's student
+distillation (`tipcli.stages.distill.run_distill`) of the embedded addition task's student
 (`tipcli.tasks.arithmetic`) from its teacher, with 3 seeds each. Every row gets the
 same prompts per iteration, samples, iterations and optimizer steps (``--max-steps``
 is set explicitly; the ``sequence`` selection scope keeps at least one token of every
@@ -21,7 +21,7 @@ Reported per row:
   (kept tokens / candidate tokens, summed over iterations, mean over seeds);
 - peak training memory. Measured from outside the library: for each row and seed,
   iteration 0's selection directory is trained again (same settings, same steps) by
-  `tipcli.train.run_train` in a fresh Python process; after torch, transformers and
+  `tipcli.stages.train.run_train` in a fresh Python process; after torch, transformers and
   accelerate are imported that process records its resident set size (VmRSS), resets
   its high-water mark (writing 5 to /proc/self/clear_refs) and, after training, reads
   VmHWM from /proc/self/status. "peak" is that VmHWM (the whole process, imports
@@ -50,7 +50,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import Row, measure_train  # noqa: E402
-
 
 # the paper's main-table rows, then our random control
 ROWS = (Row("all", 1.0), Row("entropy-sample", 0.5), Row("entropy-sample", 0.2),
@@ -127,7 +126,7 @@ def selected_rows(args: argparse.Namespace) -> tuple[Row, ...]:
 
 def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, str]:
     """Models and prompt files: the given ones, or the addition task's."""
-    from tipcli.demo import SHIPPED_MODELS
+    from tipcli.stages.demo import SHIPPED_MODELS
     from tipcli.tasks import arithmetic
 
     student = args.student or str(SHIPPED_MODELS / "student")
@@ -172,8 +171,8 @@ def distill_config(args: argparse.Namespace, inputs: dict[str, str], row: Row, s
 
 def run_one(args, inputs, row: Row, seed: int, work: Path) -> dict[str, Any]:
     """One distillation run (reused when already complete); its accuracies and shares."""
-    from tipcli.distill import run_distill
-    from tipcli.shards import is_complete
+    from tipcli.stages.distill import run_distill
+    from tipcli.store.stagedir import is_complete
 
     out = work / "runs" / f"{row.slug}-s{seed}"
     reused = is_complete(out)
@@ -305,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rows = selected_rows(args)
     os.environ.setdefault("TIP_QUIET", "1")
-    from tipcli.models import quiet_transformers
+    from tipcli.models.loading import quiet_transformers
 
     quiet_transformers()
     work, results = Path(args.workdir), Path(args.results)
@@ -327,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "initial_accuracy": statistics.fmean(initial),
               "memory_method": "peak RSS (VmHWM after resetting it via /proc/self/clear_refs) "
                                "of a fresh process training iteration 0's selection with "
-                               "tipcli.train.run_train; train + = VmHWM - VmRSS before training",
+                               "tipcli.stages.train.run_train; train + = VmHWM - VmRSS before "
+                               "training",
               "rows": summaries, "wall_seconds": round(time.perf_counter() - start, 1)}
     (results / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)

@@ -4,7 +4,7 @@ type of the examples' comparisons.
 Used by the examples' comparisons. The child process imports torch, transformers and
 accelerate, loads the student once and drops it (so the lazily imported model code counts
 as the baseline, not as training), records its resident set size (VmRSS), resets its
-high-water mark (5 into /proc/self/clear_refs), runs ``tipcli.train.run_train`` and reads
+high-water mark (5 into /proc/self/clear_refs), runs ``tipcli.stages.train.run_train`` and reads
 VmHWM from /proc/self/status. "peak" is VmHWM (the whole process, imports included),
 "train +" is VmHWM minus the RSS before training: what loading the student, the data and
 the optimizer and running the steps added. The step time is the mean over the run's
@@ -45,8 +45,8 @@ CHILD = r"""
 import gc, json, sys, time
 import accelerate, torch, transformers  # noqa: F401  imported before the baseline
 from tipcli.configs import TrainConfig, resolve
-from tipcli.models import load_model
-from tipcli.train import run_train
+from tipcli.models.loading import load_model
+from tipcli.stages.train import run_train
 
 def status_mib(key):
     with open("/proc/self/status") as f:

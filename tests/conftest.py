@@ -83,7 +83,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(student_dir, teacher_dir): random Llama models sharing a character tokenizer,
     with 13 padded output rows beyond the 100-token vocabulary."""
-    from tipcli.tiny import save_pair
+    from tipcli.models.tiny import save_pair
 
     return save_pair(tmp_path_factory.mktemp("models"))
 
@@ -99,7 +99,7 @@ def prompts_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_rollout(tiny_pair, prompts_file, tmp_path_factory) -> Path:
     """A rollout directory: 6 prompts x 2 samples, 24 new tokens at most, 3 shards."""
-    from tipcli.rollout import RolloutConfig, run_rollout
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
 
     out = tmp_path_factory.mktemp("stages") / "rollout"
     return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
@@ -110,7 +110,7 @@ def tiny_rollout(tiny_pair, prompts_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_score(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
     """A score directory of ``tiny_rollout`` with the teacher's top-8."""
-    from tipcli.score import ScoreConfig, run_score
+    from tipcli.stages.score import ScoreConfig, run_score
 
     out = tmp_path_factory.mktemp("stages") / "score"
     return run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),

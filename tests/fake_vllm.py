@@ -26,7 +26,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-
 MISBEHAVIOURS = ("nan", "inf", "bad-json", "html", "fewer-top-k", "fewer-positions",
                  "more-positions", "out-of-vocab", "close-mid-body", "hang")
 

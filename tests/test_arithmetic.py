@@ -7,9 +7,9 @@ import re
 import pytest
 
 from tipcli.errors import TipError
+from tipcli.ops.verify import last_number
 from tipcli.tasks import arithmetic as A
 from tipcli.tasks import build as B
-from tipcli.verify import last_number
 
 
 def test_solve_worked_columns_with_carries():
@@ -42,8 +42,8 @@ def test_write_prompts_jsonl(tmp_path):
 
 
 def test_encoder_matches_chat_template_encoding():
-    from tipcli.prompts import encode_prompt
-    from tipcli.tiny import build_tokenizer
+    from tipcli.models.prompts import encode_prompt
+    from tipcli.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     enc = B.Encoder(tok)
@@ -55,7 +55,7 @@ def test_encoder_matches_chat_template_encoding():
 
 
 def test_sft_batch_labels_only_on_response():
-    from tipcli.tiny import build_tokenizer
+    from tipcli.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
     enc = B.Encoder(tok)
@@ -79,7 +79,7 @@ def test_train_spec_validate():
 def test_short_training_lowers_loss_and_saves_loadable_pair(tmp_path):
     """A handful of steps into tmp_path: the loss falls, and both saved models load
     with one shared tokenizer."""
-    from tipcli.models import check_same_vocab, load_model, load_tokenizer
+    from tipcli.models.loading import check_same_vocab, load_model, load_tokenizer
 
     small = dict(hidden=32, heads=2, max_steps=20, batch_size=8, lr=1e-2, warmup=3,
                  eval_every=20, target=1.0)
@@ -111,8 +111,8 @@ def test_shipped_pair_teacher_good_student_weak():
     """The pair the package ships (the demo's): greedy accuracy on 100 held-out prompts
     (never trained on); a shipped artifact, so the same on every CPU up to the rare greedy
     choice float rounding can flip."""
-    from tipcli.demo import SHIPPED_MODELS
-    from tipcli.models import load_model, load_tokenizer
+    from tipcli.models.loading import load_model, load_tokenizer
+    from tipcli.stages.demo import SHIPPED_MODELS
 
     test = A.held_out_prompts(100)
     accs = {name: B.greedy_accuracy(load_model(str(SHIPPED_MODELS / name)),

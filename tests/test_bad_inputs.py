@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from tipcli.cli import app
 from tipcli.configs import SelectConfig, resolve
-from tipcli.select import run_select
+from tipcli.stages.select import run_select
 
 runner = CliRunner()
 
@@ -75,7 +75,7 @@ def _json(e: Env, name: str, data) -> Path:
 
 def _stale_rollout(e: Env) -> None:
     from tipcli.configs import RolloutConfig
-    from tipcli.rollout import run_rollout
+    from tipcli.stages.rollout import run_rollout
 
     e.write("p.jsonl", '{"prompt": "a"}\n{"prompt": "b"}\n')
     s = e.copy(e.student, "s")
@@ -452,13 +452,13 @@ CASES = [
         ("drop-and-keep", ["--drop-layers", "1", "--keep-layers", "0"], "exclude each other")]],
     # --- Ctrl-C -------------------------------------------------------------------------
     Case("ctrl-c-select", lambda e: [SELECT, e.score, "-o", e.w / "o"],
-         "run the same command again", code=130, interrupt="tipcli.select:select_tokens"),
+         "run the same command again", code=130, interrupt="tipcli.stages.select:select_tokens"),
     Case("ctrl-c-train", lambda e: _train_args(e, e.score, e.w / "o", "--save-every", "1"),
-         "--resume", code=130, interrupt="tipcli.train.loop:train_step"),
+         "--resume", code=130, interrupt="tipcli.trainer.loop:train_step"),
     Case("ctrl-c-rollout", lambda e: ["rollout", "-s", e.student, "-p", e.prompts, "-o",
                                       e.w / "o", "--max-new-tokens", "3"],
          "keeps everything that was complete", code=130,
-         interrupt="tipcli.sampling.hf:batch_seed"),
+         interrupt="tipcli.engines.hf:batch_seed"),
 ]
 
 
@@ -515,7 +515,7 @@ def test_bad_input(case, tiny_pair, prompts_file, tiny_rollout, tiny_score, tiny
 def test_a_byte_order_mark_is_read(prompts_file, tmp_path):
     """Editors and spreadsheet exports often start a UTF-8 file with a byte-order mark: a
     prompts file or a settings file with one reads as the same file without it."""
-    from tipcli.prompts import load_prompts
+    from tipcli.models.prompts import load_prompts
     from tipcli.settings import load_config_file
 
     bom = tmp_path / "bom.jsonl"

@@ -7,13 +7,22 @@ import subprocess
 import sys
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
 from tipcli import __version__
 from tipcli.cli import app
-from tipcli.configs import (STAGE_CONFIGS, DistillConfig, RolloutConfig, SelectConfig, Selection,
-                            TrainConfig, from_flat, resolve, to_flat)
+from tipcli.configs import (
+    STAGE_CONFIGS,
+    DistillConfig,
+    RolloutConfig,
+    SelectConfig,
+    Selection,
+    TrainConfig,
+    from_flat,
+    resolve,
+    to_flat,
+)
 from tipcli.errors import ConfigError
 from tipcli.settings import leaves, problems
 
@@ -63,8 +72,8 @@ def test_layering_defaults_then_file_then_flags(tmp_path):
 def test_stage_defaults_of_a_shared_group_differ_where_declared():
     d = resolve(DistillConfig, student="s", teacher="t", prompts="p", output="o")
     r = resolve(RolloutConfig, student="s", prompts="p", output="o")
-    assert (d.sampling.num_samples, d.sampling.batch_size, d.optim.lr) == (4, 16, 1e-5)
-    assert (r.sampling.num_samples, r.sampling.batch_size) == (1, 8)
+    assert (d.sampling.num_samples, d.sampling.sample_batch_size, d.optim.lr) == (4, 16, 1e-5)
+    assert (r.sampling.num_samples, r.sampling.sample_batch_size) == (1, 8)
     flat = to_flat(d)
     assert flat["sample_batch_size"] == 16 and flat["teacher_top_k"] == 64 and \
         flat["sample_top_k"] == 0
@@ -95,8 +104,8 @@ def test_a_manifest_or_its_config_is_a_settings_file_for_its_command_and_the_nex
     not take (another stage's settings, what train records beside its own) is left out
     with one notice on stderr listing it."""
     from tipcli.configs import ScoreConfig
-    from tipcli.select import run_select
-    from tipcli.train import run_train
+    from tipcli.stages.select import run_select
+    from tipcli.stages.train import run_train
 
     sel = run_select(resolve(SelectConfig, score=str(tiny_score), output=str(tmp_path / "s")))
     trained = run_train(resolve(TrainConfig, input=str(sel), output=str(tmp_path / "t"),
@@ -178,8 +187,8 @@ def test_distill_device_cpu_reaches_training(monkeypatch, tmp_path):
     """`tip distill --device cpu` trains on the CPU even where a GPU exists."""
     import torch
 
-    from tipcli.distill import train_config
-    from tipcli.train import accelerator_kwargs
+    from tipcli.stages.distill import train_config
+    from tipcli.stages.train import accelerator_kwargs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = resolve(DistillConfig, student="s", teacher="t", prompts="p", output=str(tmp_path),

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tipcli.configs import DemoConfig, resolve
-from tipcli.distill import DistillConfig, run_distill
-from tipcli.shards import StageDir
+from tipcli.stages.distill import DistillConfig, run_distill
+from tipcli.store.stagedir import StageDir
 
 STAGES = {"prompts.jsonl", "rollout", "score", "select", "train", "eval", "iteration.json"}
 
@@ -51,7 +51,7 @@ def test_two_iterations_leave_every_stage(tiny_pair, prompts_file, tmp_path, cap
 
 
 def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, monkeypatch):
-    import tipcli.distill as select_mod  # where the loop looks run_select up
+    import tipcli.stages.distill as select_mod  # where the loop looks run_select up
 
     cfg = _cfg(tiny_pair, prompts_file, tmp_path / "run", eval_prompts="")
     real = select_mod.run_select
@@ -78,14 +78,14 @@ def test_resume_after_kill_between_stages(tiny_pair, prompts_file, tmp_path, mon
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["complete"]
 
 
-LOADERS = ("tipcli.distill", "tipcli.sampling", "tipcli.score", "tipcli.sharded",
-           "tipcli.train.loop")  # every module that loads a model
+LOADERS = ("tipcli.stages.distill", "tipcli.engines.sampler", "tipcli.stages.score",
+           "tipcli.models.teacher", "tipcli.trainer.loop")  # every module that loads a model
 
 
 def _load_counter(monkeypatch):
     import importlib
 
-    import tipcli.models as models_mod
+    import tipcli.models.loading as models_mod
 
     loads: list[str] = []
     real = models_mod.load_model
@@ -109,7 +109,7 @@ def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file
                                                          monkeypatch):
     """Each model is loaded once for the whole run, and keeping the trained student in
     memory gives the same rollouts and weights as reloading it from its checkpoint."""
-    import tipcli.distill as rollout_mod  # where the loop looks run_rollout up
+    import tipcli.stages.distill as rollout_mod  # where the loop looks run_rollout up
 
     loads = _load_counter(monkeypatch)
     kept = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "kept"))
@@ -161,7 +161,7 @@ def test_bf16_sampling_trains_from_float32_checkpoints(tiny_pair, prompts_file, 
                                                       monkeypatch):
     """Where sampling runs in bf16 (the GPU default, forced here on CPU), training never
     starts from bf16-rounded weights: it reloads the float32 checkpoint instead."""
-    import tipcli.distill as distill_mod
+    import tipcli.stages.distill as distill_mod
 
     real_dtype = distill_mod.resolve_dtype
     monkeypatch.setattr(distill_mod, "resolve_dtype", lambda d, dev: torch.bfloat16
@@ -208,7 +208,7 @@ def test_other_settings_in_same_run_dir_refused(tiny_pair, prompts_file, tmp_pat
 
 def test_demo_quick_form(tiny_pair, tmp_path):
     """The demo's quick form, on the tiny pair instead of the embedded task's models."""
-    from tipcli.demo import run_demo
+    from tipcli.stages.demo import run_demo
 
     run = run_demo(resolve(DemoConfig, output=str(tmp_path / "demo"), quick=True),
                    models=tiny_pair)
@@ -221,7 +221,7 @@ def test_demo_quick_form(tiny_pair, tmp_path):
 @pytest.mark.slow
 def test_demo_improves_the_embedded_student(tmp_path):
     """The real demo: builds (or reuses) the addition models; the student gets better."""
-    from tipcli.demo import run_demo
+    from tipcli.stages.demo import run_demo
 
     run = run_demo(resolve(DemoConfig, output=str(tmp_path / "demo")))
     history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
@@ -247,7 +247,7 @@ def test_held_out_kl_every_other_iteration_and_pruning(tiny_pair, prompts_file, 
     """--eval-metric kl: the student's reverse KL on its own samples of the eval prompts and
     the forward KL on the teacher's samples, before training, after every 2nd iteration and
     after the last; --keep-students last keeps only the last student's weights."""
-    from tipcli.models import load_model
+    from tipcli.models.loading import load_model
 
     run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", iterations=3,
                            eval_metric="kl", eval_every=2, keep_students="last"))
@@ -275,7 +275,7 @@ def test_resume_with_pruned_students_and_rerun_of_a_finished_run(tiny_pair, prom
     """--keep-students last deletes the weights each finished iteration started from; a
     run interrupted in iteration 2 resumes without them (finished iterations are skipped)
     and ends as an uninterrupted run does; re-running a finished run loads no model."""
-    import tipcli.distill as loop_mod
+    import tipcli.stages.distill as loop_mod
 
     kw = dict(iterations=3, eval_metric="kl", eval_every=2, keep_students="last")
     whole = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "whole", **kw))

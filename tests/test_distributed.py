@@ -17,9 +17,9 @@ import torch
 from conftest import free_port, kill_every_process_of
 from safetensors.torch import load_file
 
+from tipcli.dist.processes import visible_device
 from tipcli.errors import TipError
-from tipcli.parallel import visible_device
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
@@ -196,7 +196,7 @@ def test_a_process_takes_its_entry_of_cuda_visible_devices():
 
 
 def test_cpu_only_vllm_settings_stay_off_on_a_gpu():
-    from tipcli.sampling.vllm_engine import engine_settings
+    from tipcli.engines.vllm_engine import engine_settings
 
     gpu, cpu = engine_settings(True, 0.5), engine_settings(False, 0.5)
     assert gpu == {"gpu_memory_utilization": 0.5}
@@ -205,7 +205,7 @@ def test_cpu_only_vllm_settings_stay_off_on_a_gpu():
 
 WAIT = """
 import sys, time
-from tipcli.parallel import processes
+from tipcli.dist.processes import processes
 procs = processes("cpu", timeout_minutes=float(sys.argv[1]))
 if procs.rank == 0:
     time.sleep(float(sys.argv[2]))   # a long generation on one process
@@ -239,8 +239,8 @@ def test_device_map_is_refused_under_a_launcher(tiny_pair, many_prompts, tmp_pat
 def test_device_map_spreads_the_teacher_in_one_process(tiny_pair, many_prompts, tmp_path,
                                                        monkeypatch):
     """In one process --device-map reaches the teacher's loading."""
-    import tipcli.distill as distill_mod
-    import tipcli.sharded as sharded_mod
+    import tipcli.models.teacher as sharded_mod
+    import tipcli.stages.distill as distill_mod
     from tipcli.configs import DistillConfig, resolve
 
     seen = []

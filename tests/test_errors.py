@@ -9,7 +9,7 @@ from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
 from tipcli.cli import app
-from tipcli.shards import MANIFEST
+from tipcli.store.stagedir import MANIFEST
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_missing_model(tmp_path, prompts_file):
 
 
 def test_teacher_vocabulary_differs(tiny_pair, tiny_rollout, tmp_path):
-    from tipcli.tiny import CHARS, build_model, build_tokenizer
+    from tipcli.models.tiny import CHARS, build_model, build_tokenizer
 
     tok = build_tokenizer(CHARS.replace("q", ""))
     other = tmp_path / "other-teacher"
@@ -124,7 +124,7 @@ def test_prompts_from_datasets_formats(tiny_pair, tmp_path, fmt):
     {"parquet": ds.to_parquet, "csv": ds.to_csv, "dataset": ds.save_to_disk}[fmt](str(path))
     r = _rollout(tiny_pair[0], path, tmp_path / "out")
     assert r.exit_code == 0, r.output
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     assert StageDir.open(tmp_path / "out").num_sequences == 2
 
@@ -134,8 +134,8 @@ def test_chat_messages_field(tiny_pair, tmp_path):
     p.write_text(json.dumps({"messages": [{"role": "user", "content": "hey"}]}) + "\n")
     r = _rollout(tiny_pair[0], p, tmp_path / "out")
     assert r.exit_code == 0, r.output
-    from tipcli.shards import StageDir
-    from tipcli.tiny import build_tokenizer
+    from tipcli.models.tiny import build_tokenizer
+    from tipcli.store.stagedir import StageDir
 
     seq = next(StageDir.open(tmp_path / "out").iter_sequences())
     assert build_tokenizer().decode(seq["prompt_ids"]) == "U: hey\nA: "

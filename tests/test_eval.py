@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 from tipcli.configs import resolve
 from tipcli.errors import ConfigError
-from tipcli.evaluate import EvalConfig, run_eval, wilson_interval
+from tipcli.stages.evaluate import EvalConfig, run_eval, wilson_interval
 
 runner = CliRunner()
 
@@ -84,7 +84,7 @@ def test_config_validate_collects_all_problems():
 def test_run_eval_in_memory_greedy_is_deterministic(tiny_pair, prompts_file, tmp_path):
     """A model already loaded is used as is; greedy output does not depend on the seed or
     the batch size, and an answer file a user verifier grades all correct."""
-    from tipcli.models import load_model, load_tokenizer
+    from tipcli.models.loading import load_model, load_tokenizer
 
     model, tok = load_model(str(tiny_pair[1])), load_tokenizer(str(tiny_pair[1]))
     base = dict(model="in-memory", prompts=str(prompts_file), max_new_tokens=5)
@@ -105,9 +105,9 @@ def test_run_eval_grades_a_model_that_knows_the_answers(tmp_path):
     so on every CPU) scores 1 against the true answers and 0 against answers off by one."""
     from scripted import scripted_model
 
-    from tipcli.prompts import encode_prompt
+    from tipcli.models.prompts import encode_prompt
+    from tipcli.models.tiny import build_tokenizer
     from tipcli.tasks.arithmetic import make_prompts
-    from tipcli.tiny import build_tokenizer
 
     recs = make_prompts(2, seed=0)
     tok = build_tokenizer()

@@ -154,7 +154,8 @@ def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
     import numpy as np
     import torch
 
-    from tipcli.shards import StageWriter
+    from tipcli.store.layout import STAGES
+    from tipcli.store.stagedir import StageWriter
 
     spec = importlib.util.spec_from_file_location("smollm2_divergence",
                                                   EXAMPLES / "smollm2" / "divergence.py")
@@ -166,7 +167,7 @@ def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
         for it in (0, 1):
             stage = tmp_path / "runs" / f"soft-or-0.5-s{seed}" / f"iter-{it:03d}"
             tokenizer = {"fingerprint": "0" * 64, "vocab_size": 100}
-            writers = {sub: StageWriter(stage / sub, sub, {}, {}, tokenizer)
+            writers = {sub: StageWriter(STAGES[sub], stage / sub, {}).start({}, tokenizer)
                        for sub in ("score", "select")}
             for shard in range(2):
                 rkl = rng.exponential(size=20 + shard).astype(np.float32)

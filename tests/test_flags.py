@@ -43,7 +43,7 @@ def test_old_names_map_per_command(command, old, new):
 
 def test_old_spelling_is_read_with_a_notice(capsys):
     cfg = resolve(ScoreConfig, rollout="r", teacher="t", output="o", top_k=3, temperature=2.0)
-    assert (cfg.scoring.top_k, cfg.scoring.temperature) == (3, 2.0)
+    assert (cfg.scoring.teacher_top_k, cfg.scoring.score_temperature) == (3, 2.0)
     err = capsys.readouterr().err.splitlines()
     assert err == ["warning: --top-k is deprecated: it is now --teacher-top-k (the old name "
                    "works until the next release)",
@@ -60,7 +60,7 @@ def test_old_key_in_a_settings_file(tmp_path, capsys):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"batch_size": 3, "chunk_size": 5}))
     cfg = resolve(ScoreConfig, f, rollout="r", teacher="t", output="o")
-    assert (cfg.scoring.batch_size, cfg.scoring.chunk_size) == (3, 5)
+    assert (cfg.scoring.score_batch_size, cfg.scoring.score_chunk_size) == (3, 5)
     assert f"in {f} is deprecated" in capsys.readouterr().err
 
 
@@ -98,7 +98,7 @@ def test_old_manifest_names_are_read_as_the_new_ones(tiny_score, tmp_path):
     """A directory tip 0.1 wrote keeps the old names in its manifest: read under the new."""
     import shutil
 
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     old = tmp_path / "score"
     shutil.copytree(tiny_score, old)

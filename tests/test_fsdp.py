@@ -17,7 +17,7 @@ from conftest import free_port, kill_every_process_of
 from safetensors.torch import load_file
 
 from tipcli.configs import resolve
-from tipcli.train import TrainConfig, run_train
+from tipcli.stages.train import TrainConfig, run_train
 
 ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
 # clipping at 0.3 is active in every step of these runs (their gradient norms are ~0.5)
@@ -148,7 +148,7 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run(fsdp_run, tiny_score, tmp
 
 def test_optimizer_state_keys_survive_the_round_trip():
     """Index keys (one process, DDP) stay ints; FSDP's parameter names keep their dots."""
-    from tipcli.train.checkpoint import _join_optimizer, _split_optimizer
+    from tipcli.trainer.checkpoint import _join_optimizer, _split_optimizer
 
     for keys in ([0, 1, 10], ["student.model.layers.0.mlp.up_proj.weight", "student.lm_head.w"]):
         sd = {"state": {k: {"step": torch.tensor(3.0), "exp_avg": torch.full((2,), float(i)),
@@ -204,7 +204,7 @@ def test_one_process_resume_equals_no_stop(tiny_score, tmp_path, monkeypatch):
     4's checkpoint, resume, and get the uninterrupted run's weights bit for bit."""
     import torch.distributed as dist
 
-    import tipcli.train.loop as loop
+    import tipcli.trainer.loop as loop
 
     cfg = dict(train_batch_size=2, max_steps=6, save_every=2, fsdp=True)
     _one_process(tiny_score, tmp_path / "full", **cfg)
@@ -236,7 +236,7 @@ CUT = dict(train_batch_size=2, max_steps=4, save_every=2, fsdp=True)
 
 def _cut_at_step_2(score, out, monkeypatch) -> None:
     """One process, --fsdp, stopped after step 2's checkpoint (of 4)."""
-    import tipcli.train.loop as loop
+    import tipcli.trainer.loop as loop
 
     save = loop.save_checkpoint
 
@@ -289,7 +289,7 @@ def test_resume_refuses_a_file_the_checkpoint_does_not_list(tiny_score, tmp_path
 
 
 def test_distill_passes_fsdp_to_training(tiny_pair, prompts_file, tmp_path):
-    from tipcli.distill import DistillConfig, run_distill
+    from tipcli.stages.distill import DistillConfig, run_distill
 
     run = run_distill(resolve(DistillConfig, student=str(tiny_pair[0]),
                               teacher=str(tiny_pair[1]), prompts=str(prompts_file),
@@ -312,7 +312,7 @@ def test_distill_says_that_sharding_needs_a_launcher(tiny_pair, prompts_file, tm
     line on stderr says so (the run itself is stopped here, once that is decided)."""
     from typer.testing import CliRunner
 
-    import tipcli.distill as distill
+    import tipcli.stages.distill as distill
     from tipcli.cli import app
 
     def stop(*a, **kw):

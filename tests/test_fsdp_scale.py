@@ -17,11 +17,11 @@ from test_distributed import ENV, kill_at_first_checkpoint, tip, torchrun
 
 LOAD = """
 import sys, torch
-from tipcli.mesh import make_mesh
-from tipcli.models import empty_model, load_model
-from tipcli.parallel import processes
-from tipcli.train import fsdp as fsdp2
-from tipcli.train.module import DistillModule
+from tipcli.dist.mesh import make_mesh
+from tipcli.models.loading import empty_model, load_model
+from tipcli.dist.processes import processes
+from tipcli.dist import fsdp as fsdp2
+from tipcli.trainer.module import DistillModule
 procs = processes("cpu")
 mesh, _ = make_mesh(torch.device("cpu"), procs.world)
 student, files = empty_model(sys.argv[1])
@@ -41,7 +41,7 @@ if procs.main:
 
 @pytest.fixture(scope="module")
 def tied_student(tmp_path_factory):
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("tied") / "student"
     tok = build_tokenizer()
@@ -103,11 +103,11 @@ def test_saved_on_two_processes_resumes_on_one_and_on_three(tiny_score, tmp_path
 WHOLE = """
 import sys, torch
 from pathlib import Path
-from tipcli.mesh import make_mesh
-from tipcli.models import load_model
-from tipcli.parallel import processes
-from tipcli.train import fsdp as fsdp2
-from tipcli.train.module import DistillModule
+from tipcli.dist.mesh import make_mesh
+from tipcli.models.loading import load_model
+from tipcli.dist.processes import processes
+from tipcli.dist import fsdp as fsdp2
+from tipcli.trainer.module import DistillModule
 procs = processes("cpu")
 mesh, _ = make_mesh(torch.device("cpu"), procs.world)
 module = DistillModule(load_model(sys.argv[1]), "rkl-topk", 100, 1.0, 8)

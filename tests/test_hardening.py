@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
 from tipcli.cli import app
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def _plant(directory: Path, marker: Path) -> None:
 def test_planted_pickles_in_a_checkpoint_never_run(tiny_score, tmp_path, monkeypatch):
     """Resume from a checkpoint holding planted pickle payloads: nothing is unpickled, and
     the resumed run ends with the weights of an uninterrupted one."""
-    import tipcli.train.loop as loop
+    import tipcli.trainer.loop as loop
 
     full, cut, marker = tmp_path / "full", tmp_path / "cut", tmp_path / "marker"
     assert runner.invoke(app, ["train", str(tiny_score), "-o", str(full), *TRAIN]).exit_code == 0

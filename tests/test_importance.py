@@ -6,11 +6,17 @@ import math
 import pytest
 import torch
 
-from tipcli.configs import Selection
 from tipcli import catalog
 from tipcli.catalog import strategy_problem
-from tipcli.importance import (Rows, budget, normalize, row_quantile, select_mask,
-                               token_importance)
+from tipcli.configs import Selection
+from tipcli.ops.selection import (
+    Rows,
+    budget,
+    normalize,
+    row_quantile,
+    select_mask,
+    token_importance,
+)
 
 TOPK = ("entropy", "divergence", "soft-or", "soft-or-bottom", "q3")
 

@@ -92,15 +92,17 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycle_in_tipcli():
     graph = import_graph()
-    assert "tipcli.sampling.vllm_engine" in graph["tipcli.sampling"]  # edges in functions count
+    # edges in functions count
+    assert "tipcli.engines.vllm_engine" in graph["tipcli.engines.sampler"]
     assert cycles(graph) == []
 
 
 def test_one_place_picks_the_sampler():
-    """Only ``tipcli.sampling`` imports a sampler implementation; everyone else asks it."""
-    impls = {"tipcli.sampling.hf", "tipcli.sampling.vllm_engine"}
+    """Only ``tipcli.engines.sampler`` imports a sampler implementation; everyone else asks it."""
+    impls = {"tipcli.engines.hf", "tipcli.engines.vllm_engine"}
     users = {m for m, deps in import_graph().items() if deps & impls} - impls
-    assert users <= {"tipcli.sampling", "tipcli.tasks.build"}, users  # build: a bare hf sampler
+    # build: a bare hf sampler
+    assert users <= {"tipcli.engines.sampler", "tipcli.tasks.build"}, users
 
 
 def _strings(path: Path) -> list[str]:
@@ -114,14 +116,14 @@ def _strings(path: Path) -> list[str]:
 
 
 def test_file_names_are_defined_once():
-    """The names tip writes live in tipcli.stages; no other module spells them."""
-    from tipcli import stages
+    """The names tip writes live in tipcli.store.layout; no other module spells them."""
+    from tipcli.store import layout as stages
 
     exact = {stages.MANIFEST, stages.METRICS, stages.RESULTS, stages.ITERATION_ROW,
              stages.CHECKPOINTS, stages.ITERATION_PROMPTS}
     prefixes = ("shard-", "iter-", ".progress-")
     for name, path in modules().items():
-        if name == "tipcli.stages":
+        if name == "tipcli.store.layout":
             continue
         for text in _strings(path):
             assert text not in exact and not text.startswith(prefixes), (name, text)
@@ -134,6 +136,19 @@ def test_settings_reference_in_docs_is_up_to_date():
     text = docs.DOC.read_text(encoding="utf-8")
     assert docs.rewritten(text) == text, "run `python -m tipcli.docs` (make docs)"
     assert "`--teacher-top-k`" in text and "`--sample-batch-size`" in text
+
+
+def test_contributing_module_map_is_up_to_date():
+    """CONTRIBUTING.md's module map is generated from the modules' docstrings."""
+    from tipcli import docs
+
+    text = docs.CONTRIBUTING.read_text(encoding="utf-8")
+    assert docs.map_rewritten(text) == text, "run `python -m tipcli.docs` (make docs)"
+
+
+def test_at_most_twelve_modules_at_the_top_level():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 12, top
 
 
 def test_contributing_module_map_matches_the_package():

@@ -6,7 +6,7 @@ import torch
 from reference import reference_token_loss
 
 from tipcli.catalog import LOSSES
-from tipcli.losses import chunked_token_loss, divergence, teacher_buckets, token_loss
+from tipcli.ops.losses import chunked_token_loss, divergence, teacher_buckets, token_loss
 
 TOPK_LOSSES = tuple(n for n, loss in LOSSES.items() if loss.form == "topk")
 FULL_LOSSES = tuple(n for n, loss in LOSSES.items() if loss.form == "full")

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def same_pair_selection(tiny_pair, tiny_rollout, tmp_path_factory) -> Path:
     """A selection over the score of the student against itself: every divergence is 0."""
-    from tipcli.score import run_score
-    from tipcli.select import run_select
+    from tipcli.stages.score import run_score
+    from tipcli.stages.select import run_select
 
     d = tmp_path_factory.mktemp("same")
     score = run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[0]),
@@ -56,8 +56,8 @@ def test_report_says_the_pair_does_not_diverge(same_pair_selection, tmp_path):
 def test_report_table_and_png_use_one_quadrant_rule(same_pair_selection):
     """d = 0 everywhere is at its median 0, "high" by the rule: the table puts every token
     in Q1 or Q3, and the picture labels those quadrants, not Q2 or Q4."""
-    from tipcli.report import compute_report, load_report_data
-    from tipcli.report.render import figure, labelled_quadrants
+    from tipcli.stages.report import compute_report, load_report_data
+    from tipcli.stages.report.render import figure, labelled_quadrants
 
     numbers = compute_report(load_report_data(resolve(ReportConfig,
                                                       path=str(same_pair_selection))))
@@ -76,9 +76,9 @@ def test_report_table_and_png_use_one_quadrant_rule(same_pair_selection):
 def test_report_png_names_the_run_and_keeps_its_labels_inside(tiny_score, tmp_path):
     """The title names the directory, strategy and keep; every quadrant label lies inside
     the heat map (the Q3 label used to be cut at the left edge, even at a low tau_h)."""
-    from tipcli.report import compute_report, load_report_data
-    from tipcli.report.render import figure
-    from tipcli.select import run_select
+    from tipcli.stages.report import compute_report, load_report_data
+    from tipcli.stages.report.render import figure
+    from tipcli.stages.select import run_select
 
     sel = run_select(resolve(SelectConfig, score=str(tiny_score), output=str(tmp_path / "my-run"),
                              strategy="entropy", keep=0.2))
@@ -107,7 +107,7 @@ def online(monkeypatch, tmp_path):
     points the hub at an endpoint."""
     from huggingface_hub import constants
 
-    from tipcli import models
+    from tipcli.models import loading as models
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -129,7 +129,7 @@ def test_hub_id_without_network_fails_in_seconds(online, prompts_file, tmp_path)
 
 def test_hub_that_does_not_answer_times_out(online, monkeypatch):
     """A hub that takes the connection but never answers (a black-holed network)."""
-    from tipcli import models
+    from tipcli.models import loading as models
 
     monkeypatch.setattr(models, "HUB_TIMEOUT", 0.5)
     with socket.socket() as silent:
@@ -144,7 +144,7 @@ def test_hub_that_does_not_answer_times_out(online, monkeypatch):
 
 def test_hub_that_answers_loads_as_before(online):
     """Any answer, even an error status, means the network is there: no local-only loading."""
-    from tipcli import models
+    from tipcli.models import loading as models
 
     class Hub(BaseHTTPRequestHandler):
         def do_HEAD(self):
@@ -176,7 +176,7 @@ HISTORY = [{"iteration": "initial", "accuracy": 0.5, "interval_95": [0.4, 0.6]},
 
 
 def test_distill_table_counts_iterations_as_its_progress_lines(capsys):
-    from tipcli.distill import _render
+    from tipcli.stages.distill import _render
 
     _render(HISTORY)
     rows = [ln.strip("│┃ ").split()[0] for ln in capsys.readouterr().err.splitlines()
@@ -185,7 +185,7 @@ def test_distill_table_counts_iterations_as_its_progress_lines(capsys):
 
 
 def test_demo_summary_counts_iterations_from_one(monkeypatch, capsys, tmp_path):
-    from tipcli import demo
+    from tipcli.stages import demo
 
     class Run:
         manifest = {"summary": {"history": HISTORY}}
@@ -248,8 +248,8 @@ def _student(teacher, out, *flags):
 def test_student_drops_layers(tiny_pair, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tipcli.shards import StageDir
-    from tipcli.stages import STUDENT
+    from tipcli.store.layout import STUDENT
+    from tipcli.store.stagedir import StageDir
 
     teacher = tiny_pair[1]
     r = _student(teacher, tmp_path / "s", "--drop-layers", "1")
@@ -278,8 +278,8 @@ def test_student_drops_layers(tiny_pair, tmp_path):
 def test_cut_layers_keeps_a_tied_head(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tipcli.student import cut_layers
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
+    from tipcli.stages.student import cut_layers
 
     teacher = build_model(build_tokenizer(), layers=4, tied=True)
     cut_layers(teacher, [0, 3]).save_pretrained(tmp_path / "s")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
-from conftest import free_port
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 ENV = {**os.environ, "TIP_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
@@ -131,7 +131,7 @@ def test_a_teacher_offloaded_to_disk_scores_the_same(tiny_pair, rollouts, tmp_pa
 
 def test_offloading_really_puts_layers_on_disk_and_trains_the_same(tiny_pair, tiny_rollout,
                                                                    tmp_path):
-    from tipcli.models import load_model
+    from tipcli.models.loading import load_model
 
     spread = load_model(str(tiny_pair[1]), device_map="auto", max_memory="cpu=20KB")
     assert "disk" in set(spread.hf_device_map.values())

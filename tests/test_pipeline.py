@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tipcli.cli import app
 from tipcli.configs import resolve
-from tipcli.shards import StageDir, StageWriter
+from tipcli.store.stagedir import StageDir, StageWriter
 
 runner = CliRunner()
 SCORE_TENSORS = {"prompt_ids", "prompt_offsets", "response_ids", "response_offsets",
@@ -97,7 +97,7 @@ def test_score_equals_full_logits_reference(tiny_pair, tiny_score):
 
 
 def test_rollout_responses_end_at_eos_and_are_deterministic(tiny_pair, prompts_file, tmp_path):
-    from tipcli.rollout import RolloutConfig, run_rollout
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
 
     def run(out, seed):
         return run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]),
@@ -123,7 +123,7 @@ def test_rollout_responses_end_at_eos_and_are_deterministic(tiny_pair, prompts_f
 
 def test_interrupted_score_resumes_byte_identical(tiny_pair, tiny_rollout, tmp_path,
                                                   monkeypatch):
-    from tipcli.score import ScoreConfig, run_score
+    from tipcli.stages.score import ScoreConfig, run_score
 
     def cfg(out):
         return resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
@@ -191,8 +191,8 @@ def _plain_truncated_logprobs(logits_PV, tokens_P, top_k, top_p):
 def test_rollout_logprob_is_the_truncated_sampling_distribution(tiny_pair, prompts_file,
                                                                 tmp_path, top_k, top_p,
                                                                 temperature):
-    from tipcli.models import load_model
-    from tipcli.rollout import RolloutConfig, run_rollout
+    from tipcli.models.loading import load_model
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
 
     out = run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts_file),
                                     output=str(tmp_path / "r"), max_new_tokens=12, seed=3,
@@ -218,7 +218,7 @@ def test_model_generation_defaults_do_not_change_sampling(tiny_pair, prompts_fil
     not applied: rollout_logprob describes temperature / top-k / top-p sampling alone."""
     import shutil
 
-    from tipcli.rollout import RolloutConfig, run_rollout
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
 
     shifted = tmp_path / "student"
     shutil.copytree(tiny_pair[0], shifted)

@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from tipcli.cli import app
 from tipcli.configs import resolve
-from tipcli.select import SelectConfig, run_select
-from tipcli.shards import StageDir
+from tipcli.stages.select import SelectConfig, run_select
+from tipcli.store.stagedir import StageDir
 
 runner = CliRunner()
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from tipcli.cli import app
 from tipcli.configs import Selection, resolve, to_flat
 from tipcli.errors import ConfigError
-from tipcli.importance import token_importance
-from tipcli.select import SELECT_TENSORS, SelectConfig, selection_by_shard, run_select
-from tipcli.shards import StageDir
+from tipcli.ops.selection import token_importance
+from tipcli.stages.select import SELECT_TENSORS, SelectConfig, run_select, selection_by_shard
+from tipcli.store.stagedir import StageDir
 
 runner = CliRunner()
 

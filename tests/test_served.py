@@ -13,11 +13,11 @@ from conftest import assert_one_line_error
 from fake_vllm import FakeVLLM
 from typer.testing import CliRunner
 
-import tipcli.served as served
+import tipcli.engines.served as served
 from tipcli.cli import app
 from tipcli.configs import ScoreConfig, resolve
-from tipcli.score import run_score
-from tipcli.shards import StageDir
+from tipcli.stages.score import run_score
+from tipcli.store.stagedir import StageDir
 
 runner = CliRunner()
 
@@ -29,7 +29,7 @@ def fast_retries(monkeypatch):
 
 @pytest.fixture
 def server(tiny_pair):
-    from tipcli.models import load_model, load_tokenizer
+    from tipcli.models.loading import load_model, load_tokenizer
 
     fake = FakeVLLM(load_model(str(tiny_pair[1])), load_tokenizer(str(tiny_pair[1])))
     yield fake
@@ -47,7 +47,7 @@ def test_served_teacher_equals_in_process_scoring(tiny_pair, tiny_rollout, tiny_
     """Exact where the server gives exactness: the sampled token's and the top-k log-probs
     within 1e-5 of in-process scoring, every student statistic equal; the divergences the
     top-k + tail estimate of the same numbers; the manifest says which is which."""
-    from tipcli.losses import divergence, student_buckets, teacher_buckets
+    from tipcli.ops.losses import divergence, student_buckets, teacher_buckets
 
     out = score(tiny_rollout, tmp_path / "s", "teacher", teacher_url=server.url)
     got, want = StageDir.open(out), StageDir.open(tiny_score)
@@ -103,8 +103,8 @@ def test_unreachable_server_is_one_line_and_writes_nothing(tiny_rollout, tmp_pat
 
 
 def test_tokenizer_and_max_logprobs_are_checked_first(tiny_pair, tiny_rollout, tmp_path):
-    from tipcli.models import load_model
-    from tipcli.tiny import build_tokenizer
+    from tipcli.models.loading import load_model
+    from tipcli.models.tiny import build_tokenizer
 
     other = FakeVLLM(load_model(str(tiny_pair[1])), build_tokenizer(chars="abc"))
     try:
@@ -136,7 +136,7 @@ def test_a_server_that_dies_mid_run_resumes_byte_identical(tiny_pair, tiny_rollo
                                                           tmp_path, fast_retries):
     """The server dies after 4 responses: the finished shards stay, the run is marked
     incomplete; the same command with the server back ends as an uninterrupted run."""
-    from tipcli.models import load_model, load_tokenizer
+    from tipcli.models.loading import load_model, load_tokenizer
 
     whole = score(tiny_rollout, tmp_path / "whole", "teacher", teacher_url=server.url,
                   teacher_concurrency=1)
@@ -160,7 +160,7 @@ def test_a_server_that_dies_mid_run_resumes_byte_identical(tiny_pair, tiny_rollo
 
 
 def test_distill_with_a_served_teacher(tiny_pair, prompts_file, server, tmp_path):
-    from tipcli.distill import DistillConfig, run_distill
+    from tipcli.stages.distill import DistillConfig, run_distill
 
     run = run_distill(resolve(DistillConfig, student=str(tiny_pair[0]), teacher="teacher",
                               teacher_url=server.url, prompts=str(prompts_file),
@@ -210,7 +210,7 @@ def test_a_served_answer_that_cannot_be_used_stops_the_run_resumably(
     not complete, and once the server is fixed the same command completes it."""
     from fake_vllm import MISBEHAVIOURS
 
-    from tipcli.shards import split_sequences
+    from tipcli.store.stagedir import split_sequences
 
     assert kind in MISBEHAVIOURS
     first = split_sequences(StageDir.open(tiny_rollout).load_shard(1))[0]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_distributed import distill_args, tip
 
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 
 def assert_same_scores(a, b, atol=1e-5) -> None:
@@ -25,7 +25,7 @@ def assert_same_scores(a, b, atol=1e-5) -> None:
 def tied_teacher(tmp_path_factory):
     """A teacher whose LM head is its input embeddings (as SmolLM2's and Qwen3's small
     models are): then both stay in FSDP2's root unit."""
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     out = tmp_path_factory.mktemp("tied") / "teacher"
     tok = build_tokenizer()
@@ -109,9 +109,9 @@ def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, mon
 
     from transformers import AutoModelForCausalLM
 
-    from tipcli import sharded
-    from tipcli.forward import body_hidden
-    from tipcli.sharded import ShardedTeacher, load_teacher
+    from tipcli.models import teacher as sharded
+    from tipcli.models.teacher import ShardedTeacher, load_teacher
+    from tipcli.ops.forward import body_hidden
 
     path = str(tiny_pair[1] if which == "untied" else tied_teacher)
     whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()

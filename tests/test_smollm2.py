@@ -28,10 +28,10 @@ def test_rollout_and_score_on_smollm2(smollm2, tmp_path):
     from reference import reference_stats
     from transformers import AutoModelForCausalLM
 
-    from tipcli.models import ModelSpec, _gguf_cache_path
-    from tipcli.rollout import RolloutConfig, run_rollout
-    from tipcli.score import ScoreConfig, run_score
-    from tipcli.shards import StageDir
+    from tipcli.models.loading import ModelSpec, _gguf_cache_path
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
+    from tipcli.stages.score import ScoreConfig, run_score
+    from tipcli.store.stagedir import StageDir
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 2+2?"}) + "\n" +

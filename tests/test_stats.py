@@ -6,8 +6,8 @@ import pytest
 import torch
 from reference import reference_stats
 
-from tipcli.forward import head_logits
-from tipcli.stats import STAT_NAMES, chunk_stats, sampled_logprobs, token_stats
+from tipcli.ops.forward import head_logits
+from tipcli.ops.stats import STAT_NAMES, chunk_stats, sampled_logprobs, token_stats
 
 
 def _random_logits(P=37, V=50, seed=0, scale=3.0):
@@ -169,7 +169,7 @@ def test_bf16_model_statistics_are_exact_with_float32_heads():
 def test_auto_chunk_is_sized_for_the_device():
     """0 = auto: about 2^22 logits on the CPU; on a GPU from its free memory (a quarter of
     it for 8 float32 buffers of C x V), between the CPU's size and 8192 positions."""
-    from tipcli.stats import auto_chunk
+    from tipcli.ops.stats import auto_chunk
 
     V = 151_936
     assert auto_chunk(64, V, "cuda", free_bytes=10**12) == 64  # given: kept

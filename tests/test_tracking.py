@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
-from conftest import assert_one_line_error
 from tipcli.cli import app
 from tipcli.tracking import flatten
 
@@ -60,7 +60,7 @@ def test_train_writes_tensorboard_events_equal_to_metrics(tiny_score, tmp_path):
 def test_distill_logs_training_and_evaluation(tiny_pair, prompts_file, tmp_path):
     pytest.importorskip("tensorboard")
     from tipcli.configs import DistillConfig, resolve
-    from tipcli.distill import run_distill
+    from tipcli.stages.distill import run_distill
 
     run = run_distill(resolve(
         DistillConfig, student=str(tiny_pair[0]), teacher=str(tiny_pair[1]),

@@ -13,12 +13,13 @@ from conftest import assert_one_line_error, free_port
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from tipcli.catalog import LOSSES
 from tipcli.cli import app
 from tipcli.configs import resolve
 from tipcli.errors import ConfigError
-from tipcli.catalog import LOSSES
-from tipcli.shards import StageDir, StageWriter
-from tipcli.train import TrainConfig, run_train
+from tipcli.stages.train import TrainConfig, run_train
+from tipcli.store.layout import STAGES
+from tipcli.store.stagedir import StageDir, StageWriter
 
 runner = CliRunner()
 V = 100  # the tiny tokenizer; the tiny models have 13 padded output rows
@@ -65,8 +66,8 @@ def test_gathered_positions_equal_masked_full_logits(tiny_pair, tiny_score, loss
     from reference import reference_token_loss
     from transformers import AutoModelForCausalLM
 
-    from tipcli.forward import body_hidden, head_logits
-    from tipcli.train import distill_module, make_micro_batch
+    from tipcli.ops.forward import body_hidden, head_logits
+    from tipcli.stages.train import distill_module, make_micro_batch
 
     seqs = list(StageDir.open(tiny_score).iter_sequences())[:5]
     g = torch.Generator().manual_seed(0)
@@ -122,7 +123,7 @@ def test_kept_token_normalisation_is_global(tiny_score, tmp_path):
     m = _metrics(tmp_path / "a")[0]
     from transformers import AutoModelForCausalLM
 
-    from tipcli.train import distill_module, load_sequences, make_micro_batch, open_source
+    from tipcli.stages.train import distill_module, load_sequences, make_micro_batch, open_source
 
     cfg = _cfg(tiny_score, tmp_path / "x")
     seqs = load_sequences(cfg, open_source(cfg))[:8]
@@ -166,7 +167,7 @@ def test_two_processes_equal_one(tiny_score, tmp_path):
 
 
 def test_resume_after_a_stop_equals_no_stop(tiny_score, tmp_path, monkeypatch):
-    import tipcli.train.loop as train  # where the loop looks save_checkpoint up
+    import tipcli.trainer.loop as train  # where the loop looks save_checkpoint up
 
     cfg = dict(max_steps=5, save_every=2, train_batch_size=4, warmup=1)
     run_train(_cfg(tiny_score, tmp_path / "full", **cfg))
@@ -203,8 +204,8 @@ def _mean_rkl(student_dir, teacher_dir, score) -> float:
     """Full-vocabulary KL(p_s || p_t) averaged over the response tokens of ``score``."""
     from transformers import AutoModelForCausalLM
 
-    from tipcli.forward import collate, head_logits, response_hidden
-    from tipcli.stats import token_stats
+    from tipcli.ops.forward import collate, head_logits, response_hidden
+    from tipcli.ops.stats import token_stats
 
     s, t = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (student_dir, teacher_dir))
     batch = collate(list(StageDir.open(score).iter_sequences()), 0)
@@ -249,8 +250,8 @@ def test_other_losses_train(tiny_score, tmp_path, loss):
 def _write_selection(score, out, pick) -> Path:
     """A selection directory parallel to ``score`` with ``pick(shard) -> selected_T``."""
     d = StageDir.open(score)
-    w = StageWriter(out, "select", {"strategy": "handmade"}, d.manifest["models"],
-                    d.manifest["tokenizer"], parent=d)
+    w = StageWriter(STAGES["select"], out, {"strategy": "handmade"}).start(
+        d.manifest["models"], d.manifest["tokenizer"], parent=d)
     for i, shard in enumerate(d.iter_shards()):
         sel = pick(shard)
         quad = (torch.arange(sel.numel()) % 4 + 1).to(torch.uint8)
@@ -278,7 +279,7 @@ def test_selection_directory_trains_on_its_tokens_only(tiny_score, tmp_path):
 
 def test_soft_or_on_the_fly_matches_selection_by_shard(tiny_score, tmp_path):
     from tipcli.configs import Selection
-    from tipcli.select import selection_by_shard
+    from tipcli.stages.select import selection_by_shard
 
     out = run_train(_cfg(tiny_score, tmp_path / "t", strategy="soft-or", keep=0.5,
                          train_batch_size=12, max_steps=1))
@@ -341,7 +342,7 @@ def test_error_rollout_has_no_teacher_signal(tiny_rollout, tmp_path):
 
 
 def test_error_topk_loss_on_score_without_topk(tiny_pair, tiny_rollout, tmp_path):
-    from tipcli.score import ScoreConfig, run_score
+    from tipcli.stages.score import ScoreConfig, run_score
 
     score = run_score(resolve(ScoreConfig, rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
                                   output=str(tmp_path / "s"), teacher_top_k=0))

@@ -5,8 +5,17 @@ from fractions import Fraction
 import pytest
 
 from tipcli.errors import TipError
-from tipcli.verify import (auto, boxed, exact, find_numbers, get_verifier, last_boxed, last_number,
-                           normalize_latex, parse_number)
+from tipcli.ops.verify import (
+    auto,
+    boxed,
+    exact,
+    find_numbers,
+    get_verifier,
+    last_boxed,
+    last_number,
+    normalize_latex,
+    parse_number,
+)
 
 
 @pytest.mark.parametrize("text,value", [
@@ -90,7 +99,7 @@ def test_user_verifier_from_module_and_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec,needle", [
     ("no_such_module_xyz:f", "could not import verifier 'no_such_module_xyz:f'"),
-    ("tipcli.verify:no_such_function", "has no function 'no_such_function'"),
+    ("tipcli.ops.verify:no_such_function", "has no function 'no_such_function'"),
     ("/nonexistent/file.py:f", "could not import verifier"),
     ("nonsense", "unknown verifier 'nonsense'"),
 ])

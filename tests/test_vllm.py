@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 pytestmark = pytest.mark.vllm
 ENV = {**os.environ, "TIP_QUIET": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -25,7 +25,7 @@ V = 100  # the tiny tokenizer's vocabulary; the models have 13 padded output row
 def vllm_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Tiny models vLLM's CPU attention serves (head size 32; it refuses 8)."""
     pytest.importorskip("vllm")
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     out, tok = tmp_path_factory.mktemp("vllm-models"), build_tokenizer()
     for name, seed in (("student", 0), ("teacher", 1)):
@@ -59,7 +59,7 @@ def _truncated_logprobs(model, seq, temperature, top_k, top_p) -> torch.Tensor:
 
 def test_rollout_log_probs_are_the_truncated_sampling_distribution(vllm_pair, prompts_file,
                                                                    tmp_path):
-    from tipcli.models import load_model
+    from tipcli.models.loading import load_model
 
     args = ["rollout", "-s", vllm_pair[0], "-p", prompts_file, "--backend", "vllm",
             "--num-samples", "3", "--max-new-tokens", "16", "--temperature", "0.7",
@@ -92,7 +92,7 @@ def test_distill_samples_each_iteration_from_the_trained_student(vllm_pair, prom
                                                                  tmp_path):
     """The engine starts with the first student and gets each trained one in place: the
     second iteration's log-probs are the first iteration's trained weights'."""
-    from tipcli.models import load_model
+    from tipcli.models.loading import load_model
 
     run = tmp_path / "run"
     _tip("distill", "-s", vllm_pair[0], "-t", vllm_pair[1], "-p", prompts_file, "-o", run,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import free_port
 
-from tipcli.shards import StageDir
+from tipcli.store.stagedir import StageDir
 
 pytestmark = pytest.mark.vllm
 ENV = {**os.environ, "TIP_QUIET": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -30,7 +30,7 @@ def unpadded_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Tiny models vLLM serves (head size 32) with no logit columns past the tokenizer:
     a server's log-softmax spans every column of the model, tip's the real vocabulary."""
     pytest.importorskip("vllm")
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     out, tok = tmp_path_factory.mktemp("served-models"), build_tokenizer()
     for name, seed in (("student", 0), ("teacher", 1)):
@@ -136,7 +136,7 @@ def test_server_dies_mid_run_and_the_run_resumes(unpadded_pair, rollout, tmp_pat
 
 
 def test_mismatched_tokenizer_and_small_max_logprobs(unpadded_pair, rollout, tmp_path):
-    from tipcli.tiny import build_model, build_tokenizer
+    from tipcli.models.tiny import build_model, build_tokenizer
 
     other = tmp_path / "other"
     tok = build_tokenizer(chars="abcdefghij0123456789 ")

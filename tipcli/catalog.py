@@ -2,7 +2,7 @@
 
 What a strategy ranks tokens by and which statistics it reads; what a loss compares, on
 which of the teacher's targets, and whether it needs the teacher loaded. The settings
-(``tipcli.configs``), selection (``tipcli.importance``), the losses (``tipcli.losses``),
+(``tipcli.configs``), selection (``tipcli.ops.selection``), the losses (``tipcli.ops.losses``),
 training and the loop read these tables instead of parsing names. Torch-free.
 """
 
@@ -27,7 +27,7 @@ class Strategy:
     quadrants: frozenset[int] = field(default=frozenset())  # a quadrant set: only these
 
     @property
-    def top_k(self) -> bool:
+    def budgeted(self) -> bool:
         """Whether it keeps a budget of ``--keep`` (every strategy but ``all``)."""
         return bool(self.ranks)
 
@@ -43,7 +43,7 @@ _TABLE = (
     Strategy("q3", "fkl*(1-h)", frozenset({"h", "fkl"})),            # the paper's Q3 selector
 )
 STRATEGIES = {s.name: s for s in _TABLE}
-TOPK_STRATEGIES = tuple(s.name for s in _TABLE if s.top_k)
+BUDGETED_STRATEGIES = tuple(s.name for s in _TABLE if s.budgeted)
 
 
 def strategy(name: str) -> Strategy:

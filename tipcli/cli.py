@@ -31,15 +31,15 @@ from tipcli.settings import help_text, leaf_map, leaves, old_names, resolve
 # command: the library function as "module:function", and its flags beyond the config's
 # (each command's help is its config's docstring)
 COMMANDS = {
-    "rollout": ("tipcli.rollout:run_rollout", ("overwrite",)),
-    "score": ("tipcli.score:run_score", ("overwrite",)),
-    "select": ("tipcli.select:run_select_cli", ("overwrite",)),
-    "train": ("tipcli.train:run_train_cli", ("overwrite", "resume")),
-    "report": ("tipcli.report:run_report_cli", ()),
-    "eval": ("tipcli.evaluate:run_eval_cli", ("overwrite",)),
-    "distill": ("tipcli.distill:run_distill", ("overwrite",)),
-    "demo": ("tipcli.demo:run_demo", ()),
-    "student": ("tipcli.student:run_student_cli", ("overwrite",)),
+    "rollout": ("tipcli.stages.rollout:run_rollout", ("overwrite",)),
+    "score": ("tipcli.stages.score:run_score", ("overwrite",)),
+    "select": ("tipcli.stages.select:run_select_cli", ("overwrite",)),
+    "train": ("tipcli.stages.train:run_train_cli", ("overwrite", "resume")),
+    "report": ("tipcli.stages.report:run_report_cli", ()),
+    "eval": ("tipcli.stages.evaluate:run_eval_cli", ("overwrite",)),
+    "distill": ("tipcli.stages.distill:run_distill", ("overwrite",)),
+    "demo": ("tipcli.stages.demo:run_demo", ()),
+    "student": ("tipcli.stages.student:run_student_cli", ("overwrite",)),
 }
 EXTRAS = {
     "config": typer.Option(None, "--config", help="Settings file (.json, .toml, .yaml; keys are "
@@ -134,8 +134,8 @@ def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
     args = [leaf.name for leaf in leaves(cls) if leaf.meta["argument"]]
 
     def command(**kw: Any) -> None:
-        from tipcli.files import read_path_arg
         from tipcli.progress import emit_path
+        from tipcli.store.files import read_path_arg
 
         run_kw = {k: kw.pop(k) for k in extras}
         config, cfg = kw.pop("config"), None

@@ -17,8 +17,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from tipcli.catalog import DIVERGENCES, LOSSES, STRATEGIES, strategy_problem
-from tipcli.settings import (STAGES, current_names, from_flat, group, resolve, setting,
-                             to_flat, validate)
+from tipcli.settings import (
+    STAGES,
+    current_names,
+    from_flat,
+    group,
+    resolve,
+    setting,
+    to_flat,
+    validate,
+)
 
 __all__ = ["from_flat", "resolve", "to_flat", "validate"]
 
@@ -174,11 +182,9 @@ class Sampling:
     num_samples: int = setting(1, "Responses sampled per prompt.", ge=1)
     temperature: float = setting(1.0, "Sampling temperature (0 = greedy).", ge=0)
     top_p: float = setting(1.0, "Nucleus sampling mass (1 = off).", gt=0, le=1)
-    top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0,
-                         name="sample_top_k")
+    sample_top_k: int = setting(0, "Sample among the k most likely tokens (0 = off).", ge=0)
     max_new_tokens: int = setting(256, "Most tokens per response.", ge=1)
-    batch_size: int = setting(8, "Sequences generated together.", ge=1,
-                              name="sample_batch_size")
+    sample_batch_size: int = setting(8, "Sequences generated together.", ge=1)
     long_prompts: str = setting("error", "A prompt too long for the model's context with "
                                 "--max-new-tokens: error, or truncate (keep its end, warn).",
                                 choices=("error", "truncate"))
@@ -193,14 +199,13 @@ class Sampling:
 class Scoring:
     """How the score stage computes per-token statistics."""
 
-    top_k: int = setting(64, "Teacher top-k ids and log-probs stored per token (0 = none).",
-                         ge=0, name="teacher_top_k")
-    temperature: float = setting(1.0, "Temperature applied to both models' logits.", gt=0,
-                                 name="score_temperature")
-    batch_size: int = setting(8, "Sequences per scoring forward pass.", ge=1,
-                              name="score_batch_size")
-    chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about 2^22 "
-                                 "logits).", ge=0, name="score_chunk_size")
+    teacher_top_k: int = setting(64, "Teacher top-k ids and log-probs stored per token (0 = "
+                                 "none).", ge=0)
+    score_temperature: float = setting(1.0, "Temperature applied to both models' logits.",
+                                       gt=0)
+    score_batch_size: int = setting(8, "Sequences per scoring forward pass.", ge=1)
+    score_chunk_size: int = setting(0, "Positions whose logits exist at once (0 = auto: about "
+                                       "2^22 logits).", ge=0)
     teacher_url: str = setting("", "A vLLM server (OpenAI-compatible, http://HOST:PORT, a "
                                "trailing /v1 allowed) serving --teacher: ask "
                                "it for the teacher's top-k instead of loading the teacher "
@@ -216,10 +221,10 @@ class Scoring:
         if not self.teacher_url:
             return []
         problems = []
-        if self.top_k < 1:
+        if self.teacher_top_k < 1:
             problems.append("--teacher-url needs --teacher-top-k of at least 1 (the server's "
                             "top-k is what the divergences are estimated from)")
-        if self.temperature != 1.0:
+        if self.score_temperature != 1.0:
             problems.append("--teacher-url gives the teacher's log-probs at temperature 1: "
                             "--score-temperature must be 1")
         return problems
@@ -256,8 +261,7 @@ class Optim:
     warmup: int = setting(0, "Linear warmup steps before the cosine decay.", ge=0)
     epochs: int = setting(1, "Passes over the data (ignored when --max-steps is set).", ge=1)
     max_steps: int = setting(0, "Optimizer steps to run (0 = --epochs passes).", ge=0)
-    batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1,
-                              name="train_batch_size")
+    train_batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1)
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", ge=1)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = no clipping).", ge=0)
     shuffle: bool = setting(True, "Shuffle sequences each epoch (seeded).")
@@ -269,8 +273,7 @@ class Training:
 
     loss: str = setting("rkl-topk", "Loss on the kept tokens (docs/training.md).",
                         choices=tuple(LOSSES))
-    chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1,
-                              name="train_chunk_size")
+    train_chunk_size: int = setting(256, "Kept positions whose logits exist at once.", ge=1)
     gradient_checkpointing: bool = setting(False, "Recompute the body's activations in "
                                                   "backward.")
     mixed_precision: str = setting("auto", "auto (bf16 on GPU, none on CPU), no, bf16.",
@@ -314,7 +317,7 @@ class RolloutConfig:
     runtime: Runtime = group(Runtime)
 
     def rules(self) -> list[str]:
-        if self.shard_size % self.sampling.batch_size:
+        if self.shard_size % self.sampling.sample_batch_size:
             return ["--shard-size must be a multiple of --sample-batch-size"]
         return []
 
@@ -403,7 +406,7 @@ class EvalConfig:
     output: str = _output("Output directory for per-prompt results (empty = write nothing).",
                           required=False)
     grading: Grading = group(Grading)
-    sampling: Sampling = group(Sampling, temperature=0.0, batch_size=32)
+    sampling: Sampling = group(Sampling, temperature=0.0, sample_batch_size=32)
     seed: int = _seed("Random seed for sampling.")
     source: PromptSource = group(PromptSource)
     runtime: Runtime = group(Runtime)
@@ -444,11 +447,12 @@ class DistillConfig:
                               ge=1)
     prompts_per_iteration: int = setting(0, "Prompts sampled for each iteration (0 = all).",
                                          ge=0)
-    sampling: Sampling = group(Sampling, num_samples=4, max_new_tokens=128, batch_size=16)
+    sampling: Sampling = group(Sampling, num_samples=4, max_new_tokens=128,
+                                sample_batch_size=16)
     scoring: Scoring = group(Scoring)
     selection: Selection = group(Selection)
     training: Training = group(Training)
-    optim: Optim = group(Optim, lr=1e-5, batch_size=8)
+    optim: Optim = group(Optim, lr=1e-5, train_batch_size=8)
     eval_prompts: str = setting("", "Held-out prompts to evaluate the student on, before the "
                                 "first iteration and after each (empty = no evaluation).")
     eval_max_prompts: int = setting(0, "Evaluate on the first N eval prompts (0 = all).", ge=0)

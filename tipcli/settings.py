@@ -31,16 +31,17 @@ STAGES: dict[str, type] = {}  # each stage's config by stage name (``tipcli.conf
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, required: bool = False, short: str | None = None,
-            argument: str | None = None, check: Callable[[Any], str | None] | None = None,
-            name: str | None = None) -> Any:
+            argument: str | None = None,
+            check: Callable[[Any], str | None] | None = None) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt`` bound numbers (floats must also be
     finite), ``choices`` lists the valid strings, ``check`` returns a problem or None,
     ``required`` refuses an empty string. ``short`` is a one-letter flag; ``argument``
     makes it the command's positional argument (its metavar), which accepts ``-`` for a
-    path read from stdin. ``name`` is its flat name (flag, settings-file key) where that
-    is not the field's own: one name meaning one thing in every command."""
+    path read from stdin. The field's name is the setting's one name: its flag, its key in
+    settings files and manifests, and its attribute (so a name shared by two groups, such as
+    a top-k, carries its group's prefix: ``sample_top_k``, ``teacher_top_k``)."""
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, required=required,
-                short=short, argument=argument, check=check, name=name)
+                short=short, argument=argument, check=check)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -87,7 +88,7 @@ def leaves(cls: type) -> tuple[Leaf, ...]:
                 out.append(Leaf(leaf.name, (f.name, *leaf.path), leaf.type,
                                 defaults.get(leaf.path[0], leaf.default), leaf.meta))
         else:
-            out.append(Leaf(f.metadata.get("name") or f.name, (f.name,), hints[f.name],
+            out.append(Leaf(f.name, (f.name,), hints[f.name],
                             f.default, dict(f.metadata)))
     names = [leaf.name for leaf in out]
     clash = sorted({n for n in names if names.count(n) > 1})

@@ -20,7 +20,7 @@ def split(run: Path, iteration: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-token reverse KL of one iteration's training rollouts, and its selection mask."""
     import torch
 
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     stage = run / f"iter-{iteration:03d}"
     rkl = [s["rkl"] for s in StageDir.open(stage / "score").iter_shards(("rkl",))]

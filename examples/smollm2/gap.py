@@ -149,7 +149,7 @@ def matched_share(work: Path, removed: int, seed: int) -> dict[str, float] | Non
 
     Iteration 0's rollout and scores depend on the student and the seed only, not on the
     row, so any row's run at this distance and seed serves."""
-    from tipcli.shards import StageDir, is_complete
+    from tipcli.store.stagedir import StageDir, is_complete
 
     for row in ROWS + EXTRA_ROWS:
         score = work / f"minus{removed}" / "runs" / f"{row}-s{seed}" / "iter-000" / "score"

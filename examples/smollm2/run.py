@@ -22,7 +22,7 @@ of 8 training prompts x 2 samples x up to 48 tokens, 4 AdamW steps of 4 sequence
 iteration, lr 1e-4, top-64 reverse KL); only ``--strategy`` and ``--keep`` change. Each
 run evaluates on 48 held-out prompts before training and after every 2nd iteration
 (``--eval-metric kl``: the student's reverse KL on its own samples, scored by the teacher,
-and the forward KL on the teacher's samples; ``tipcli.heldout``). Then iteration 0's
+and the forward KL on the teacher's samples; ``tipcli.stages.heldout``). Then iteration 0's
 selection is trained again in a fresh process to measure the peak memory and step time
 of `tip train` alone (``examples/measure.py``; seed 0 of each row).
 
@@ -92,11 +92,11 @@ def teacher_gguf() -> str:
 
 def build_student(teacher: str, removed: int = REMOVED) -> Path:
     """The teacher without its ``removed`` least harmful layers, cut once into tip's cache
-    (``tip student``: ``tipcli.student``)."""
+    (``tip student``: ``tipcli.stages.student``)."""
     from tipcli.configs import StudentConfig, resolve
-    from tipcli.models import cache_dir
-    from tipcli.shards import is_complete
-    from tipcli.student import run_student
+    from tipcli.models.loading import cache_dir
+    from tipcli.stages.student import run_student
+    from tipcli.store.stagedir import is_complete
 
     out = cache_dir() / "smollm2" / f"student-minus{removed}"
     if (out / "layers.json").is_file() or is_complete(out):  # layers.json: cut before tip student
@@ -114,8 +114,8 @@ def run_dir(args, row: Row, seed: int) -> Path:
 
 def run_one(row: Row, seed: int, args, student: str, teacher: str) -> dict[str, Any]:
     from tipcli.configs import DistillConfig, resolve
-    from tipcli.distill import run_distill
-    from tipcli.shards import is_complete
+    from tipcli.stages.distill import run_distill
+    from tipcli.store.stagedir import is_complete
 
     out = run_dir(args, row, seed)
     reused = is_complete(out)
@@ -161,7 +161,7 @@ def measure(run: Path, student: str, settings: dict[str, Any], seed: int, out: P
 
 def distinct2(rollout: Path) -> float:
     """Unique token bigrams (within responses) over all bigrams of a rollout's responses."""
-    from tipcli.shards import StageDir
+    from tipcli.store.stagedir import StageDir
 
     bigrams = [tuple(pair) for seq in StageDir.open(rollout).iter_sequences()
                for pair in zip(seq["response_ids"].tolist(), seq["response_ids"][1:].tolist())]
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         by_slug = {r.slug: r for r in ROWS}
         rows = tuple(by_slug[s] for s in args.rows.split(","))
     args.seeds = args.seeds or ([0, 1, 2] if args.full else [0])
-    from tipcli.shards import is_complete
+    from tipcli.store.stagedir import is_complete
 
     teacher = teacher_gguf()
     t0 = time.perf_counter()

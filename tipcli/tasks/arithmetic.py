@@ -20,7 +20,7 @@ import json
 import random
 from pathlib import Path
 
-from tipcli.files import write_atomic
+from tipcli.store.files import write_atomic
 
 TEST_SEED = 12345  # seed of the held-out test prompts (`held_out_prompts`)
 VALID_SEED = 777  # seed of the validation prompts the model builder checks against

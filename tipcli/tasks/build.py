@@ -4,7 +4,7 @@
     tip demo --rebuild --models DIR         # into DIR (e.g. tipcli/demo_models, to refresh
                                             # the pair the package ships)
 
-Small Llama models with the character tokenizer of ``tipcli.tiny``, trained by supervised
+Small Llama models with the character tokenizer of ``tipcli.models.tiny``, trained by supervised
 next-token training on worked examples (loss on response tokens only, fresh examples each
 step, never a validation or test prompt):
 
@@ -36,17 +36,23 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from tipcli import __version__
 from tipcli.configs import Sampling
+from tipcli.engines.hf import HFSampler
 from tipcli.errors import TipError
-from tipcli.evaluate import generate_responses
-from tipcli.files import atomic_dir, write_json_atomic
-from tipcli.models import quiet_transformers
+from tipcli.models.loading import quiet_transformers
+from tipcli.models.tiny import build_model, build_tokenizer
+from tipcli.ops.verify import last_number
 from tipcli.progress import progress_task
-from tipcli.sampling.hf import HFSampler
 from tipcli.settings import setting, to_flat, validate
-from tipcli.tasks.arithmetic import (NUM_HELD_OUT, TEST_SEED, VALID_SEED, make_problems,
-                                     random_problem, record)
-from tipcli.tiny import build_model, build_tokenizer
-from tipcli.verify import last_number
+from tipcli.stages.evaluate import generate_responses
+from tipcli.store.files import atomic_dir, write_json_atomic
+from tipcli.tasks.arithmetic import (
+    NUM_HELD_OUT,
+    TEST_SEED,
+    VALID_SEED,
+    make_problems,
+    random_problem,
+    record,
+)
 
 BUILD_RECORD = "build.json"
 PLACEHOLDER = "\x00"
@@ -136,7 +142,7 @@ def greedy_accuracy(model, tok, records: list[dict[str, str]], batch_size: int =
     """Share of ``records`` whose greedy response's last number equals the answer."""
     model.eval()
     prompts = [Encoder(tok).prompt(r["prompt"]) for r in records]
-    greedy = Sampling(temperature=0.0, max_new_tokens=48, batch_size=batch_size)
+    greedy = Sampling(temperature=0.0, max_new_tokens=48, sample_batch_size=batch_size)
     keys = [(i, 0) for i in range(len(prompts))]
     responses = generate_responses(HFSampler(model, tok), tok, prompts, keys, greedy, seed=0)
     return sum(last_number(s, r["answer"]) for s, r in zip(responses, records)) / len(records)

@@ -1,0 +1,159 @@
+"""The ``vllm`` sampler (``--backend vllm``): continuous batching and paged attention.
+
+    pip install 'tipcli[vllm]'          # on a CPU-only machine: see `make test-vllm`
+    tip rollout --student S --prompts P -o runs/rollout --backend vllm
+
+It writes the same shards as the ``hf`` sampler. What vLLM is asked for, and why:
+
+- each response is its own request (n = 1) with its own seed, from (--seed, prompt,
+  sample): vLLM draws a request's randomness from its own generator, so a response does
+  not depend on the batch, the shard or the number of processes it was sampled in;
+- ``logprobs_mode="processed_logprobs"``: the returned log-prob of each sampled token is
+  then under the distribution it was drawn from (temperature, then top-k, then top-p),
+  which is what ``rollout_logprob`` means (vLLM's default, raw log-probs, would be the
+  untruncated temperature-1 distribution);
+- ``generation_config="vllm"`` and explicit sampling parameters: nothing from a model's
+  ``generation_config.json`` changes the sampling; logit columns past the tokenizer's
+  vocabulary are never sampled (``allowed_token_ids``);
+- on the CPU only, ``enforce_eager=True`` and ``enable_chunked_prefill=False`` (seeded
+  requests with chunked prefill stop vLLM's CPU engine); a GPU keeps vLLM's defaults
+  (CUDA graphs, chunked prefill);
+- under a launcher, each process's engine sees one GPU: the ``LOCAL_RANK``-th entry of
+  the job's ``CUDA_VISIBLE_DEVICES`` (``tipcli.dist.processes.visible_device``).
+
+In `tip distill` the engine stays up for the whole run: after each iteration's training
+the new weights are written to a temporary safetensors file (with ``lm_head.weight`` even
+when it is tied to the embeddings: vLLM's CPU backend keeps its own copy) and loaded into
+the running engine (``reload_weights``), and its prefix cache is reset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tipcli.configs import Runtime, Sampling
+from tipcli.dist.processes import Processes, visible_device
+from tipcli.engines.common import Advance, flat_shard, item_seed
+from tipcli.errors import TipError, first_line
+from tipcli.models.loading import ModelSpec, _convert_gguf, real_vocab_size, resolve_device
+
+CPU_KV_CACHE_GIB = 2  # on CPU, unless VLLM_CPU_KVCACHE_SPACE says otherwise
+
+
+class VLLMSampler:
+    """A vLLM engine for one model (a ``Sampler``); ``sample_shard`` as the hf sampler's."""
+
+    name = "vllm"
+    model = None  # the engine holds its own copy of the weights
+
+    def __init__(self, name: str, tok, runtime: Runtime, procs: Processes = Processes(),
+                 gpu_memory: float = 0.85):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # before vllm is imported
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise TipError(f"--backend vllm needs vLLM: pip install 'tipcli[vllm]' (on a "
+                           f"CPU-only machine see `make test-vllm`) ({first_line(exc)})") from None
+        spec = ModelSpec.parse(name)
+        path = str(_convert_gguf(spec)) if spec.gguf_file else spec.path
+        device = resolve_device(runtime.device)
+        on_gpu = device.startswith("cuda")
+        if procs.world > 1 and on_gpu:  # one GPU per launched process, of the job's own
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(procs.local_rank)
+        dtype = runtime.dtype if runtime.dtype != "auto" else ("bfloat16" if on_gpu else
+                                                               "float32")
+        try:
+            self.llm = LLM(model=path, tokenizer=path, dtype=dtype, seed=0,
+                           logprobs_mode="processed_logprobs", generation_config="vllm",
+                           trust_remote_code=runtime.trust_remote_code,
+                           **engine_settings(on_gpu, gpu_memory))
+        except Exception as exc:  # vLLM raises many kinds for a model it cannot serve
+            raise TipError(f"vLLM could not load {name}: {first_line(exc)}") from None
+        self.tok = tok
+        self.vocab = real_vocab_size(tok)
+        model_config = self.llm.llm_engine.model_config
+        self.padded = model_config.get_vocab_size() > self.vocab
+        self.context = model_config.max_model_len
+        eos = {tok.eos_token_id} | set(_as_list(getattr(model_config.hf_config, "eos_token_id",
+                                                        None)))
+        self.eos = sorted(int(e) for e in eos if e is not None)
+        self.reload_seconds: list[float] = []
+
+    def _params(self, cfg: Sampling, seed: int):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1, temperature=cfg.temperature, top_p=cfg.top_p if cfg.temperature > 0 else 1.0,
+            top_k=cfg.sample_top_k if cfg.temperature > 0 else 0, max_tokens=cfg.max_new_tokens,
+            seed=seed, logprobs=0, stop_token_ids=self.eos, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0, detokenize=False,
+            allowed_token_ids=list(range(self.vocab)) if self.padded else None)
+
+    def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
+                     cfg: Sampling, seed: int, shard: int,
+                     advance: Advance | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """All of a shard's responses in one call; each response seeded from (seed, prompt,
+        sample), so ``shard`` does not matter."""
+        from vllm.inputs import TokensPrompt
+
+        params = [self._params(cfg, item_seed(seed, p, s)) for p, s in keys]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                 use_tqdm=False)
+        rows, logprobs = [], []
+        for out in outs:
+            c = out.outputs[0]
+            rows.append(list(c.token_ids))
+            logprobs.append(torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)],
+                                         dtype=torch.float32))
+        width = max((len(r) for r in rows), default=0)
+        logprob_BS = torch.zeros(len(rows), width)
+        for b, lp in enumerate(logprobs):
+            logprob_BS[b, :lp.numel()] = lp
+        out = flat_shard(prompts, rows, logprob_BS, self.eos)
+        if advance:
+            advance(len(prompts), int(out["response_mask"].sum()))
+        return out
+
+    def update_weights(self, model) -> float:
+        """Load ``model``'s weights into the running engine; the seconds it took."""
+        t0 = time.perf_counter()
+        shm = Path("/dev/shm")
+        folder = Path(tempfile.mkdtemp(prefix="tip-vllm-", dir=shm if shm.is_dir() else None))
+        try:
+            state = {k: v.detach().to("cpu", torch.float32).clone().contiguous()
+                     for k, v in model.state_dict().items()}  # tied lm_head.weight included
+            save_file(state, str(folder / "model.safetensors"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            self.llm.reset_prefix_cache()  # cached prompt blocks hold the old weights' keys
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.reload_seconds.append(time.perf_counter() - t0)
+        return self.reload_seconds[-1]
+
+    def close(self) -> None:
+        engine = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine is not None and hasattr(engine, "shutdown"):
+            engine.shutdown()
+
+
+def engine_settings(on_gpu: bool, gpu_memory: float) -> dict:
+    """What the engine is started with beyond the model: on a GPU the share of its memory
+    vLLM may take; on the CPU a KV cache size and the CPU workarounds (eager mode, no
+    chunked prefill), which a GPU does not need."""
+    if on_gpu:
+        return {"gpu_memory_utilization": gpu_memory}
+    return {"kv_cache_memory_bytes": int(os.environ.get("VLLM_CPU_KVCACHE_SPACE",
+                                                        CPU_KV_CACHE_GIB)) << 30,
+            "enforce_eager": True, "enable_chunked_prefill": False}
+
+
+def _as_list(v) -> list:
+    return v if isinstance(v, list) else [] if v is None else [v]

@@ -1,0 +1,196 @@
+"""`tip train`: distil the teacher into the student on the kept tokens only.
+
+    tip train runs/score --strategy soft-or --keep 0.5 --loss rkl-topk -o runs/train \
+        --lr 1e-5 --train-batch-size 4 --grad-accum 2 --max-steps 100 --save-every 50
+
+The input is a score directory (tokens selected on the fly with ``tip select``'s
+functions), a selection directory, or, for the ``*-full`` losses with ``--teacher``, a
+rollout directory (``data``). Each step runs the transformer body on whole sequences,
+gathers the hidden states at kept positions and applies the LM head and the loss in
+chunks whose logits are rebuilt in backward (``module``), normalised by the global number
+of kept tokens (``loop``).
+
+The output directory is a transformers checkpoint (``from_pretrained`` loads it, so it
+can be the next rollout's ``--student``) plus ``manifest.json`` (stage ``train``),
+``metrics.jsonl`` (one line per step), with ``--report-to`` the tracker's files under
+``logs/``, and, with ``--save-every``, the latest resumable state under ``checkpoints/``
+(``checkpoint``: JSON and safetensors only). ``--resume`` continues from it; on CPU the
+result equals an uninterrupted run. ``--fsdp`` shards the student over the processes with
+FSDP2 (``fsdp``); checkpoints and the output are the same whole state dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+
+from tipcli.configs import TrainConfig, to_flat
+from tipcli.dist import fsdp as fsdp2
+from tipcli.dist.processes import Processes
+from tipcli.errors import TipError, first_line
+from tipcli.models.loading import (
+    check_tokenizer_matches,
+    load_tokenizer,
+    model_ref,
+    quiet_transformers,
+    resolve_device,
+    tokenizer_info,
+)
+from tipcli.progress import Timer, console
+from tipcli.store.layout import METRICS, TRAIN
+from tipcli.store.stagedir import StageWriter, is_complete, read_manifest
+from tipcli.tracking import Tracker, check_available
+from tipcli.trainer.checkpoint import load_latest, saved_processes
+from tipcli.trainer.data import Source, load_sequences, make_micro_batch, open_source
+from tipcli.trainer.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
+from tipcli.trainer.module import DistillModule, distill_module
+
+__all__ = ["DistillModule", "TrainConfig", "accelerator_kwargs",
+           "distill_module", "load_sequences", "make_micro_batch", "open_source", "run_train",
+           "run_train_cli", "train_model"]
+
+
+def run_train(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train the student on the kept tokens of ``cfg.input``; returns the output directory."""
+    return train_model(cfg, overwrite, resume)[0]
+
+
+def run_train_cli(cfg: TrainConfig, overwrite: bool = False, resume: bool = False) -> Path:
+    """``run_train`` for the command line: one summary line on stderr (steps, final loss,
+    seconds), then the path."""
+    before = not overwrite and is_complete(cfg.output)
+    with Timer() as t:
+        out = run_train(cfg, overwrite, resume)
+    if os.environ.get("RANK", "0") == "0":
+        steps = (read_manifest(out) or {}).get("summary", {}).get("steps", 0)
+        lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
+        loss = json.loads(lines[-1]).get("loss") if lines else None
+        when = "finished earlier" if before else f"{t.seconds:.0f} s"
+        console.print(f"train: {steps} steps, final loss "
+                      f"{'-' if loss is None else f'{loss:.4f}'}, {when}", markup=False,
+                      highlight=False)
+    return out
+
+
+def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
+                student=None, teacher=None,
+                on_step: Callable[[dict[str, Any]], None] | None = None):
+    """``run_train`` on models that may already be loaded (see ``build_trainer``), with
+    ``on_step`` called with each step's metrics (``tip distill`` logs them to its tracker).
+
+    Returns the output directory and the trained student in eval mode, on every process
+    (under ``--fsdp`` a whole copy gathered from the shards); None when the run had
+    already completed and nothing was trained."""
+    run = StageWriter.for_run(TRAIN, cfg, overwrite)
+    check_available(cfg.training.report_to)
+    resolve_device(cfg.runtime.device)  # --device cuda on a machine without one is refused
+    quiet_transformers()
+    acc = make_accelerator(cfg)
+    src = open_source(cfg)
+    seqs = load_sequences(cfg, src)
+    tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
+    check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
+    _check_resume(cfg, overwrite, resume, acc.num_processes)
+    Processes(acc.process_index, acc.num_processes).agree(to_flat(cfg))  # launched alike
+    acc.wait_for_everyone()  # every process has checked before the main one writes
+    writer = _writer(run, cfg, src, tok, acc.num_processes) if acc.is_main_process else None
+    acc.wait_for_everyone()
+    if is_complete(cfg.output):  # the same run already completed: nothing to do
+        return Path(cfg.output), None
+    tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher)
+    try:
+        if resume:
+            load_latest(tr)
+        tracker = _tracker(cfg, acc, on_step)
+        tr.on_step = on_step or (lambda m: tracker.log(m, m["step"]))
+        try:
+            summary = run_loop(tr)
+        finally:
+            tracker.close()
+        _save_model(tr, tok)
+        if writer is not None:
+            writer.finish(summary)
+        acc.wait_for_everyone()
+        trained = tr.whole_student()  # under FSDP a whole copy on every process
+    finally:
+        tr.close()
+    acc.free_memory()  # drop the optimizer state and accelerate's references to the model
+    trained.eval()
+    trained.requires_grad_(False)
+    return Path(cfg.output), trained
+
+
+def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:
+    kind = cfg.training.report_to if acc.is_main_process and on_step is None else "none"
+    return Tracker(kind, cfg.output, "tip-train", to_flat(cfg))
+
+
+def _check_resume(cfg: TrainConfig, overwrite: bool, resume: bool, world: int) -> None:
+    old = read_manifest(cfg.output)
+    if overwrite and resume:
+        raise TipError("--resume and --overwrite exclude each other")
+    if resume and old is None:
+        raise TipError(f"--resume given but {cfg.output} holds no train run to resume")
+    if old is not None and not overwrite and not resume and not old.get("complete"):
+        raise TipError(f"{cfg.output} holds an unfinished train run; pass --resume to continue "
+                       "it or --overwrite to start again")
+    was = (old or {}).get("inputs", {}).get("global_batch")
+    now = global_batch(cfg, world)
+    if old is not None and not overwrite and isinstance(was, int) and was != now:
+        saved = saved_processes(cfg.output)
+        by = f" on {saved} process{'es' if saved > 1 else ''}" if saved else ""
+        raise TipError(
+            f"{cfg.output} was trained{by} with {was} sequences a step; this launch, on "
+            f"{world} process{'es' if world > 1 else ''} x --train-batch-size "
+            f"{cfg.optim.train_batch_size} x --grad-accum {cfg.optim.grad_accum}, would take {now} "
+            f"and read other batches: set --train-batch-size so that the product is {was}, "
+            "or pass --overwrite")
+
+
+def global_batch(cfg: TrainConfig, world: int) -> int:
+    """The sequences of one optimizer step over every process: the data order depends on
+    it alone (``data.step_indices``), not on how it is split between processes."""
+    return cfg.optim.train_batch_size * cfg.optim.grad_accum * world
+
+
+def _writer(run: StageWriter, cfg: TrainConfig, src: Source, tok, world: int) -> StageWriter:
+    models = {"student": model_ref(src.student)}
+    if cfg.teacher:
+        models["teacher"] = model_ref(cfg.teacher)
+    resolved = {**to_flat(cfg), "student": src.student,
+                "score_temperature": src.temperature}
+    if src.input.stage == "select":
+        resolved["selection"] = src.input.config
+    # the per-process batch may change on resume (another launch) as long as the global
+    # batch stays: the data order depends on it alone
+    return run.start(models, tokenizer_info(tok), parent=src.input, config=resolved,
+                     reads=(src.stats.path, src.student), launch=("train_batch_size",),
+                     inputs={"global_batch": global_batch(cfg, world)})
+
+
+def _save_model(tr, tok) -> None:
+    """The trained student as a plain transformers checkpoint at the top of the output;
+    under FSDP gathered and written a tensor at a time (``fsdp.save_whole``)."""
+    student = tr.acc.unwrap_model(tr.module).student
+    state = None if tr.fsdp else tr.model_state()
+    if tr.fsdp:  # every process takes part in gathering
+        fsdp2.save_whole(tr.module, tr.cfg.output, tr.acc.is_main_process)
+    if tr.acc.is_main_process:
+        try:
+            if tr.fsdp:
+                student.config.save_pretrained(tr.cfg.output)
+                if student.can_generate():
+                    student.generation_config.save_pretrained(tr.cfg.output)
+            else:
+                student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
+            tok.save_pretrained(tr.cfg.output)
+        except (OSError, SafetensorError) as exc:
+            raise TipError(f"could not save the trained model into {tr.cfg.output}: "
+                           f"{first_line(exc)}; free space, then run the same command with "
+                           "--resume (from its last checkpoint)") from None
+

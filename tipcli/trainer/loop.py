@@ -1,0 +1,323 @@
+"""The training loop: accelerate set-up, one optimizer step, metrics.
+
+The loss of a step is the sum over its kept tokens divided by the global number of kept
+tokens of that step, across micro-batches and processes, so it does not depend on how a
+step is split. Multi-process runs go through accelerate (DDP), or, with ``--fsdp``, shard
+the student with FSDP2 (``tipcli.dist.fsdp``)::
+
+    accelerate launch --multi_gpu --num_processes 2 -m tipcli train runs/score -o runs/train
+    torchrun --nproc_per_node 2 -m tipcli train runs/score -o runs/train --fsdp
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from transformers import get_cosine_schedule_with_warmup
+
+from tipcli.catalog import QUADRANTS
+from tipcli.configs import TrainConfig
+from tipcli.dist import fsdp as fsdp2
+from tipcli.errors import TipError, first_line
+from tipcli.models.loading import (
+    check_model_fits_vocab,
+    empty_model,
+    load_model,
+    real_vocab_size,
+    resolve_dtype,
+)
+from tipcli.models.teacher import ShardedTeacher, WholeTeacher, load_teacher
+from tipcli.ops.forward import head_logits
+from tipcli.progress import progress_task
+from tipcli.store.layout import METRICS
+from tipcli.trainer.checkpoint import save_checkpoint
+from tipcli.trainer.data import MicroBatch, Source, make_micro_batch, step_indices, steps_per_epoch
+from tipcli.trainer.module import DistillModule
+
+QUADRANT_NAMES = ("unknown", *QUADRANTS)  # code 0: not selected by quadrant (rollout input)
+
+
+def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """What the Accelerator is made with: the CPU when asked for (or when there is no GPU),
+    bf16 on GPU unless told otherwise (autocast; under ``--fsdp`` FSDP2's parameter
+    casting instead, see ``tipcli.dist.fsdp``)."""
+    device, mp = cfg.runtime.device, cfg.training.mixed_precision
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if mp == "auto":
+        mp = "no" if cpu else "bf16"
+    return {"cpu": cpu, "mixed_precision": mp}
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator; it starts the process group (with ``--dist-timeout``) unless
+    the caller did (``tip distill`` under a launcher)."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.runtime.dist_timeout))
+    try:
+        acc = Accelerator(**accelerator_kwargs(cfg), kwargs_handlers=[timeout])
+    except (RuntimeError, ValueError) as exc:  # e.g. an FSDP launch on a machine without GPUs
+        raise TipError(f"accelerate could not set up this launch: {first_line(exc)} "
+                       "(check the `accelerate launch` options or `accelerate config`)") from None
+    if cfg.training.fsdp and acc.distributed_type == DistributedType.FSDP:
+        raise TipError("--fsdp shards the student itself: launch with `accelerate launch "
+                       "--multi_gpu` or torchrun, without accelerate's --use_fsdp")
+    return acc
+
+
+class TrainState:
+    """The data position: the number of optimizer steps done."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs, prepared by accelerate."""
+
+    cfg: TrainConfig
+    acc: Accelerator
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    teacher: Any
+    t_head: Callable | None
+    seqs: list
+    pad_id: int
+    total_steps: int
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    fsdp: bool = False            # the module is sharded with FSDP2
+    own_group: bool = False       # a single process's group started for its mesh
+    own_teacher: bool = False     # the teacher was loaded here (not the caller's)
+
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(model, optimizer) state dicts, whole: on every process, or under FSDP on the
+        main one (keyed by parameter name; the others get empty dicts). Every process
+        must call it."""
+        if self.fsdp:
+            return fsdp2.full_state(self.module, self.optimizer)
+        return self.acc.unwrap_model(self.module).state_dict(), self.optimizer.state_dict()
+
+    @property
+    def reads_full_state(self) -> bool:
+        """Whether this process passes the whole state to ``load_full_state`` (under FSDP
+        the main process does and broadcasts it)."""
+        return not self.fsdp or self.acc.is_main_process
+
+    def load_full_state(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]) -> None:
+        if self.fsdp:
+            fsdp2.load_full_state(self.module, self.optimizer, model_sd, optim_sd)
+            return
+        self.acc.unwrap_model(self.module).load_state_dict(model_sd)
+        self.optimizer.load_state_dict(optim_sd)
+
+    def whole_student(self):
+        """The trained student with whole parameters, on every process: the model itself,
+        or under FSDP a copy built from the gathered shards. Every process must call it."""
+        if not self.fsdp:
+            return self.acc.unwrap_model(self.module).student
+        return fsdp2.whole_copy(self.module.student, self.module)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The student's whole state dict (on the main process under FSDP)."""
+        if self.fsdp:
+            state = fsdp2.full_model_state(self.module)
+        else:
+            state = self.acc.get_state_dict(self.module)
+        return {k.removeprefix("student."): v for k, v in state.items()}
+
+    def close(self) -> None:
+        """Close a teacher loaded here; end the process group a single-process FSDP run
+        started."""
+        if self.own_teacher:
+            self.teacher.close()
+        fsdp2.end_group(self.own_group)
+        self.own_group = False
+
+
+def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, student=None,
+                  teacher=None) -> Trainer:
+    """Models, optimizer and schedule. ``student`` (float32) and ``teacher`` may be given
+    already loaded (``tip distill`` keeps them between stages); else they are loaded."""
+    rt, opt = cfg.runtime, cfg.optim
+    torch.manual_seed(cfg.seed)
+    files = None  # under --fsdp: the student's tensors, each process reading its own rows
+    if student is None and cfg.training.fsdp:
+        student, files = empty_model(src.student, rt.trust_remote_code)
+    if student is None:
+        student = load_model(src.student, "cpu", torch.float32, rt.trust_remote_code)
+    elif student.dtype != torch.float32:
+        raise ValueError("a student handed to training must hold float32 weights")
+    student.requires_grad_(True)
+    check_model_fits_vocab(student, tok, src.student)
+    student.train()
+    if cfg.training.gradient_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None) or \
+            student.gradient_checkpointing_enable  # its name in older transformers
+        enable({"use_reentrant": False})
+    vocab = real_vocab_size(tok)
+    module = DistillModule(student, cfg.training.loss, vocab, src.temperature,
+                           cfg.training.train_chunk_size)
+    per_epoch = steps_per_epoch(len(seqs), cfg, acc.num_processes)
+    if per_epoch == 0:
+        raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
+                       f"{opt.train_batch_size * opt.grad_accum * acc.num_processes} (batch size x "
+                       "grad accum x processes); lower --train-batch-size or --grad-accum")
+    total = opt.max_steps or opt.epochs * per_epoch
+    fsdp = cfg.training.fsdp
+    mesh, own_group = fsdp2.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
+    try:
+        if fsdp:
+            fsdp2.shard(module, mesh, bf16=accelerator_kwargs(cfg)["mixed_precision"] == "bf16")
+            if files is not None:
+                fsdp2.load_shards(module, files, acc.device)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr,
+                                      weight_decay=opt.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
+        if not fsdp:
+            module, optimizer = acc.prepare(module, optimizer)
+        given = teacher
+        teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
+    except BaseException:
+        fsdp2.end_group(own_group)  # a single process's group is not left behind
+        raise
+    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher, t_head, seqs,
+                   tok.pad_token_id, total, fsdp=fsdp, own_group=own_group,
+                   own_teacher=teacher is not None and teacher is not given)
+
+
+def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
+    """The teacher for the full-vocabulary losses only: as given (a loaded model, or the
+    loop's whole or sharded teacher), else loaded; sharded with ``--shard-teacher``."""
+    if not cfg.teacher:
+        return None, None
+    if not isinstance(teacher, (ShardedTeacher, WholeTeacher)):
+        rt = cfg.runtime
+        if teacher is None:
+            teacher = load_teacher(cfg.teacher, str(acc.device),
+                                   resolve_dtype(rt.dtype, acc.device.type), rt,
+                                   SimpleNamespace(world=acc.num_processes))
+            check_model_fits_vocab(teacher.model, tok, cfg.teacher)
+            return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
+        if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
+            teacher.to(acc.device)
+        check_model_fits_vocab(teacher, tok, cfg.teacher)
+        teacher.requires_grad_(False)
+        teacher = ShardedTeacher(teacher, acc.device, acc.num_processes) \
+            if rt.shard_teacher else WholeTeacher(teacher)
+    return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def train_step(tr: Trainer, step: int) -> dict[str, Any]:
+    """One optimizer step over this process's micro-batches; returns global metrics."""
+    acc = tr.acc
+    micro = [make_micro_batch([tr.seqs[i] for i in idx], tr.pad_id)
+             for idx in step_indices(len(tr.seqs), step, tr.cfg, acc.num_processes,
+                                     acc.process_index)]
+    kept = acc.reduce(torch.tensor(float(sum(m.rows_K.numel() for m in micro)),
+                                   device=acc.device), "sum")
+    scale = acc.num_processes / kept  # DDP and FSDP2 average gradients over processes
+    quad_loss, quad_count = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    tokens = 0
+    for j, mb in enumerate(micro):
+        sync = j == len(micro) - 1
+        # FSDP2 reduce-scatters every micro-batch's gradients, so they stay sharded
+        with contextlib.nullcontext() if sync or tr.fsdp else acc.no_sync(tr.module), \
+                tr.teacher.gathered_head() if tr.teacher else contextlib.nullcontext():
+            loss_sum, loss_K = _forward(tr, mb)
+            acc.backward(loss_sum * scale)  # the teacher's logits are rebuilt in backward
+        quad = mb.quadrant_K.long()
+        quad_loss.index_add_(0, quad, loss_K.double().cpu())
+        quad_count.index_add_(0, quad, torch.ones_like(quad, dtype=torch.float64))
+        tokens += int(mb.attention_mask_BT.sum())
+    max_norm = tr.cfg.optim.max_grad_norm or float("inf")
+    if tr.fsdp:
+        grad_norm = fsdp2.clip_grad_norm(tr.module.parameters(), max_norm)
+    else:
+        grad_norm = acc.clip_grad_norm_(tr.module.parameters(), max_norm)
+    lr = tr.scheduler.get_last_lr()[0]
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    return _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
+
+
+def _forward(tr: Trainer, mb: MicroBatch):
+    dev = tr.acc.device
+    targets = {k: v.to(dev) for k, v in mb.targets.items()}
+    rows, cols = mb.rows_K.to(dev), mb.cols_K.to(dev)
+    ids, mask = mb.input_ids_BT.to(dev), mb.attention_mask_BT.to(dev)
+    t_hidden = None
+    # a sharded teacher's forward is a collective: every process runs it
+    if tr.teacher is not None and (rows.numel() or isinstance(tr.teacher, ShardedTeacher)):
+        hidden = tr.teacher.hidden(ids, mask)
+        t_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
+    return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
+
+
+def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr) -> dict:
+    sums = acc.reduce(torch.cat([quad_loss, quad_count, torch.tensor([float(tokens)],
+                                dtype=torch.float64)]).to(acc.device), "sum").cpu()
+    q_loss, q_count = sums[:5], sums[5:10]
+    by_quad = {QUADRANT_NAMES[q]: float(q_loss[q] / q_count[q]) for q in range(5)
+               if q_count[q] > 0}
+    return {"step": step + 1, "loss": float(q_loss.sum() / kept.cpu()),
+            "kept_tokens": int(kept), "tokens": int(sums[10]),
+            "loss_by_quadrant": by_quad,
+            "kept_by_quadrant": {QUADRANT_NAMES[q]: int(q_count[q]) for q in range(5)
+                                 if q_count[q] > 0},
+            "grad_norm": float(grad_norm), "lr": lr}
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def run_loop(tr: Trainer) -> dict[str, Any]:
+    """Steps from the trainer's position to the end, logging each and saving a checkpoint
+    every ``save_every`` steps; returns the run's summary."""
+    acc, last = tr.acc, {}
+    with progress_task("train", tr.total_steps, acc.is_main_process,
+                       completed=tr.state.step) as advance:
+        while tr.state.step < tr.total_steps:
+            t0 = time.perf_counter()
+            last = train_step(tr, tr.state.step)
+            last["tokens_per_s"] = last["tokens"] / (time.perf_counter() - t0)
+            tr.state.step += 1
+            _log(tr, last)
+            advance(1, tokens=last["tokens"])
+            if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0:
+                save_checkpoint(tr)
+    return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs),
+            "numel_per_process": numel_per_process(tr)}
+
+
+def numel_per_process(tr: Trainer) -> dict[str, list[int]]:
+    """Parameter and optimizer-state elements each process holds (by rank): all of them
+    in every process with DDP, about 1/processes each under FSDP."""
+    mine = fsdp2.local_numel(tr.module, tr.optimizer)
+    keys = sorted(mine)
+    every = tr.acc.gather(torch.tensor([[mine[k] for k in keys]], dtype=torch.int64,
+                                       device=tr.acc.device)).cpu()
+    return {k: [int(x) for x in every[:, i]] for i, k in enumerate(keys)}
+
+
+def _log(tr: Trainer, metrics: dict[str, Any]) -> None:
+    if tr.acc.is_main_process:
+        with open(Path(tr.cfg.output) / METRICS, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if tr.on_step is not None:
+            tr.on_step(metrics)
