@@ -28,7 +28,7 @@ from tipcli.store.files import write_atomic
 from tipcli.store.stagedir import StageDir
 from tipcli.tasks.arithmetic import held_out_prompts, write_prompts
 
-SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "demo_models"
 
 # The settings the demo runs with; `tip distill --help` documents each one. lr 3e-5, not
 # 1e-4: a student close to its teacher (the pair another CPU builds, 0.675 to start) swung
