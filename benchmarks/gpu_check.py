@@ -92,7 +92,7 @@ def sampler_throughput(model: Path, args, backend: str) -> dict:
     out = sampler.sample_shard(items, keys, cfg, seed=0, shard=0)
     sync()
     seconds = time.perf_counter() - t0
-    tokens = int(out["response_mask"].sum())
+    tokens = out.num_tokens
     if backend == "vllm":
         sampler.close()
     return {"startup_seconds": round(startup, 2), "seconds": round(seconds, 3),

@@ -68,7 +68,7 @@ def main() -> None:
             t0 = time.perf_counter()
             out = sampler.sample_shard(items, keys, cfg, seed=r, shard=0)
             seconds = time.perf_counter() - t0
-            tokens = int(out["response_mask"].sum())
+            tokens = out.num_tokens
             result["backends"][backend]["rounds"].append(
                 {"seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds,
                  "load_average_at_start": load})

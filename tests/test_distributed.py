@@ -239,18 +239,18 @@ def test_device_map_is_refused_under_a_launcher(tiny_pair, many_prompts, tmp_pat
 def test_device_map_spreads_the_teacher_in_one_process(tiny_pair, many_prompts, tmp_path,
                                                        monkeypatch):
     """In one process --device-map reaches the teacher's loading."""
-    import tipcli.models.teacher as sharded_mod
+    import tipcli.models.loading as loading_mod
     import tipcli.stages.distill as distill_mod
     from tipcli.configs import DistillConfig, resolve
 
     seen = []
-    real = sharded_mod.load_model  # where the teacher is loaded
+    real = loading_mod.load_model  # where every model is loaded
 
     def spy(name, *args, **kw):
         seen.append((name, args[3:] if len(args) > 3 else ()))
         return real(name, *args, **kw)
 
-    monkeypatch.setattr(sharded_mod, "load_model", spy)
+    monkeypatch.setattr(loading_mod, "load_model", spy)
     cfg = resolve(DistillConfig, student=str(tiny_pair[0]), teacher=str(tiny_pair[1]),
                   prompts=str(many_prompts), output=str(tmp_path / "o"), iterations=1,
                   num_samples=1, max_new_tokens=4, max_steps=1, device="cpu",

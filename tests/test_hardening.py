@@ -54,10 +54,10 @@ def test_planted_pickles_in_a_checkpoint_never_run(tiny_score, tmp_path, monkeyp
     assert runner.invoke(app, ["train", str(tiny_score), "-o", str(full), *TRAIN]).exit_code == 0
     real = loop.train_step
 
-    def stop_at_third(tr, step):
+    def stop_at_third(tr, step, *rest):
         if step == 2:  # after step 2's checkpoint
             raise KeyboardInterrupt
-        return real(tr, step)
+        return real(tr, step, *rest)
 
     monkeypatch.setattr(loop, "train_step", stop_at_third)
     assert runner.invoke(app, ["train", str(tiny_score), "-o", str(cut), *TRAIN]).exit_code == 130

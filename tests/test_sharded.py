@@ -109,8 +109,8 @@ def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, mon
 
     from transformers import AutoModelForCausalLM
 
-    from tipcli.models import teacher as sharded
-    from tipcli.models.teacher import ShardedTeacher, load_teacher
+    from tipcli.models import loading
+    from tipcli.models.teacher import ShardedTeacher, make_teacher
     from tipcli.ops.forward import body_hidden
 
     path = str(tiny_pair[1] if which == "untied" else tied_teacher)
@@ -119,10 +119,11 @@ def test_sharded_teacher_is_built_from_its_own_rows(tiny_pair, tied_teacher, mon
     def whole_load(*args, **kwargs):
         raise AssertionError("the sharded teacher was loaded whole")
 
-    monkeypatch.setattr(sharded, "load_model", whole_load)
+    monkeypatch.setattr(loading, "load_model", whole_load)
     rt = SimpleNamespace(shard_teacher=True, trust_remote_code=False, device_map="",
                          max_memory="")
-    teacher = load_teacher(path, "cpu", torch.float64, rt, SimpleNamespace(world=1))
+    teacher = make_teacher(path, loading.load_tokenizer(path), rt, SimpleNamespace(world=1),
+                           "cpu", torch.float64)
     try:
         assert isinstance(teacher, ShardedTeacher) and not teacher.model.training
         want = dict(whole.named_parameters())

@@ -35,9 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tipcli.dist.mesh import decoder_layers, end_group, load_shards, make_mesh  # noqa: F401
-
-__all__ = ["decoder_layers", "end_group", "make_mesh"]  # shared with the sharded teacher
+from tipcli.dist.mesh import decoder_layers
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on rank 0, CPU
 SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)

@@ -43,7 +43,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
-def load_shards(module: torch.nn.Module, files: dict[str, str], device) -> None:
+def load_sharded_weights(module: torch.nn.Module, files: dict[str, str], device) -> None:
     """Give a module sharded on the meta device its parameters: each process reads only
     its own rows of every tensor from the checkpoint's safetensors ``files`` (tensor name
     -> file), so no process ever holds the whole model. ``module`` is a model, or a

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from tipcli.records import RolloutBatch
 from tipcli.store.stagedir import FINISH_EOS, FINISH_LENGTH, offsets
 
 Advance = Callable[[int, int], None]  # a sampler's progress: (sequences, tokens) just done
@@ -39,39 +40,46 @@ def eos_ids(model, tok) -> list[int]:
     return [int(i) for i in ids]
 
 
-def flat_shard(prompts: list[list[int]], rows: list[list[int]], logprob_BS: torch.Tensor,
-               eos: list[int]) -> dict[str, torch.Tensor]:
-    """A rollout shard's tensors from generated rows, each cut after its first EOS
-    (``logprob_BS``: each generated token's log-prob, row by row)."""
-    responses, finish, logprobs = [], [], []
-    for b, row in enumerate(rows):
-        cut = next((i for i, t in enumerate(row) if t in eos), None)
-        keep = cut + 1 if cut is not None else len(row)
-        responses.append(row[:keep])
-        logprobs.append(logprob_BS[b, :keep])
-        finish.append(FINISH_EOS if cut is not None else FINISH_LENGTH)
-    tokens = [t for r in responses for t in r]
-    return {
-        "prompt_ids": torch.tensor([t for p in prompts for t in p], dtype=torch.int32),
-        "prompt_offsets": offsets([len(p) for p in prompts]),
-        "response_ids": torch.tensor(tokens, dtype=torch.int32),
-        "response_offsets": offsets([len(r) for r in responses]),
-        "response_mask": torch.ones(len(tokens), dtype=torch.bool),
-        "rollout_logprob": torch.cat(logprobs).float() if logprobs else torch.zeros(0),
-        "finish_reason": torch.tensor(finish, dtype=torch.uint8),
-    }
+def flat_shard(prompts: list[list[int]], new_BS: torch.Tensor, logprob_BS: torch.Tensor,
+               eos: list[int], keys: list[tuple[int, int]] | None = None,
+               lengths_B: torch.Tensor | None = None) -> RolloutBatch:
+    """A rollout shard from generated rows ``new_BS`` (each row's first ``lengths_B``
+    tokens generated, all of them when not given), each cut after its first EOS; on the
+    rows' device, one copy to the host at the end. ``logprob_BS``: each generated token's
+    log-prob; ``keys``: each row's (prompt, sample) index."""
+    B, S = new_BS.shape
+    steps_BS = torch.arange(S, device=new_BS.device).expand(B, S)
+    generated_BS = steps_BS < (lengths_B.to(new_BS.device)[:, None] if lengths_B is not None
+                               else S)
+    is_eos_BS = torch.isin(new_BS, torch.tensor(eos, dtype=new_BS.dtype,
+                                                device=new_BS.device)) & generated_BS
+    stopped_B = is_eos_BS.any(1)
+    keep_B = torch.where(stopped_B, is_eos_BS.int().argmax(1) + 1, generated_BS.sum(1))
+    kept_BS = steps_BS < keep_B[:, None]
+    lengths = keep_B.cpu()
+    return RolloutBatch(
+        prompt_ids_L=torch.tensor([t for p in prompts for t in p], dtype=torch.int32),
+        prompt_offsets_N1=offsets([len(p) for p in prompts]),
+        response_ids_T=new_BS[kept_BS].to("cpu", torch.int32),
+        response_offsets_N1=offsets(lengths.tolist()),
+        response_mask_T=torch.ones(int(lengths.sum()), dtype=torch.bool),
+        rollout_logprob_T=logprob_BS.to(new_BS.device)[kept_BS].float().cpu(),
+        finish_reason_N=torch.where(stopped_B.cpu(), FINISH_EOS, FINISH_LENGTH).to(torch.uint8),
+        prompt_index_N=None if keys is None else torch.tensor([p for p, _ in keys]),
+        sample_index_N=None if keys is None else torch.tensor([s for _, s in keys]))
 
 
-def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join flat batch tensors, shifting offsets."""
-    out = {}
-    for name in parts[0]:
+def concat(parts: list[RolloutBatch]) -> RolloutBatch:
+    """Join batches of one shard, shifting offsets."""
+    joined = {}
+    for name in parts[0].tensors():
+        values = [p.tensors()[name] for p in parts]
         if name.endswith("_offsets"):
-            offs, base = [parts[0][name][:1]], 0
-            for p in parts:
-                offs.append(p[name][1:] + base)
-                base += int(p[name][-1])
-            out[name] = torch.cat(offs)
+            offs, base = [values[0][:1]], 0
+            for v in values:
+                offs.append(v[1:] + base)
+                base += int(v[-1])
+            joined[name] = torch.cat(offs)
         else:
-            out[name] = torch.cat([p[name] for p in parts])
-    return out
+            joined[name] = torch.cat(values)
+    return RolloutBatch.from_tensors(joined, parts[0].policy_version)

@@ -24,6 +24,7 @@ from transformers import (
 from tipcli.configs import Sampling
 from tipcli.engines.common import Advance, batch_seed, concat, eos_ids, flat_shard
 from tipcli.models.loading import model_vocab_size, real_vocab_size
+from tipcli.records import RolloutBatch
 
 # Settings a model's generation_config may carry that would change the sampling
 # distribution behind rollout_logprob's back. (transformers fills a None from the model's
@@ -33,26 +34,31 @@ NEUTRAL_GENERATION = dict(repetition_penalty=1.0, min_p=0.0, typical_p=1.0,
 
 
 class LogprobRecorder(LogitsProcessor):
-    """The last logits processor: keeps the log-softmax of the processed scores of each
-    step and, one step later (once the sampled token is in ``input_ids``), the sampled
-    token's entry. One (batch x vocabulary) buffer at a time."""
+    """The last logits processor: keeps each step's processed scores and their
+    log-normaliser and, one step later (once the sampled token is in ``input_ids``), the
+    sampled token's log-prob, on the device: no (batch x vocabulary) log-softmax and no copy
+    to the host per step."""
 
     def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None
+        self.prev: torch.Tensor | None = None      # the last step's scores [B, V]
+        self.prev_lse: torch.Tensor | None = None  # their logsumexp [B], float32
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
         if self.prev is not None:
-            self.steps.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1).cpu())
-        self.prev = torch.log_softmax(scores.float(), -1)
+            self._record(input_ids[:, -1])
+        self.prev, self.prev_lse = scores, torch.logsumexp(scores.float(), -1)
         return scores
 
+    def _record(self, tokens_B: torch.Tensor) -> None:
+        picked_B = self.prev.gather(-1, tokens_B[:, None].to(self.prev.device)).squeeze(-1)
+        self.steps.append(picked_B.float() - self.prev_lse)
+
     def finish(self, last_B: torch.Tensor) -> torch.Tensor:
-        """float32 [B, steps]: the log-prob of every generated token."""
+        """float32 [B, steps], on the device: the log-prob of every generated token."""
         if self.prev is not None:
-            self.steps.append(self.prev.gather(-1, last_B[:, None].to(self.prev.device))
-                              .squeeze(-1).cpu())
-            self.prev = None
+            self._record(last_B)
+            self.prev = self.prev_lse = None
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(len(last_B), 0)
 
 
@@ -84,21 +90,22 @@ class HFSampler:
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,
                      advance: Advance | None = None
-                     ) -> dict[str, torch.Tensor]:
-        """A shard's responses, ``cfg.sample_batch_size`` at a time, each batch seeded from (seed,
-        shard, batch). ``keys`` (prompt, sample) are the vLLM sampler's seeds; unused here.
+                     ) -> RolloutBatch:
+        """A shard's responses, ``cfg.sample_batch_size`` at a time, each batch seeded from
+        (seed, shard, batch). ``keys`` (prompt, sample) name the responses (the vLLM
+        sampler's seeds); the batch, not they, seeds a draw here.
         ``advance(sequences, tokens)`` reports progress."""
-        parts = []
-        for bi in range(0, len(prompts), cfg.sample_batch_size):
-            torch.manual_seed(batch_seed(seed, shard, bi // cfg.sample_batch_size))
-            out = self.sample(prompts[bi:bi + cfg.sample_batch_size], cfg)
+        parts, size = [], cfg.sample_batch_size
+        for bi in range(0, len(prompts), size):
+            torch.manual_seed(batch_seed(seed, shard, bi // size))
+            out = self.sample(prompts[bi:bi + size], cfg, keys[bi:bi + size])
             parts.append(out)
             if advance:
-                advance(len(prompts[bi:bi + cfg.sample_batch_size]),
-                        int(out["response_mask"].sum()))
+                advance(out.num_sequences, out.num_tokens)
         return concat(parts)
 
-    def sample(self, prompts: list[list[int]], cfg: Sampling) -> dict[str, torch.Tensor]:
+    def sample(self, prompts: list[list[int]], cfg: Sampling,
+               keys: list[tuple[int, int]] | None = None) -> RolloutBatch:
         """One left-padded batch; the caller seeds torch's generator first."""
         width = max(len(p) for p in prompts)
         pad = self.tok.pad_token_id
@@ -115,9 +122,9 @@ class HFSampler:
                                       logits_processor=_processors(cfg, recorder),
                                       **self._generate_kwargs(cfg))
         self.model.train(was_training)
-        new = out[:, width:].cpu()
-        logprob_BS = recorder.finish(new[:, -1])
-        return flat_shard(prompts, new.tolist(), logprob_BS, self.eos)
+        new_BS = out[:, width:]
+        logprob_BS = recorder.finish(new_BS[:, -1])
+        return flat_shard(prompts, new_BS, logprob_BS, self.eos, keys)
 
     def _generate_kwargs(self, cfg: Sampling) -> dict:
         sample = cfg.temperature > 0  # the warpers are ours (``_processors``): none of its own

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import torch
-
 from tipcli.configs import Runtime, Sampling
 from tipcli.dist.processes import Processes
 from tipcli.engines.common import Advance
-from tipcli.models.loading import load_model, resolve_dtype
+from tipcli.models import loading
+from tipcli.models.loading import resolve_dtype
+from tipcli.records import RolloutBatch
 
 
 class Sampler(Protocol):
@@ -39,9 +39,9 @@ class Sampler(Protocol):
 
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,
-                     advance: Advance | None = None) -> dict[str, torch.Tensor]:
-        """The flat tensors of one rollout shard: a response to every prompt. ``keys`` are
-        the (prompt, sample) indices of the responses, ``shard`` the shard's index."""
+                     advance: Advance | None = None) -> RolloutBatch:
+        """One rollout shard's record: a response to every prompt. ``keys`` are the
+        (prompt, sample) indices of the responses, ``shard`` the shard's index."""
 
     def update_weights(self, model) -> float | None:
         """Sample from ``model``'s weights from now on (the student just trained); the
@@ -63,6 +63,6 @@ def make_sampler(name: str, tok, sampling: Sampling, runtime: Runtime,
 
     if model is None:
         device = procs.device_for(runtime.device)
-        model = load_model(name, device, resolve_dtype(runtime.dtype, device),
+        model = loading.load_model(name, device, resolve_dtype(runtime.dtype, device),
                            runtime.trust_remote_code)
     return HFSampler(model, tok)

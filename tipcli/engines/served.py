@@ -79,7 +79,7 @@ def served_url(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
-class ServedTeacher:
+class ServedClient:
     """The teacher named ``name`` on the vLLM server at ``url``, checked against the
     student's tokenizer ``tok`` and the top-k it must return; ``timeout`` seconds for one
     try's answer."""

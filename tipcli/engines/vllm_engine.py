@@ -43,6 +43,7 @@ from tipcli.dist.processes import Processes, visible_device
 from tipcli.engines.common import Advance, flat_shard, item_seed
 from tipcli.errors import TipError, first_line
 from tipcli.models.loading import ModelSpec, _convert_gguf, real_vocab_size, resolve_device
+from tipcli.records import RolloutBatch
 
 CPU_KV_CACHE_GIB = 2  # on CPU, unless VLLM_CPU_KVCACHE_SPACE says otherwise
 
@@ -99,7 +100,7 @@ class VLLMSampler:
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,
                      advance: Advance | None = None
-                     ) -> dict[str, torch.Tensor]:
+                     ) -> RolloutBatch:
         """All of a shard's responses in one call; each response seeded from (seed, prompt,
         sample), so ``shard`` does not matter."""
         from vllm.inputs import TokensPrompt
@@ -114,12 +115,15 @@ class VLLMSampler:
             logprobs.append(torch.tensor([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)],
                                          dtype=torch.float32))
         width = max((len(r) for r in rows), default=0)
+        new_BS = torch.full((len(rows), width), -1, dtype=torch.long)
         logprob_BS = torch.zeros(len(rows), width)
-        for b, lp in enumerate(logprobs):
+        for b, (row, lp) in enumerate(zip(rows, logprobs)):
+            new_BS[b, :len(row)] = torch.tensor(row, dtype=torch.long)
             logprob_BS[b, :lp.numel()] = lp
-        out = flat_shard(prompts, rows, logprob_BS, self.eos)
+        out = flat_shard(prompts, new_BS, logprob_BS, self.eos, keys,
+                         torch.tensor([len(r) for r in rows]))
         if advance:
-            advance(len(prompts), int(out["response_mask"].sum()))
+            advance(out.num_sequences, out.num_tokens)
         return out
 
     def update_weights(self, model) -> float:

@@ -49,18 +49,17 @@ from tipcli.configs import (
 )
 from tipcli.dist.processes import Processes, processes
 from tipcli.engines.sampler import Sampler, make_sampler
-from tipcli.engines.served import ServedTeacher
 from tipcli.errors import TipError
 from tipcli.models.loading import (
     check_same_vocab,
-    load_model,
     load_tokenizer,
     model_ref,
     resolve_dtype,
     tokenizer_info,
 )
 from tipcli.models.prompts import load_prompts
-from tipcli.models.teacher import load_teacher
+from tipcli.models.student import Student
+from tipcli.models.teacher import make_teacher
 from tipcli.progress import console
 from tipcli.stages.heldout import heldout_metrics, mean
 from tipcli.stages.rollout import run_rollout
@@ -149,23 +148,21 @@ class Loop:
         self.dtype = resolve_dtype(rt.dtype, self.device)
         # whole on this process's device (or spread with --device-map), sharded over all,
         # or served by its own engine
-        sc = cfg.scoring
-        self.teacher = ServedTeacher(sc.teacher_url, cfg.teacher, tok, sc.teacher_top_k,
-                                     sc.teacher_concurrency, sc.teacher_timeout) \
-            if sc.teacher_url else \
-            load_teacher(cfg.teacher, self.device, self.dtype, rt, procs)
+        self.teacher = make_teacher(cfg.teacher, tok, rt, procs, self.device, self.dtype,
+                                    scoring=cfg.scoring, student=cfg.student)
         self.tracker = Tracker(cfg.training.report_to if procs.main else "none", self.run,
                                "tip-distill", to_flat(cfg))
-        self.student_name, self.student, self.steps = cfg.student, None, 0
+        self.student_name, self.steps = cfg.student, 0
+        self.student: Student | None = None
         self._sampler: Sampler | None = None
         self.sampler_holds = ""  # the student whose weights the sampler has
         self.reload_seconds: list[float] = []
         self.history: list[dict[str, Any]] = []
 
-    def loaded_student(self):
+    def loaded_student(self) -> Student:
         if self.student is None:
-            self.student = load_model(self.student_name, self.device, self.dtype,
-                                      self.cfg.runtime.trust_remote_code)
+            self.student = Student.load(self.student_name, self.device, self.dtype,
+                                        self.cfg.runtime.trust_remote_code, version=self.steps)
         return self.student
 
     def say(self, label: str, row: dict[str, Any], seconds: float | None = None) -> None:
@@ -177,11 +174,12 @@ class Loop:
         student = self.loaded_student()
         if self._sampler is None:
             self._sampler = make_sampler(self.cfg.student, self.tok, self.cfg.sampling,
-                                         self.cfg.runtime, self.procs, model=student)
+                                         self.cfg.runtime, self.procs, model=student.model)
             self.sampler_holds = self.cfg.student
-        stale_model = self._sampler.model is not None and self._sampler.model is not student
+        stale_model = self._sampler.model is not None and \
+            self._sampler.model is not student.model
         if self.sampler_holds != self.student_name or stale_model:
-            seconds = self._sampler.update_weights(student)
+            seconds = student.sync(self._sampler)
             if seconds is not None:
                 self.reload_seconds.append(seconds)
             self.sampler_holds = self.student_name
@@ -190,7 +188,7 @@ class Loop:
     def evaluate_student(self, label, name: str, out: Path, step: int) -> dict[str, Any]:
         """Held-out metrics of the student ``name`` into ``out`` (logged; the initial
         evaluation also goes into the history)."""
-        row = heldout_metrics(self.cfg, name, self.loaded_student(), out, self.tok,
+        row = heldout_metrics(self.cfg, name, self.loaded_student().model, out, self.tok,
                               self.teacher, self.sampler())
         if label == "initial":
             self.history.append({"iteration": "initial", **row})
@@ -220,7 +218,7 @@ class Loop:
                                      lambda m, offset=self.steps: self.tracker.log(
                                          m, offset + m["step"]))
         if self.student is not None:  # the trained student stays loaded for the next one
-            self.student.to(self.dtype)
+            self.student.for_inference(self.dtype)
         self.steps += _train_steps(train)
         row["train_loss"] = _last_metrics(train).get("loss")
         previous, self.student_name = self.student_name, str(train)
@@ -265,9 +263,9 @@ def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {f"eval/{k}": row[k] for k in ("accuracy", "heldout_rkl", "heldout_fkl") if k in row}
 
 
-def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str, student,
-                         teacher, tok, sampler=None, procs: Processes = Processes()
-                         ) -> tuple[Path, dict[str, Any]]:
+def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
+                         student: Student, teacher, tok, sampler=None,
+                         procs: Processes = Processes()) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
     are kept); returns the selection directory and the iteration's summary row. Rollout
     and score share their shards over the processes; the main process selects."""
@@ -281,11 +279,11 @@ def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
         student=student_name, prompts=str(prompts), output=str(d / "rollout"),
         sampling=cfg.sampling, seed=cfg.seed * 1000 + i,
         shard_size=cfg.sampling.sample_batch_size * 16, runtime=cfg.runtime)),
-        model=student, tokenizer=tok, sampler=sampler)
+        model=student.model, tokenizer=tok, sampler=sampler, policy_version=student.version)
     score = run_score(validate(ScoreConfig(
         rollout=str(rollout), teacher=cfg.teacher, output=str(d / "score"),
         student=student_name, scoring=cfg.scoring, runtime=cfg.runtime)),
-        student=student, teacher=teacher, tokenizer=tok)
+        student=student.model, teacher=teacher, tokenizer=tok)
     select = d / "select"
     if procs.main:
         run_select(validate(SelectConfig(score=str(score), output=str(select),

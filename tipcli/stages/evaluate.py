@@ -176,7 +176,7 @@ def generate_responses(sampler, tok, prompts: list[list[int]], keys: list[tuple[
 
 
 def _decode(tok, batch) -> list[str]:
-    ids, offs = batch["response_ids"].tolist(), batch["response_offsets"].tolist()
+    ids, offs = batch.response_ids_T.tolist(), batch.response_offsets_N1.tolist()
     return [tok.decode(ids[a:b], skip_special_tokens=True) for a, b in zip(offs, offs[1:])]
 
 

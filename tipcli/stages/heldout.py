@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tipcli.configs import DistillConfig, EvalConfig, RolloutConfig, ScoreConfig, validate
+from tipcli.models.teacher import require_in_process
 from tipcli.stages.evaluate import run_eval
 from tipcli.stages.rollout import run_rollout
 from tipcli.stages.score import run_score
@@ -72,11 +73,15 @@ def kl(cfg: DistillConfig, name: str, model, out: Path, tok, teacher, sampler=No
     scored = run_score(validate(ScoreConfig(
         rollout=str(own), teacher=cfg.teacher, output=str(out / "score"), student=name,
         scoring=scoring, runtime=cfg.runtime)), student=model, teacher=teacher, tokenizer=tok)
+    # the teacher's own samples, once per run, by transformers' generate on the teacher in
+    # memory: no second engine beside the student's (--backend vllm)
     teachers = run_rollout(validate(RolloutConfig(
         student=cfg.teacher, prompts=cfg.eval_prompts,
-        output=str(Path(cfg.output) / "eval-teacher" / "rollout"), sampling=sampling,
-        seed=seed, shard_size=sampling.sample_batch_size * 16, source=_source(cfg),
-        runtime=cfg.runtime)), model=teacher.model, tokenizer=tok)
+        output=str(Path(cfg.output) / "eval-teacher" / "rollout"),
+        sampling=dataclasses.replace(sampling, backend="hf"), seed=seed,
+        shard_size=sampling.sample_batch_size * 16, source=_source(cfg),
+        runtime=cfg.runtime)), model=require_in_process(teacher, "--eval-metric kl").model,
+        tokenizer=tok)
     covered = run_score(validate(ScoreConfig(
         rollout=str(teachers), teacher=cfg.teacher, output=str(out / "teacher-score"),
         student=name, scoring=scoring, runtime=cfg.runtime)),

@@ -17,27 +17,30 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
+from types import SimpleNamespace
 
 from tipcli.configs import RolloutConfig
 from tipcli.dist.processes import processes
 from tipcli.engines.sampler import make_sampler
 from tipcli.errors import TipError
-from tipcli.models.loading import load_tokenizer, model_ref, tokenizer_info
+from tipcli.models.loading import load_config, load_tokenizer, model_ref, tokenizer_info
 from tipcli.models.prompts import encode_prompt, fit_context, load_prompts
+from tipcli.models.student import recorded_version
 from tipcli.progress import progress_task
 from tipcli.store.layout import ROLLOUT
 from tipcli.store.stagedir import StageWriter
 
 
 def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokenizer=None,
-                sampler=None) -> Path:
+                sampler=None, policy_version: int | None = None) -> Path:
     """Sample responses and write a rollout directory; returns its path.
 
     A ``model``/``tokenizer`` (or a whole ``sampler``) may be passed in already loaded
-    (the on-policy loop does). Under a launcher each process samples its share of the
-    shards (``tipcli.dist.processes``)."""
+    (the on-policy loop does); a sampler made here is made only when there is sampling to
+    do, and closed. ``policy_version``: the optimizer steps the student has taken in this
+    run (default: what its tip train directory records, else 0), kept in the manifest and
+    every shard's entry. Under a launcher each process samples its share of the shards
+    (``tipcli.dist.processes``)."""
     run = StageWriter.for_run(ROLLOUT, cfg, overwrite)
     rt, sampling = cfg.runtime, cfg.sampling
     procs = processes(rt.device, rt.dist_timeout)
@@ -47,25 +50,41 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise TipError(f"prompt {i} of {cfg.prompts} encodes to no tokens")
-    sampler = sampler or make_sampler(cfg.student, tok, sampling, rt, procs, model)
-    prompt_ids = fit_context(prompt_ids, sampler.context, sampling, cfg.prompts)
-    writer = run.start({"student": model_ref(cfg.student, sampler.model)}, tokenizer_info(tok),
-                        inputs={"prompts_sha256": ids_sha256(prompt_ids)}, procs=procs)
+    described = sampler.model if sampler else model
+    if described is None:  # the student's config tells its context: nothing loaded yet
+        described = SimpleNamespace(config=load_config(cfg.student, rt.trust_remote_code))
+    context = sampler.context if sampler else described.config.max_position_embeddings \
+        if hasattr(described.config, "max_position_embeddings") else None
+    prompt_ids = fit_context(prompt_ids, context, sampling, cfg.prompts)
+    version = recorded_version(cfg.student) if policy_version is None else policy_version
+    writer = run.start({"student": model_ref(cfg.student, described)}, tokenizer_info(tok),
+                       inputs={"prompts_sha256": ids_sha256(prompt_ids)}, procs=procs)
     seqs = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.num_samples)]
     shards = [seqs[a:a + cfg.shard_size] for a in range(0, len(seqs), cfg.shard_size)]
     if writer.complete:
         return writer.path
+    own = sampler is None
+    sampler = sampler or make_sampler(cfg.student, tok, sampling, rt, procs, model)
+    try:
+        _sample(cfg, sampler, writer, prompt_ids, shards, version, procs.main)
+    finally:
+        if own:
+            sampler.close()
+    return writer.finish({"num_sequences": len(seqs), "num_prompts": len(prompt_ids),
+                          "policy_version": version}, num_shards=len(shards))
+
+
+def _sample(cfg: RolloutConfig, sampler, writer, prompt_ids, shards, version: int,
+            main: bool) -> None:
+    """This process's shards, each a ``RolloutBatch`` written as it is drawn."""
     todo = writer.todo(len(shards))
-    with progress_task("rollout", sum(len(shards[si]) for si in todo), procs.main) as advance:
+    with progress_task("rollout", sum(len(shards[si]) for si in todo), main) as advance:
         for si in todo:
             items = shards[si]
-            out = sampler.sample_shard([prompt_ids[p] for p, _ in items], items, sampling,
-                                       cfg.seed, si, advance)
-            out["prompt_index"] = torch.tensor([p for p, _ in items])
-            out["sample_index"] = torch.tensor([s for _, s in items])
-            writer.write_shard(si, out)
-    return writer.finish({"num_sequences": len(seqs), "num_prompts": len(prompt_ids)},
-                         num_shards=len(shards))
+            batch = sampler.sample_shard([prompt_ids[p] for p, _ in items], items,
+                                         cfg.sampling, cfg.seed, si, advance)
+            batch.policy_version = version
+            writer.write_shard(si, batch.tensors(), policy_version=version)
 
 
 def ids_sha256(prompt_ids: list[list[int]]) -> str:

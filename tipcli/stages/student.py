@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM
 
 from tipcli.configs import StudentConfig, parse_layers
 from tipcli.errors import TipError
-from tipcli.models.loading import load_config, load_model, load_tokenizer, model_ref, tokenizer_info
+from tipcli.models import loading
+from tipcli.models.loading import load_config, load_tokenizer, model_ref, tokenizer_info
 from tipcli.progress import console
 from tipcli.store.layout import STUDENT
 from tipcli.store.stagedir import StageWriter, read_manifest
@@ -99,7 +100,7 @@ def run_student(cfg: StudentConfig, overwrite: bool = False) -> Path:
     writer = run.start({"teacher": model_ref(cfg.teacher)}, tokenizer_info(tok))
     if writer.complete:
         return writer.path
-    teacher = load_model(cfg.teacher, "cpu", "auto")
+    teacher = loading.load_model(cfg.teacher, "cpu", "auto")
     student = cut_layers(teacher, keep)
     student.save_pretrained(writer.path, safe_serialization=True)
     tok.save_pretrained(writer.path)

@@ -27,12 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
-
 from tipcli.configs import TrainConfig, to_flat
 from tipcli.dist import fsdp as fsdp2
 from tipcli.dist.processes import Processes
-from tipcli.errors import TipError, first_line
+from tipcli.errors import TipError
 from tipcli.models.loading import (
     check_tokenizer_matches,
     load_tokenizer,
@@ -41,9 +39,10 @@ from tipcli.models.loading import (
     resolve_device,
     tokenizer_info,
 )
+from tipcli.models.student import Student
 from tipcli.progress import Timer, console
 from tipcli.store.layout import METRICS, TRAIN
-from tipcli.store.stagedir import StageWriter, is_complete, read_manifest
+from tipcli.store.stagedir import StageDir, StageWriter, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
 from tipcli.trainer.checkpoint import load_latest, saved_processes
 from tipcli.trainer.data import Source, load_sequences, make_micro_batch, open_source
@@ -67,7 +66,7 @@ def run_train_cli(cfg: TrainConfig, overwrite: bool = False, resume: bool = Fals
     with Timer() as t:
         out = run_train(cfg, overwrite, resume)
     if os.environ.get("RANK", "0") == "0":
-        steps = (read_manifest(out) or {}).get("summary", {}).get("steps", 0)
+        steps = StageDir.open(out, stage="train").manifest["summary"]["steps"]
         lines = (out / METRICS).read_text().splitlines() if (out / METRICS).is_file() else []
         loss = json.loads(lines[-1]).get("loss") if lines else None
         when = "finished earlier" if before else f"{t.seconds:.0f} s"
@@ -78,14 +77,16 @@ def run_train_cli(cfg: TrainConfig, overwrite: bool = False, resume: bool = Fals
 
 
 def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
-                student=None, teacher=None,
-                on_step: Callable[[dict[str, Any]], None] | None = None):
+                student: Student | None = None, teacher=None,
+                on_step: Callable[[dict[str, Any]], None] | None = None
+                ) -> tuple[Path, Student | None]:
     """``run_train`` on models that may already be loaded (see ``build_trainer``), with
     ``on_step`` called with each step's metrics (``tip distill`` logs them to its tracker).
 
-    Returns the output directory and the trained student in eval mode, on every process
-    (under ``--fsdp`` a whole copy gathered from the shards); None when the run had
-    already completed and nothing was trained."""
+    Returns the output directory and the trained ``Student`` in eval mode, on every process
+    (under ``--fsdp`` a whole copy gathered from the shards), its policy version the
+    started one's plus the steps taken; None when the run had already completed and
+    nothing was trained."""
     run = StageWriter.for_run(TRAIN, cfg, overwrite)
     check_available(cfg.training.report_to)
     resolve_device(cfg.runtime.device)  # --device cuda on a machine without one is refused
@@ -112,6 +113,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
             summary = run_loop(tr)
         finally:
             tracker.close()
+        summary["policy_version"] = tr.student.version + summary["steps"]
         _save_model(tr, tok)
         if writer is not None:
             writer.finish(summary)
@@ -120,9 +122,8 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     finally:
         tr.close()
     acc.free_memory()  # drop the optimizer state and accelerate's references to the model
-    trained.eval()
-    trained.requires_grad_(False)
-    return Path(cfg.output), trained
+    return Path(cfg.output), Student(cfg.output, trained,
+                                     summary["policy_version"]).for_inference()
 
 
 def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:
@@ -176,21 +177,12 @@ def _writer(run: StageWriter, cfg: TrainConfig, src: Source, tok, world: int) ->
 def _save_model(tr, tok) -> None:
     """The trained student as a plain transformers checkpoint at the top of the output;
     under FSDP gathered and written a tensor at a time (``fsdp.save_whole``)."""
-    student = tr.acc.unwrap_model(tr.module).student
     state = None if tr.fsdp else tr.model_state()
     if tr.fsdp:  # every process takes part in gathering
         fsdp2.save_whole(tr.module, tr.cfg.output, tr.acc.is_main_process)
     if tr.acc.is_main_process:
-        try:
-            if tr.fsdp:
-                student.config.save_pretrained(tr.cfg.output)
-                if student.can_generate():
-                    student.generation_config.save_pretrained(tr.cfg.output)
-            else:
-                student.save_pretrained(tr.cfg.output, state_dict=state, safe_serialization=True)
-            tok.save_pretrained(tr.cfg.output)
-        except (OSError, SafetensorError) as exc:
-            raise TipError(f"could not save the trained model into {tr.cfg.output}: "
-                           f"{first_line(exc)}; free space, then run the same command with "
-                           "--resume (from its last checkpoint)") from None
+        if tr.fsdp:
+            tr.student.save_config(tr.cfg.output, tok)
+        else:
+            tr.student.save(tr.cfg.output, tok, state)
 

@@ -154,6 +154,13 @@ class StageDir:
         return self.manifest["shards"]
 
     @property
+    def policy_version(self) -> int:
+        """The policy version of the student that sampled its data (``tipcli.records``); 0
+        for a directory written before tip recorded it."""
+        version = self.manifest["summary"].get("policy_version", 0)
+        return version if isinstance(version, int) else 0
+
+    @property
     def num_sequences(self) -> int:
         return sum(s["num_sequences"] for s in self.shards)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,16 +30,15 @@ from transformers import get_cosine_schedule_with_warmup
 from tipcli.catalog import QUADRANTS
 from tipcli.configs import TrainConfig
 from tipcli.dist import fsdp as fsdp2
+from tipcli.dist import mesh as mesh_lib
 from tipcli.errors import TipError, first_line
 from tipcli.models.loading import (
     check_model_fits_vocab,
-    empty_model,
-    load_model,
     real_vocab_size,
     resolve_dtype,
 )
-from tipcli.models.teacher import ShardedTeacher, WholeTeacher, load_teacher
-from tipcli.ops.forward import head_logits
+from tipcli.models.student import Student
+from tipcli.models.teacher import make_teacher, require_in_process
 from tipcli.progress import progress_task
 from tipcli.store.layout import METRICS
 from tipcli.trainer.checkpoint import save_checkpoint
@@ -97,6 +97,7 @@ class Trainer:
     pad_id: int
     total_steps: int
     on_step: Callable[[dict[str, Any]], None] | None = None
+    student: Student | None = None  # what is trained, and how it is saved
     fsdp: bool = False            # the module is sharded with FSDP2
     own_group: bool = False       # a single process's group started for its mesh
     own_teacher: bool = False     # the teacher was loaded here (not the caller's)
@@ -142,96 +143,101 @@ class Trainer:
         started."""
         if self.own_teacher:
             self.teacher.close()
-        fsdp2.end_group(self.own_group)
+        mesh_lib.end_group(self.own_group)
         self.own_group = False
 
 
-def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok, student=None,
-                  teacher=None) -> Trainer:
+def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
+                  student: Student | None = None, teacher=None) -> Trainer:
     """Models, optimizer and schedule. ``student`` (float32) and ``teacher`` may be given
     already loaded (``tip distill`` keeps them between stages); else they are loaded."""
-    rt, opt = cfg.runtime, cfg.optim
+    opt = cfg.optim
     torch.manual_seed(cfg.seed)
-    files = None  # under --fsdp: the student's tensors, each process reading its own rows
-    if student is None and cfg.training.fsdp:
-        student, files = empty_model(src.student, rt.trust_remote_code)
-    if student is None:
-        student = load_model(src.student, "cpu", torch.float32, rt.trust_remote_code)
-    elif student.dtype != torch.float32:
-        raise ValueError("a student handed to training must hold float32 weights")
-    student.requires_grad_(True)
-    check_model_fits_vocab(student, tok, src.student)
-    student.train()
-    if cfg.training.gradient_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None) or \
-            student.gradient_checkpointing_enable  # its name in older transformers
-        enable({"use_reentrant": False})
-    vocab = real_vocab_size(tok)
-    module = DistillModule(student, cfg.training.loss, vocab, src.temperature,
-                           cfg.training.train_chunk_size)
+    student, files = _student(cfg, src, student)
+    check_model_fits_vocab(student.model, tok, src.student)
+    student.prepare_training(cfg.training.gradient_checkpointing)
+    module = DistillModule(student.model, cfg.training.loss, real_vocab_size(tok),
+                           src.temperature, cfg.training.train_chunk_size)
     per_epoch = steps_per_epoch(len(seqs), cfg, acc.num_processes)
     if per_epoch == 0:
         raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
-                       f"{opt.train_batch_size * opt.grad_accum * acc.num_processes} (batch size x "
-                       "grad accum x processes); lower --train-batch-size or --grad-accum")
+                       f"{opt.train_batch_size * opt.grad_accum * acc.num_processes} (batch "
+                       "size x grad accum x processes); lower --train-batch-size or --grad-accum")
     total = opt.max_steps or opt.epochs * per_epoch
     fsdp = cfg.training.fsdp
-    mesh, own_group = fsdp2.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
+    mesh, own_group = mesh_lib.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
     try:
         if fsdp:
             fsdp2.shard(module, mesh, bf16=accelerator_kwargs(cfg)["mixed_precision"] == "bf16")
             if files is not None:
-                fsdp2.load_shards(module, files, acc.device)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=opt.lr,
+                mesh_lib.load_sharded_weights(module, files, acc.device)
+        optimizer = torch.optim.AdamW(student.trainable(module), lr=opt.lr,
                                       weight_decay=opt.weight_decay)
         scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
         if not fsdp:
             module, optimizer = acc.prepare(module, optimizer)
-        given = teacher
-        teacher, t_head = _teacher(cfg, acc, src, tok, teacher)
+        own_teacher = teacher is None or isinstance(teacher, torch.nn.Module)
+        teacher = _teacher(cfg, acc, src, tok, teacher)
     except BaseException:
-        fsdp2.end_group(own_group)  # a single process's group is not left behind
+        mesh_lib.end_group(own_group)  # a single process's group is not left behind
         raise
-    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher, t_head, seqs,
-                   tok.pad_token_id, total, fsdp=fsdp, own_group=own_group,
-                   own_teacher=teacher is not None and teacher is not given)
+    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher,
+                   teacher.logits() if teacher else None, seqs, tok.pad_token_id, total,
+                   student=student, fsdp=fsdp, own_group=own_group,
+                   own_teacher=teacher is not None and own_teacher)
+
+
+def _student(cfg: TrainConfig, src: Source, student: Student | None):
+    """(the student to train, the safetensors files of its tensors when it was made on the
+    meta device for ``--fsdp``, else None): as given (float32), or loaded."""
+    if student is not None:
+        if student.dtype != torch.float32:
+            raise ValueError("a student handed to training must hold float32 weights")
+        return student, None
+    if cfg.training.fsdp:  # each process reads only its own rows
+        empty, files = Student.empty(src.student, cfg.runtime.trust_remote_code)
+        if empty is not None:
+            return empty, files
+    return Student.load(src.student, "cpu", torch.float32, cfg.runtime.trust_remote_code), None
 
 
 def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
-    """The teacher for the full-vocabulary losses only: as given (a loaded model, or the
-    loop's whole or sharded teacher), else loaded; sharded with ``--shard-teacher``."""
+    """The teacher for the full-vocabulary losses only (``make_teacher``: as given, else
+    loaded; sharded with ``--shard-teacher``), at the score's temperature."""
     if not cfg.teacher:
-        return None, None
-    if not isinstance(teacher, (ShardedTeacher, WholeTeacher)):
-        rt = cfg.runtime
-        if teacher is None:
-            teacher = load_teacher(cfg.teacher, str(acc.device),
-                                   resolve_dtype(rt.dtype, acc.device.type), rt,
-                                   SimpleNamespace(world=acc.num_processes))
-            check_model_fits_vocab(teacher.model, tok, cfg.teacher)
-            return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
-        if not getattr(teacher, "hf_device_map", None):  # a spread teacher stays where it is
-            teacher.to(acc.device)
-        check_model_fits_vocab(teacher, tok, cfg.teacher)
-        teacher.requires_grad_(False)
-        teacher = ShardedTeacher(teacher, acc.device, acc.num_processes) \
-            if rt.shard_teacher else WholeTeacher(teacher)
-    return teacher, head_logits(teacher.model, real_vocab_size(tok), src.temperature)
+        return None
+    rt = cfg.runtime
+    if isinstance(teacher, torch.nn.Module) and not getattr(teacher, "hf_device_map", None):
+        teacher.to(acc.device)  # a spread teacher stays where it is
+    teacher = make_teacher(cfg.teacher, tok, rt, SimpleNamespace(world=acc.num_processes),
+                           str(acc.device), resolve_dtype(rt.dtype, acc.device.type),
+                           temperature=src.temperature, model=teacher)
+    return require_in_process(teacher, f"--loss {cfg.training.loss}")
 
 
 # ----------------------------------------------------------------------------- step
 
 
-def train_step(tr: Trainer, step: int) -> dict[str, Any]:
-    """One optimizer step over this process's micro-batches; returns global metrics."""
+def micro_batches(tr: Trainer, step: int) -> list[MicroBatch]:
+    """This process's micro-batches of ``step``, collated on the host."""
     acc = tr.acc
-    micro = [make_micro_batch([tr.seqs[i] for i in idx], tr.pad_id)
-             for idx in step_indices(len(tr.seqs), step, tr.cfg, acc.num_processes,
-                                     acc.process_index)]
+    return [make_micro_batch([tr.seqs[i] for i in idx], tr.pad_id)
+            for idx in step_indices(len(tr.seqs), step, tr.cfg, acc.num_processes,
+                                    acc.process_index)]
+
+
+def train_step(tr: Trainer, step: int, micro: list[MicroBatch] | None = None
+               ) -> dict[str, Any]:
+    """One optimizer step over this process's micro-batches (``micro``, when collated
+    ahead); returns global metrics. The per-token losses are summed on the device: the
+    host waits for the device once a step, for the metrics."""
+    acc = tr.acc
+    micro = micro_batches(tr, step) if micro is None else micro
     kept = acc.reduce(torch.tensor(float(sum(m.rows_K.numel() for m in micro)),
                                    device=acc.device), "sum")
     scale = acc.num_processes / kept  # DDP and FSDP2 average gradients over processes
-    quad_loss, quad_count = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    quad_loss = torch.zeros(5, dtype=torch.float64, device=acc.device)
+    quad_count = torch.zeros(5, dtype=torch.float64)
     tokens = 0
     for j, mb in enumerate(micro):
         sync = j == len(micro) - 1
@@ -241,7 +247,7 @@ def train_step(tr: Trainer, step: int) -> dict[str, Any]:
             loss_sum, loss_K = _forward(tr, mb)
             acc.backward(loss_sum * scale)  # the teacher's logits are rebuilt in backward
         quad = mb.quadrant_K.long()
-        quad_loss.index_add_(0, quad, loss_K.double().cpu())
+        quad_loss.index_add_(0, quad.to(acc.device), loss_K.detach().double())
         quad_count.index_add_(0, quad, torch.ones_like(quad, dtype=torch.float64))
         tokens += int(mb.attention_mask_BT.sum())
     max_norm = tr.cfg.optim.max_grad_norm or float("inf")
@@ -263,24 +269,27 @@ def _forward(tr: Trainer, mb: MicroBatch):
     ids, mask = mb.input_ids_BT.to(dev), mb.attention_mask_BT.to(dev)
     t_hidden = None
     # a sharded teacher's forward is a collective: every process runs it
-    if tr.teacher is not None and (rows.numel() or isinstance(tr.teacher, ShardedTeacher)):
+    if tr.teacher is not None and (rows.numel() or tr.teacher.collective):
         hidden = tr.teacher.hidden(ids, mask)
         t_hidden = hidden[rows.to(hidden.device), cols.to(hidden.device)]
     return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
 
 
 def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr) -> dict:
-    sums = acc.reduce(torch.cat([quad_loss, quad_count, torch.tensor([float(tokens)],
-                                dtype=torch.float64)]).to(acc.device), "sum").cpu()
-    q_loss, q_count = sums[:5], sums[5:10]
+    """The step's metrics over every process: one reduction and one copy to the host."""
+    counts = torch.cat([quad_count, torch.tensor([float(tokens)], dtype=torch.float64)])
+    sums = acc.reduce(torch.cat([quad_loss, counts.to(acc.device)]), "sum")
+    grad_norm = torch.as_tensor(grad_norm, device=acc.device)
+    host = torch.cat([sums, kept.reshape(1).double(), grad_norm.reshape(1).double()]).cpu()
+    q_loss, q_count = host[:5], host[5:10]
     by_quad = {QUADRANT_NAMES[q]: float(q_loss[q] / q_count[q]) for q in range(5)
                if q_count[q] > 0}
-    return {"step": step + 1, "loss": float(q_loss.sum() / kept.cpu()),
-            "kept_tokens": int(kept), "tokens": int(sums[10]),
+    return {"step": step + 1, "loss": float(q_loss.sum() / host[11]),
+            "kept_tokens": int(host[11]), "tokens": int(host[10]),
             "loss_by_quadrant": by_quad,
             "kept_by_quadrant": {QUADRANT_NAMES[q]: int(q_count[q]) for q in range(5)
                                  if q_count[q] > 0},
-            "grad_norm": float(grad_norm), "lr": lr}
+            "grad_norm": float(host[12]), "lr": lr}
 
 
 # ----------------------------------------------------------------------------- loop
@@ -291,10 +300,16 @@ def run_loop(tr: Trainer) -> dict[str, Any]:
     every ``save_every`` steps; returns the run's summary."""
     acc, last = tr.acc, {}
     with progress_task("train", tr.total_steps, acc.is_main_process,
-                       completed=tr.state.step) as advance:
+                       completed=tr.state.step) as advance, \
+            ThreadPoolExecutor(1, thread_name_prefix="tip-collate") as ahead:
+        # the next step's micro-batches are collated while this step computes
+        upcoming = ahead.submit(micro_batches, tr, tr.state.step)
         while tr.state.step < tr.total_steps:
             t0 = time.perf_counter()
-            last = train_step(tr, tr.state.step)
+            micro = upcoming.result()
+            if tr.state.step + 1 < tr.total_steps:
+                upcoming = ahead.submit(micro_batches, tr, tr.state.step + 1)
+            last = train_step(tr, tr.state.step, micro)
             last["tokens_per_s"] = last["tokens"] / (time.perf_counter() - t0)
             tr.state.step += 1
             _log(tr, last)
