@@ -177,3 +177,31 @@ def test_auto_chunk_is_sized_for_the_device():
     assert auto_chunk(0, V, "cuda:0", free_bytes=80 << 30) == (80 << 28) // (32 * V) == 4416
     assert auto_chunk(0, V, "cuda", free_bytes=1 << 40) == 8192
     assert auto_chunk(0, V, "cuda", free_bytes=1 << 20) == 27
+
+
+def test_a_bf16_head_is_upcast_once_a_call_and_follows_updates(monkeypatch):
+    """Out of training the float32 copy of a bf16 head is made once for all chunks (not
+    once a chunk), and made again when the weight changes in place; in training each
+    chunk's upcast stays in the graph, so the gradient reaches the bf16 weight."""
+    from tipcli.ops import forward
+
+    (head, _), (x, _), _ = bf16_pair()
+    V = head.weight.shape[0]
+    upcasts = []
+    real = forward.wide
+    monkeypatch.setattr(forward, "wide", lambda t: upcasts.append(t.shape) or real(t))
+    fn = head_logits(_Model(head), V)
+    with torch.no_grad():
+        before = [fn(x[a:a + 8]) for a in range(0, x.shape[0], 8)]
+    assert sum(s == head.weight.shape for s in upcasts) == 1
+    with torch.no_grad():
+        head.weight.mul_(2)
+        after = fn(x[:8])
+    torch.testing.assert_close(after, x[:8].float() @ head.weight.float().T)
+    assert not torch.equal(after, before[0])
+    head.weight.requires_grad_(True)
+    upcasts.clear()
+    fn(x[:8]).sum().backward()
+    fn(x[8:16]).sum().backward()
+    assert sum(s == head.weight.shape for s in upcasts) == 2
+    assert head.weight.grad is not None and head.weight.grad.dtype == torch.bfloat16

@@ -82,18 +82,34 @@ def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
     Whatever the model's dtype, a chunk's logits are computed in float32: the hidden
     states and the head's weight rows are upcast for the product (and autocast is off for
     it). In bf16 a logit near 16-32 would otherwise be rounded to steps of 0.125 nats,
-    and so would every statistic and loss built on it."""
+    and so would every statistic and loss built on it. Out of training the upcast weight
+    is made once for all the chunks the returned function is called on (again only if
+    the weight changes in place)."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
     # a head that accelerate offloads loads its weight in its own forward: call it whole
     linear = isinstance(head, torch.nn.Linear) and not hasattr(head, "_hf_hook")
 
+    upcast: dict[str, tuple] = {}  # the float32 weight rows and bias, made once a call
+
+    def weights():
+        if head.weight.requires_grad and torch.is_grad_enabled():
+            # training: the upcast is part of the graph, made anew for each chunk's backward
+            return (wide(head.weight[:vocab_size]),
+                    None if head.bias is None else wide(head.bias[:vocab_size]))
+        key = (head.weight.data_ptr(), head.weight._version)
+        if upcast.get("key") != key:
+            upcast["key"] = key
+            upcast["rows"] = (wide(head.weight[:vocab_size]),
+                              None if head.bias is None else wide(head.bias[:vocab_size]))
+        return upcast["rows"]
+
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         if linear:
-            bias = None if head.bias is None else wide(head.bias[:vocab_size])
+            weight, bias = weights()
             with _no_autocast(hidden.device.type):
-                logits = F.linear(wide(hidden), wide(head.weight[:vocab_size]), bias)
+                logits = F.linear(wide(hidden), weight, bias)
         else:
             logits = wide(head(hidden)[..., :vocab_size])
         if scale is not None:

@@ -101,18 +101,20 @@ def chunk_stats(s_logits_CV: torch.Tensor, t_logits_CV: torch.Tensor, tokens_C: 
 def token_stats(s_hidden_PH: torch.Tensor, t_hidden_PH: torch.Tensor, tokens_P: torch.Tensor,
                 s_logits: Callable, t_logits: Callable, top_k: int = 0,
                 chunk_size: int = 1024) -> dict[str, torch.Tensor]:
-    """All statistics for P positions, computed ``chunk_size`` positions at a time (CPU out)."""
+    """All statistics for P positions, computed ``chunk_size`` positions at a time; the
+    chunks' results stay on the device and reach the host together (one copy a field)."""
     parts: dict[str, list[torch.Tensor]] = {}
+    tokens_P = tokens_P.to(s_hidden_PH.device)
     for a in range(0, tokens_P.shape[0], chunk_size):
         b = a + chunk_size
         s_chunk = s_logits(s_hidden_PH[a:b])
         st = chunk_stats(s_chunk, t_logits(t_hidden_PH[a:b]).to(s_chunk.device),
-                         tokens_P[a:b].to(s_hidden_PH.device), top_k, inplace=True)
+                         tokens_P[a:b], top_k, inplace=True)
         for k, v in st.items():
-            parts.setdefault(k, []).append(v.cpu())
+            parts.setdefault(k, []).append(v)
     if not parts:
         return empty_stats(top_k)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: torch.cat(v).cpu() for k, v in parts.items()}
 
 
 def empty_stats(top_k: int) -> dict[str, torch.Tensor]:
