@@ -69,6 +69,14 @@ def _sel(e: Env, score: Path, out: Path) -> Path:
     return run_select(resolve(SelectConfig, score=str(score), output=str(out)))
 
 
+def _flip_last_byte(stage: Path) -> None:
+    """One byte of a shard changed, its size kept: only a checksum can tell."""
+    shard = stage / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
 def _json(e: Env, name: str, data) -> Path:
     return e.write(name, json.dumps(data))
 
@@ -330,14 +338,19 @@ CASES = [
                                          .write_text('{"schema_version": 1, "stage": "sc'))),
     Case("damaged-shard-missing", lambda e: [SELECT, e.w / "x", "-o", e.w / "o"], "is missing",
          lambda e: (e.copy(e.score, "x"), (e.w / "x/shard-00001.safetensors").unlink())),
-    Case("damaged-shard-checksum", lambda e: [SELECT, e.w / "x", "-o", e.w / "o"],
-         "does not match the checksum",
+    Case("damaged-shard-size", lambda e: [SELECT, e.w / "x", "-o", e.w / "o"],
+         "bytes, not the",
          lambda e: (e.copy(e.score, "x"), e.write("x/shard-00000.safetensors", b"\0" * 64))),
-    Case("damaged-shard-header-checksum-fixed", lambda e: [SELECT, e.w / "x", "-o", e.w / "o"],
+    Case("damaged-shard-checksum", lambda e: [SELECT, e.w / "x", "-o", e.w / "o",
+                                              "--verify-checksums"],
+         "does not match the checksum", lambda e: (e.copy(e.score, "x"),
+                                                   _flip_last_byte(e.w / "x"))),
+    Case("damaged-shard-header-checksum-fixed", lambda e: [SELECT, e.w / "x", "-o", e.w / "o",
+                                                           "--verify-checksums"],
          "not a readable safetensors file", lambda e: (
              e.copy(e.score, "x"), e.write("x/shard-00000.safetensors", b"\xff" * 64),
              e.edit_manifest(e.w / "x", lambda m: m["shards"][0].update(
-                 sha256=hashlib.sha256(b"\xff" * 64).hexdigest())))),
+                 sha256=hashlib.sha256(b"\xff" * 64).hexdigest(), bytes=64)))),
     Case("selection-config-unknown-key", lambda e: ["report", e.w / "sel"],
          "holds settings this tip cannot use", lambda e: (
              e.copy(e.score, "x"), _sel(e, e.w / "x", e.w / "sel"),

@@ -153,3 +153,46 @@ def test_the_student_trains_every_weight_and_saves_a_loadable_directory(tiny_pai
     for (k, a), (_, b) in zip(student.model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
+
+def _flipped_copy(score, dest):
+    """A copy of a score directory with one byte of its first shard changed, its size kept."""
+    import shutil
+
+    shutil.copytree(score, dest)
+    shard = dest / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the tensor data, not the header
+    shard.write_bytes(bytes(data))
+    return dest
+
+
+def test_shards_are_hashed_on_request_not_on_every_read(tiny_score, tmp_path):
+    """A shard's checksum is computed when it is written; reading checks its size, and the
+    checksum only with --verify-checksums. A changed byte that keeps the size is read
+    without the flag and refused with it."""
+    from tipcli.configs import SelectConfig
+    from tipcli.errors import TipError
+    from tipcli.stages.select import run_select
+
+    bad = _flipped_copy(tiny_score, tmp_path / "bad")
+    d = StageDir.open(bad, stage="score")
+    assert all(isinstance(s["bytes"], int) for s in d.shards)
+    d.load_shard(0)  # size matches: read without hashing
+    with pytest.raises(TipError, match="does not match the checksum"):
+        StageDir.open(bad, stage="score", verify=True).load_shard(0)
+    with pytest.raises(TipError, match="does not match the checksum"):
+        run_select(resolve(SelectConfig, score=str(bad), output=str(tmp_path / "s"),
+                           verify_checksums=True))
+
+
+def test_a_resume_may_change_verify_checksums(tiny_pair, tiny_rollout, tmp_path):
+    """--verify-checksums changes how a run reads, not what it writes: a finished score
+    run asked again with it is the same run, not one refused for other settings."""
+    from tipcli.configs import ScoreConfig
+    from tipcli.stages.score import run_score
+
+    kw = dict(rollout=str(tiny_rollout), teacher=str(tiny_pair[1]),
+              output=str(tmp_path / "sc"), device="cpu")
+    first = run_score(resolve(ScoreConfig, **kw))
+    again = run_score(resolve(ScoreConfig, **kw, verify_checksums=True))
+    assert again == first

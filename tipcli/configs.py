@@ -166,6 +166,15 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Checks:
+    """How much of an input stage directory is checked before it is read."""
+
+    verify_checksums: bool = setting(False, "Check every input shard against the sha256 in "
+                                     "its manifest before reading it (without: its size is "
+                                     "checked; a resume always checks checksums).")
+
+
+@dataclass(frozen=True)
 class PromptSource:
     """Which records of a prompt source are used, and where their prompt is."""
 
@@ -339,6 +348,7 @@ class ScoreConfig:
                           required=False)
     scoring: Scoring = group(Scoring)
     runtime: Runtime = group(Runtime)
+    checks: Checks = group(Checks)
 
     def rules(self) -> list[str]:
         # (tip distill refuses the same, and --device-map, which here spreads the student)
@@ -357,6 +367,7 @@ class SelectConfig:
     output: str = _output()
     selection: Selection = group(Selection)
     seed: int = _seed("Seed for sampling and tie-breaking (same seed = same mask).")
+    checks: Checks = group(Checks)
 
 
 @dataclass(frozen=True)
@@ -380,6 +391,7 @@ class TrainConfig:
     seed: int = _seed("Seed of data order, selection and initialisation.")
     save_every: int = setting(0, "Save a resumable checkpoint every N steps (0 = never).", ge=0)
     runtime: Runtime = group(Runtime)
+    checks: Checks = group(Checks)
 
     def rules(self) -> list[str]:
         p = []

@@ -51,7 +51,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     run = StageWriter.for_run(SCORE, cfg, overwrite)
     rt = cfg.runtime
     procs = processes(rt.device, rt.dist_timeout)
-    rollout = StageDir.open(cfg.rollout, stage="rollout")
+    rollout = StageDir.open(cfg.rollout, stage="rollout", verify=cfg.checks.verify_checksums)
     student_name = cfg.student or rollout.manifest["models"]["student"]["id"]
     s_tok = tokenizer or load_tokenizer(student_name, rt.trust_remote_code)
     check_tokenizer_matches(s_tok, rollout.manifest, student_name, cfg.rollout)

@@ -115,7 +115,7 @@ def summarize(out: dict[str, Any], sel: Selection) -> dict[str, Any]:
 def run_select(cfg: SelectConfig, overwrite: bool = False) -> Path:
     """Write a selection directory for ``cfg.score``; returns its path."""
     run = StageWriter.for_run(SELECT, cfg, overwrite)
-    score = StageDir.open(cfg.score, stage="score")
+    score = StageDir.open(cfg.score, stage="score", verify=cfg.checks.verify_checksums)
     check_statistics(score, cfg.selection)
     writer = run.start(score.manifest["models"], score.manifest["tokenizer"], parent=score)
     if writer.complete:

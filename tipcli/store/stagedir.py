@@ -102,15 +102,24 @@ def is_complete(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
+# settings that change how a run reads, never what it writes: a resume may change them
+NOT_COMPARED = ("verify_checksums",)
+
+
 class StageDir:
     """A complete stage directory: its manifest and lazily loaded shards."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], verify: bool = False):
         self.path = path
         self.manifest = manifest
+        self.verify = verify
 
     @classmethod
-    def open(cls, path: str | Path, stage: str | tuple[str, ...] | None = None) -> StageDir:
+    def open(cls, path: str | Path, stage: str | tuple[str, ...] | None = None,
+             verify: bool = False) -> StageDir:
+        """The complete stage directory at ``path`` (of one of ``stage``). Its shards are
+        checked against their manifest's checksums as they are read with ``verify``
+        (``--verify-checksums``); else their size and header are."""
         path = Path(path)
         stages = (stage,) if isinstance(stage, str) else stage
         want = f"a {' or '.join(stages)} directory" if stages else "a stage directory"
@@ -138,7 +147,7 @@ class StageDir:
         if described is not None and described.sharded and not manifest["shards"]:
             raise TipError(f"{mpath} lists no shards, so the directory is damaged or was not "
                            f"written by this tip: run its {manifest['stage']} stage again")
-        return cls(path, manifest)
+        return cls(path, manifest, verify)
 
     @property
     def stage(self) -> str:
@@ -177,7 +186,7 @@ class StageDir:
         if not parent.get("path"):
             raise TipError(f"{self.path} records no {stage} directory it was made from; "
                            f"run tip {self.stage} again")
-        d = StageDir.open(parent["path"], stage=stage)
+        d = StageDir.open(parent["path"], stage=stage, verify=self.verify)
         if d.manifest_sha256() != parent.get("manifest_sha256"):
             raise TipError(f"{d.path} was rewritten after {self.path} was made from it; run "
                            f"tip {self.stage} again on it (with --overwrite, or another -o)")
@@ -185,12 +194,18 @@ class StageDir:
 
     def load_shard(self, index: int,
                    fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors of shard ``index`` (only ``fields`` when given), checksum verified."""
+        """Tensors of shard ``index`` (only ``fields`` when given): its file checked
+        against the manifest's checksum with ``verify``, else against its size."""
         entry = self.shards[index]
         fpath = self.path / entry["file"]
         if not fpath.is_file():
             raise TipError(f"{fpath} is missing; the directory is damaged, re-run its stage")
-        if sha256_file(fpath) != entry["sha256"]:
+        size = entry.get("bytes")  # absent from directories written before tip recorded it
+        if isinstance(size, int) and fpath.stat().st_size != size:
+            raise TipError(f"{fpath} is {fpath.stat().st_size} bytes, not the {size} its "
+                           f"{MANIFEST} records; the file was changed or damaged, re-run its "
+                           "stage")
+        if self.verify and sha256_file(fpath) != entry["sha256"]:
             raise TipError(f"{fpath} does not match the checksum in {MANIFEST}; the file was "
                            "changed or damaged, re-run its stage")
         try:
@@ -367,9 +382,10 @@ class StageWriter:
     def _changed(self, old: dict[str, Any]) -> str:
         """What differs between ``old`` and this run, in words ('' when nothing)."""
         new = self.manifest
+        skip = (*self.launch, *NOT_COMPARED)
         then = {k: v for k, v in current_config(old["stage"], old["config"]).items()
-                if k not in self.launch}
-        now = {k: v for k, v in new["config"].items() if k not in self.launch}
+                if k not in skip}
+        now = {k: v for k, v in new["config"].items() if k not in skip}
         if json.dumps(then, sort_keys=True) != json.dumps(now, sort_keys=True):
             return "its settings differ: " + settings_diff(then, now)
         if (old.get("parent") or {}).get("manifest_sha256") != \
@@ -431,7 +447,8 @@ class StageWriter:
         final = save_tensors(tensors, self.path / shard_name(index))
         r_off = tensors["response_offsets"]
         entry = {"file": final.name, "num_sequences": int(r_off.numel() - 1),
-                 "num_tokens": int(r_off[-1]), "sha256": sha256_file(final), **entry_extra}
+                 "num_tokens": int(r_off[-1]), "sha256": sha256_file(final),
+                 "bytes": final.stat().st_size, **entry_extra}
         self.done[index] = entry
         if self.procs.world == 1:
             self._save()

@@ -35,7 +35,8 @@ class Source:
 
 
 def open_source(cfg: TrainConfig) -> Source:
-    d = StageDir.open(cfg.input, stage=("score", "select", "rollout"))
+    d = StageDir.open(cfg.input, stage=("score", "select", "rollout"),
+                      verify=cfg.checks.verify_checksums)
     if d.stage == "select":
         score = d.open_parent("score")
         selection = [d.load_shard(i) for i in range(len(d.shards))]
