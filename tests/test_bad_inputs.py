@@ -313,6 +313,9 @@ CASES = [
                                                    "-o", e.w / "d"],
          "earlier eval run", lambda e: (e.write("d/summary.json", "{}"),
                                           e.write("d/results.jsonl", ""))),
+    Case("demo-models-without-a-pair", lambda e: ["demo", "--models", e.w / "m", "-o",
+                                                  e.w / "o"],
+         "holds no model at", lambda e: (e.w / "m").mkdir()),
     Case("distill-output-foreign-dir", lambda e: ["distill", "-s", e.student, "-t", e.teacher,
                                                   "-p", e.prompts, "-o", e.w / "d"],
          "holds no run written by tip", lambda e: e.write("d/notes.txt", "x")),
@@ -489,8 +492,14 @@ def _digest(roots: list[Path]) -> dict[str, str]:
     return out
 
 
-def test_there_are_at_least_sixty_cases():
-    assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+def test_every_command_has_bad_input_cases():
+    """Each of tip's commands is among the table's cases, and no two cases share an id."""
+    from test_cli import COMMANDS
+
+    paths = Env(*(Path(f"/unused/{n}") for n in ("s", "t", "p", "r", "sc", "se", "w")))
+    tried = {str(c.args(paths)[0]) for c in CASES}
+    assert sorted(set(COMMANDS) - tried) == []
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
