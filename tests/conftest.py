@@ -69,16 +69,6 @@ PROMPTS = ["What is 2+3?", "Say hi.", "Count: 1 2 3", "Name a colour.", "Spell c
            "7*6=?"]
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if not torch.cuda.is_available():
-        skip = pytest.mark.skip(reason="needs a CUDA device")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """(student_dir, teacher_dir): random Llama models sharing a character tokenizer,
