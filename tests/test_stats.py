@@ -7,7 +7,7 @@ import torch
 from reference import reference_stats
 
 from tipcli.ops.forward import head_logits
-from tipcli.ops.stats import STAT_NAMES, chunk_stats, sampled_logprobs, token_stats
+from tipcli.ops.stats import STAT_NAMES, chunk_stats, token_stats
 
 
 def _random_logits(P=37, V=50, seed=0, scale=3.0):
@@ -99,8 +99,6 @@ def test_token_stats_chunked_with_padded_vocab(chunk_size, temperature):
         torch.testing.assert_close(got[name].double(), ref[name], atol=1e-5, rtol=1e-5,
                                    msg=name)
     assert got["teacher_topk_ids"].max() < V
-    lp = sampled_logprobs(hs, tokens, head_logits(ms, V, temperature), chunk_size)
-    torch.testing.assert_close(lp.double(), ref["student_logprob"], atol=1e-5, rtol=1e-5)
 
 
 def test_softcapping_applied():

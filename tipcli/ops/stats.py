@@ -16,8 +16,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 STAT_NAMES = ("student_logprob", "teacher_logprob", "student_entropy", "teacher_entropy",
               "rkl", "fkl", "jsd")
@@ -123,36 +121,6 @@ def empty_stats(top_k: int) -> dict[str, torch.Tensor]:
         out["teacher_topk_ids"] = torch.zeros(0, top_k, dtype=torch.int32)
         out["teacher_topk_logprobs"] = torch.zeros(0, top_k)
     return out
-
-
-def truncate_logits(logits_CV: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Mask to -inf what top-k and then top-p sampling leave out, with transformers' own
-    warpers in the order ``generate`` applies them (after the temperature)."""
-    if top_k > 0:
-        logits_CV = TopKLogitsWarper(top_k=top_k)(None, logits_CV)
-    if top_p < 1.0:
-        logits_CV = TopPLogitsWarper(top_p=top_p)(None, logits_CV)
-    return logits_CV
-
-
-@torch.no_grad()
-def sampled_logprobs(hidden_PH: torch.Tensor, tokens_P: torch.Tensor, logits: Callable,
-                     chunk_size: int = 1024, top_k: int = 0,
-                     top_p: float = 1.0) -> torch.Tensor:
-    """log p(token) under one model, chunked like ``token_stats`` (CPU float32 [P]).
-
-    With ``top_k``/``top_p`` the distribution is the truncated one that sampling drew
-    from. The sampled token itself is always kept: a rounding difference between the
-    cached logits of generation and this recomputation must not put it at -inf."""
-    parts = []
-    for a in range(0, tokens_P.shape[0], chunk_size):
-        x = logits(hidden_PH[a:a + chunk_size]).float()
-        idx = tokens_P[a:a + chunk_size].to(x.device).long().unsqueeze(-1)
-        if top_k > 0 or top_p < 1.0:
-            x = truncate_logits(x, top_k, top_p).scatter(-1, idx, x.gather(-1, idx))
-        lp = F.log_softmax(x, dim=-1)
-        parts.append(lp.gather(-1, idx).squeeze(-1).cpu())
-    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 @torch.no_grad()
