@@ -26,14 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pair(kind: str, models: Path) -> tuple[str, str, str]:
+def pair(kind: str, models: Path, given_student: bool = False) -> tuple[str, str, str]:
     """(student, teacher, prompts file) for ``kind``; the tiny pair built into ``models``."""
     if kind == "smollm2":
         sys.path.insert(0, str(ROOT / "examples" / "smollm2"))
         from run import build_student, teacher_gguf
 
         teacher = teacher_gguf()
-        return (str(build_student(teacher, 8)), teacher,
+        return ("" if given_student else str(build_student(teacher, 8)), teacher,
                 str(ROOT / "examples" / "smollm2" / "prompts" / "train.jsonl"))
     models.mkdir(parents=True, exist_ok=True)
     prompts = models / "prompts.jsonl"
@@ -75,7 +75,8 @@ def commands(tip: str, kind: str, student: str, teacher: str, prompts: str, out:
 def run(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    student, teacher, prompts = pair(args.pair, Path(args.models))
+    student, teacher, prompts = pair(args.pair, Path(args.models), bool(args.student))
+    student = args.student or student
     for name, cmd in commands(args.tip, args.pair, student, teacher, prompts, out):
         print(f"{name}: {' '.join(map(str, cmd[1:3]))} ...", file=sys.stderr, flush=True)
         subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL,
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--pair", choices=("tiny", "smollm2"), default="tiny")
     r.add_argument("--models", default="runs/same-results-models",
                    help="--pair tiny: where the pair is built once (shared by both runs)")
+    r.add_argument("--student", default="", help="this student instead of the pair's (an "
+                   "installation too old to build the pair itself is given the other's)")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
