@@ -389,7 +389,8 @@ class TrainConfig:
     selection: Selection = group(Selection)
     optim: Optim = group(Optim)
     seed: int = _seed("Seed of data order, selection and initialisation.")
-    save_every: int = setting(0, "Save a resumable checkpoint every N steps (0 = never).", ge=0)
+    save_every: int = setting(0, "Save a resumable checkpoint every N steps (0 = never; none "
+                             "after the last step, where the model is saved).", ge=0)
     runtime: Runtime = group(Runtime)
     checks: Checks = group(Checks)
 

@@ -297,7 +297,7 @@ def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
 
 def run_loop(tr: Trainer) -> dict[str, Any]:
     """Steps from the trainer's position to the end, logging each and saving a checkpoint
-    every ``save_every`` steps; returns the run's summary."""
+    every ``save_every`` steps but the last; returns the run's summary."""
     acc, last = tr.acc, {}
     with progress_task("train", tr.total_steps, acc.is_main_process,
                        completed=tr.state.step) as advance, \
@@ -314,7 +314,10 @@ def run_loop(tr: Trainer) -> dict[str, Any]:
             tr.state.step += 1
             _log(tr, last)
             advance(1, tokens=last["tokens"])
-            if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0:
+            # none after the last step: the trained model is saved next, and a resume
+            # after a failed save repeats at most save_every steps
+            if tr.cfg.save_every and tr.state.step % tr.cfg.save_every == 0 and \
+                    tr.state.step < tr.total_steps:
                 save_checkpoint(tr)
     return {"steps": tr.state.step, "final": last, "sequences": len(tr.seqs),
             "numel_per_process": numel_per_process(tr)}
