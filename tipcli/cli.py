@@ -173,7 +173,31 @@ for _name, (_target, _extras) in COMMANDS.items():
 
 
 def main() -> None:
-    app(prog_name="tip")
+    try:
+        app(prog_name="tip")
+    except SystemExit as exc:
+        _leave_launched(exc.code)
+        raise
+
+
+def _leave_launched(code: object) -> None:
+    """Under a launcher, end the process without tearing the process group down: gloo's
+    threads, destroyed at interpreter exit, now and then abort a finished process
+    ("terminate called without an active exception", exit -6), and the launcher then
+    reports a complete run as failed. After a success every process waits for the others,
+    so none leaves while another still talks to it."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if status == 0:
+        dist.barrier()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
