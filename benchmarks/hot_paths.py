@@ -39,9 +39,11 @@ try:
     from tipcli.stages.select import run_select
 except ImportError:  # before the package had folders
     from tipcli.select import run_select
+import tipcli
 cfg = resolve(SelectConfig, score=sys.argv[1], output=sys.argv[2], keep=0.5)
 t0 = time.perf_counter()
 run_select(cfg)
+print(tipcli.__file__)
 print(time.perf_counter() - t0)
 """
 
@@ -93,18 +95,24 @@ def bench_select(args) -> dict:
     tokens = bigger_score(Path(args.score), score, args.copies, args.shards)
     size = sum(p.stat().st_size for p in score.iterdir())
     seconds: dict[str, list[float]] = {py: [] for py in args.python}
+    used: dict[str, str] = {}  # the tipcli each interpreter imported
     for _ in range(args.repeats):
         for py in args.python:
             out = work / f"sel-{len(seconds[py])}-{abs(hash(py))}"
+            # cwd: the work folder, so that no tipcli/ in the current directory shadows
+            # the installation under test (python -c puts the cwd first on sys.path)
             res = subprocess.run([py, "-c", TIME_SELECT, str(score), str(out)], check=True,
-                                 capture_output=True, text=True,
+                                 capture_output=True, text=True, cwd=work,
                                  env={**os.environ, "TIP_QUIET": "1"})
-            seconds[py].append(float(res.stdout.strip().splitlines()[-1]))
+            *_, where, took = res.stdout.strip().splitlines()
+            seconds[py].append(float(took))
+            used[py] = str(Path(where).parent)
             subprocess.run(["rm", "-rf", str(out)], check=True)
     subprocess.run(["rm", "-rf", str(work)], check=True)
     med = {py: statistics.median(v) for py, v in seconds.items()}
     first = args.python[0]
-    return {"tokens": tokens, "score_dir_bytes": size, "rounds": seconds, "median_s": med,
+    return {"tokens": tokens, "score_dir_bytes": size, "tipcli": used, "rounds": seconds,
+            "median_s": med,
             "speed_vs_first": {py: med[first] / m for py, m in med.items()},
             "load_average": os.getloadavg()[0]}
 
