@@ -30,7 +30,7 @@ test-slow: venv
 
 # two torchrun "nodes" on this machine (c10d rendezvous on 127.0.0.1), one process each
 test-multinode: venv
-	$(PY) -m pytest -q -m slow tests/test_distributed.py -k two_nodes
+	$(PY) -m pytest -q -m slow tests/scale/test_distributed.py -k two_nodes
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)

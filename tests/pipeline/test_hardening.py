@@ -23,7 +23,7 @@ from tipcli.cli import app
 from tipcli.store.stagedir import StageDir
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["--strategy", "all", "--lr", "1e-3", "--train-batch-size", "4", "--max-steps", "4",
          "--train-chunk-size", "16", "--save-every", "2"]
 

@@ -122,7 +122,7 @@ def _planted_shard(e: Env, name: str) -> None:
                                                          "1", "--fsdp")])
     assert r.exit_code == 0, r.output
     e.edit_manifest(e.w / "t", lambda m: m.update(complete=False))
-    sharded = e.w / "t" / "checkpoints" / "step-000002" / "sharded"
+    sharded = e.w / "t" / "checkpoints" / "step-000001" / "sharded"
     shard = next(sharded.glob("*.safetensors")).read_bytes()
     (sharded / f"{name}.safetensors").write_bytes(shard if name == "extra" else b"garbage")
 
@@ -203,15 +203,15 @@ CASES = [
     Case("resume-tampered-checkpoint", lambda e: [*_train_args(e, e.score, e.w / "t", "--resume",
                                                                 "--save-every", "1")],
          "does not match", lambda e: (_trained(e), e.write(
-             "t/checkpoints/step-000002/scheduler.json", '{"last_epoch": 99}'))),
+             "t/checkpoints/step-000001/scheduler.json", '{"last_epoch": 99}'))),
     Case("resume-checkpoint-index-not-json", lambda e: [
         *_train_args(e, e.score, e.w / "t", "--resume", "--save-every", "1")],
         "is not a checkpoint index", lambda e: (_trained(e), e.write(
-            "t/checkpoints/step-000002/checkpoint.json", "\x80not json"))),
+            "t/checkpoints/step-000001/checkpoint.json", "\x80not json"))),
     Case("resume-index-names-a-path", lambda e: [
         *_train_args(e, e.score, e.w / "t", "--resume", "--save-every", "1")],
         "is not a checkpoint index", lambda e: (_trained(e), _json(
-            e, "t/checkpoints/step-000002/checkpoint.json",
+            e, "t/checkpoints/step-000001/checkpoint.json",
             {"step": 2, "files": {"../../x": "0"}}))),
     # --- NaN, infinity and other values out of range --------------------------------
     *[Case(f"{cmd}{flag}-{v}", lambda e, c=cmd, f=flag, v=v: {

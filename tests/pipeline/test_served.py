@@ -1,5 +1,5 @@
 """A teacher on its own server (--teacher-url), against a stand-in for vLLM's server on
-127.0.0.1 (tests/fake_vllm.py; the real vLLM server's tests: tests/test_vllm_server.py,
+127.0.0.1 (tests/fake_vllm.py; the real vLLM server's tests: tests/pipeline/test_vllm_server.py,
 `make test-vllm`): the teacher's side equals in-process scoring, the divergences are the
 stated top-k estimates, and the server's faults end in one line and a resumable run."""
 
@@ -293,7 +293,7 @@ def test_ctrl_c_stops_tip_while_the_server_hangs(tiny_rollout, server, tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", code, "score", str(tiny_rollout), "-t",
                              "teacher", "--teacher-url", server.url, "--teacher-top-k", "8",
                              "-o", str(tmp_path / "s")],
-                            cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TIP_QUIET": "1", "HF_HUB_OFFLINE": "1"})
     try:

@@ -24,7 +24,7 @@ from tipcli.cli import app
 from tipcli.configs import ReportConfig, ScoreConfig, SelectConfig, StudentConfig, resolve
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- report

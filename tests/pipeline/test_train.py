@@ -396,7 +396,7 @@ def test_input_path_from_stdin(tiny_score, tmp_path):
 def _train_memory_bench():
     import importlib.util
 
-    path = Path(__file__).parent.parent / "benchmarks" / "train_memory.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "train_memory.py"
     spec = importlib.util.spec_from_file_location("train_memory", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

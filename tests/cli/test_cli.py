@@ -49,7 +49,7 @@ def _readme_commands():
     """Every `tip CMD ...` line in the README's code blocks, joined across backslashes."""
     from pathlib import Path
 
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    text = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
     blocks = text.split("```")[1::2]
     lines = " ".join(b.replace("\\\n", " ") for b in blocks).replace("|", "\n").splitlines()
     for line in " \n".join(lines).split("\n"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "tipcli"
+PACKAGE = Path(__file__).resolve().parents[2] / "tipcli"
 
 
 def modules() -> dict[str, Path]:
