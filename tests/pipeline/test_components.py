@@ -196,3 +196,23 @@ def test_a_resume_may_change_verify_checksums(tiny_pair, tiny_rollout, tmp_path)
     first = run_score(resolve(ScoreConfig, **kw))
     again = run_score(resolve(ScoreConfig, **kw, verify_checksums=True))
     assert again == first
+
+
+def test_a_setting_added_since_a_directory_was_written_reads_as_its_default(tiny_score,
+                                                                            tmp_path):
+    """Manifest readers ask StageDir.setting: the stored value, or, for a setting the stage
+    gained after the directory was written, its default (no .get(name, default) calls)."""
+    import json
+    import shutil
+
+    d = tmp_path / "old"
+    shutil.copytree(tiny_score, d)
+    m = json.loads((d / "manifest.json").read_text())
+    stored = m["config"]["teacher_top_k"]
+    del m["config"]["score_temperature"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    old = StageDir.open(d, stage="score")
+    assert old.setting("teacher_top_k") == stored
+    assert old.setting("score_temperature") == 1.0
+    with pytest.raises(KeyError):
+        old.setting("no_such_setting")

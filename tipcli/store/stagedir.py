@@ -26,10 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tipcli import __version__
-from tipcli.configs import current_config
+from tipcli.configs import STAGE_CONFIGS, current_config
 from tipcli.dist.processes import Processes
 from tipcli.errors import TipError, first_line
-from tipcli.settings import to_flat, validate
+from tipcli.settings import leaf_map, to_flat, validate
 from tipcli.store.files import save_tensors, sha256_file, write_atomic, write_json_atomic
 from tipcli.store.layout import MANIFEST, PROGRESS, SHARD, STAGES, Stage, pattern
 from tipcli.store.outputs import check_output, prepare_output
@@ -157,6 +157,18 @@ class StageDir:
     def config(self) -> dict[str, Any]:
         """The settings it was written with, under today's names."""
         return current_config(self.stage, self.manifest["config"])
+
+    def setting(self, name: str) -> Any:
+        """One setting it was written with, under today's name; a setting its stage gained
+        after the directory was written is at its default (what that tip did)."""
+        config = self.config
+        if name in config:
+            return config[name]
+        leaf = leaf_map(STAGE_CONFIGS[self.stage]).get(name) \
+            if self.stage in STAGE_CONFIGS else None
+        if leaf is None:
+            raise KeyError(f"a {self.stage} stage has no setting {name!r}")
+        return leaf.default
 
     @property
     def shards(self) -> list[dict[str, Any]]:

@@ -49,10 +49,9 @@ def open_source(cfg: TrainConfig) -> Source:
     else:
         score, selection = d, None
         _check_rollout_loss(cfg, d)
-    student = cfg.student or score.config.get("student") or \
+    student = cfg.student or score.setting("student") or \
         score.manifest["models"]["student"]["id"]
-    temperature = float(score.config.get("score_temperature", 1.0)) if score.stage == "score" \
-        else 1.0
+    temperature = float(score.setting("score_temperature")) if score.stage == "score" else 1.0
     return Source(d, score, selection, student, temperature)
 
 
@@ -97,7 +96,7 @@ def _check_targets(cfg: TrainConfig, src: Source, shard: dict, needed: tuple[str
         return
     loss = cfg.training.loss
     if LOSSES[loss].form == "topk":
-        k = src.stats.config.get("teacher_top_k", 0)
+        k = src.stats.setting("teacher_top_k")
         raise TipError(f"--loss {loss} needs the teacher's top-k, but {src.stats.path} was "
                        f"scored with --teacher-top-k {k}; score "
                        "again with --teacher-top-k > 0, or use --loss rkl-sampled or a *-full "

@@ -49,8 +49,8 @@ def run_report(cfg: ReportConfig) -> dict[str, Any]:
     if cfg.png:
         write_png(numbers, cfg.png)
     if cfg.export or cfg.show:
-        tok = load_tokenizer(data.score.config["student"],
-                             data.score.config.get("trust_remote_code", False))
+        tok = load_tokenizer(data.score.setting("student"),
+                             data.score.setting("trust_remote_code"))
         if cfg.export:
             write_export(data, tok, cfg.export)
         if cfg.show:
