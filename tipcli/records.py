@@ -18,12 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-# how each per-sequence tensor of a shard is laid out (the others are per token, except
-# prompt_ids, indexed by prompt_offsets)
-SEQUENCE_FIELDS = ("prompt_offsets", "response_offsets", "prompt_index", "sample_index",
-                   "finish_reason", "prompt_lengths")
-
-
 @dataclass
 class RolloutBatch:
     """Responses to prompts, flat with offsets (a rollout shard)."""

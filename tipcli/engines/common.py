@@ -71,9 +71,10 @@ def flat_shard(prompts: list[list[int]], new_BS: torch.Tensor, logprob_BS: torch
 
 def concat(parts: list[RolloutBatch]) -> RolloutBatch:
     """Join batches of one shard, shifting offsets."""
+    tensors = [p.tensors() for p in parts]
     joined = {}
-    for name in parts[0].tensors():
-        values = [p.tensors()[name] for p in parts]
+    for name in tensors[0]:
+        values = [t[name] for t in tensors]
         if name.endswith("_offsets"):
             offs, base = [values[0][:1]], 0
             for v in values:

@@ -23,7 +23,7 @@ from transformers import (
 
 from tipcli.configs import Sampling
 from tipcli.engines.common import Advance, batch_seed, concat, eos_ids, flat_shard
-from tipcli.models.loading import model_vocab_size, real_vocab_size
+from tipcli.models.loading import context_length, model_vocab_size, real_vocab_size
 from tipcli.records import RolloutBatch
 
 # Settings a model's generation_config may carry that would change the sampling
@@ -85,7 +85,7 @@ class HFSampler:
 
     @property
     def context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return context_length(self.model)
 
     def sample_shard(self, prompts: list[list[int]], keys: list[tuple[int, int]],
                      cfg: Sampling, seed: int, shard: int,

@@ -379,6 +379,12 @@ def model_fingerprint(name: str, revision: str | None = None) -> str:
     return h.hexdigest()
 
 
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` takes (anything with a ``config``): its config's
+    ``max_position_embeddings``; None where it has none."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def real_vocab_size(tokenizer) -> int:
     """Rows of the vocabulary the tokenizer can emit; logit columns beyond are padding."""
     return len(tokenizer)

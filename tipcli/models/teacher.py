@@ -42,6 +42,7 @@ from tipcli.models import loading
 from tipcli.models.loading import (
     check_model_fits_vocab,
     check_same_vocab,
+    context_length,
     empty_model,
     input_device,
     load_tokenizer,
@@ -117,15 +118,18 @@ class _LocalTeacher:
         return model_ref(self.name, self.model)
 
     def context(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return context_length(self.model)
 
     @contextlib.contextmanager
     def gathered_head(self) -> Iterator[None]:
         yield
 
     def logits(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Its LM head over the real vocabulary, at the scoring temperature."""
-        return head_logits(self.model, self.vocab, self.temperature)
+        """Its LM head over the real vocabulary, at the scoring temperature: one function
+        for the teacher's life, so a bf16 head is upcast once, not once a batch."""
+        if getattr(self, "_logits", None) is None:
+            self._logits = head_logits(self.model, self.vocab, self.temperature)
+        return self._logits
 
     def signals(self, batch: Batch, seqs, names, student: StudentSide, top_k: int,
                 chunk: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 
 @dataclass
@@ -82,9 +83,10 @@ def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
     Whatever the model's dtype, a chunk's logits are computed in float32: the hidden
     states and the head's weight rows are upcast for the product (and autocast is off for
     it). In bf16 a logit near 16-32 would otherwise be rounded to steps of 0.125 nats,
-    and so would every statistic and loss built on it. Out of training the upcast weight
-    is made once for all the chunks the returned function is called on (again only if
-    the weight changes in place)."""
+    and so would every statistic and loss built on it. Out of training, a head stored in
+    a narrower dtype is upcast once for all the chunks the returned function is called on
+    (again only if the weight changes in place); a head sharded with FSDP2, whose whole
+    weight exists only while it is gathered, is upcast per chunk."""
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     scale = getattr(model.config, "logit_scale", None)
@@ -92,10 +94,13 @@ def head_logits(model, vocab_size: int, temperature: float = 1.0) -> Callable:
     linear = isinstance(head, torch.nn.Linear) and not hasattr(head, "_hf_hook")
 
     upcast: dict[str, tuple] = {}  # the float32 weight rows and bias, made once a call
+    # a copy worth keeping: an upcast of a head no FSDP2 gather frees and refills
+    keep = linear and head.weight.dtype != torch.float32 and \
+        not isinstance(model, FSDPModule)
 
     def weights():
-        if head.weight.requires_grad and torch.is_grad_enabled():
-            # training: the upcast is part of the graph, made anew for each chunk's backward
+        if not keep or (head.weight.requires_grad and torch.is_grad_enabled()):
+            # in training the upcast is part of the graph, made anew for each chunk
             return (wide(head.weight[:vocab_size]),
                     None if head.bias is None else wide(head.bias[:vocab_size]))
         key = (head.weight.data_ptr(), head.weight._version)

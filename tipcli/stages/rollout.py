@@ -23,7 +23,13 @@ from tipcli.configs import RolloutConfig
 from tipcli.dist.processes import processes
 from tipcli.engines.sampler import make_sampler
 from tipcli.errors import TipError
-from tipcli.models.loading import load_config, load_tokenizer, model_ref, tokenizer_info
+from tipcli.models.loading import (
+    context_length,
+    load_config,
+    load_tokenizer,
+    model_ref,
+    tokenizer_info,
+)
 from tipcli.models.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.models.student import recorded_version
 from tipcli.progress import progress_task
@@ -53,8 +59,7 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     described = sampler.model if sampler else model
     if described is None:  # the student's config tells its context: nothing loaded yet
         described = SimpleNamespace(config=load_config(cfg.student, rt.trust_remote_code))
-    context = sampler.context if sampler else described.config.max_position_embeddings \
-        if hasattr(described.config, "max_position_embeddings") else None
+    context = sampler.context if sampler else context_length(described)
     prompt_ids = fit_context(prompt_ids, context, sampling, cfg.prompts)
     version = recorded_version(cfg.student) if policy_version is None else policy_version
     writer = run.start({"student": model_ref(cfg.student, described)}, tokenizer_info(tok),

@@ -24,6 +24,7 @@ from tipcli.models import loading
 from tipcli.models.loading import (
     check_model_fits_vocab,
     check_tokenizer_matches,
+    context_length,
     input_device,
     load_tokenizer,
     model_ref,
@@ -64,7 +65,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     teacher = make_teacher(cfg.teacher, s_tok, rt, procs, device, dtype, scoring=cfg.scoring,
                            model=teacher, student=student_name)
     try:
-        check_context(rollout, {f"the student {student_name}": _context(student),
+        check_context(rollout, {f"the student {student_name}": context_length(student),
                                 f"the teacher {cfg.teacher}": teacher.context()})
         writer = run.start({"student": model_ref(student_name, student),
                             "teacher": teacher.ref()}, tokenizer_info(s_tok), parent=rollout,
@@ -90,10 +91,6 @@ def _resolved(cfg: ScoreConfig, student_name: str, tok, teacher) -> dict:
     if not teacher.in_process:
         out["teacher_url"] = teacher.url
     return out
-
-
-def _context(model) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def _score_shards(cfg: ScoreConfig, rollout: StageDir, writer, student, teacher: Teacher,

@@ -303,7 +303,8 @@ def run_loop(tr: Trainer) -> dict[str, Any]:
                        completed=tr.state.step) as advance, \
             ThreadPoolExecutor(1, thread_name_prefix="tip-collate") as ahead:
         # the next step's micro-batches are collated while this step computes
-        upcoming = ahead.submit(micro_batches, tr, tr.state.step)
+        upcoming = ahead.submit(micro_batches, tr, tr.state.step) \
+            if tr.state.step < tr.total_steps else None
         while tr.state.step < tr.total_steps:
             t0 = time.perf_counter()
             micro = upcoming.result()
