@@ -156,15 +156,11 @@ def test_models_stay_loaded_and_match_a_reload_from_disk(tiny_pair, prompts_file
 
 def test_bf16_sampling_trains_from_float32_checkpoints(tiny_pair, prompts_file, tmp_path,
                                                       monkeypatch):
-    """Where sampling runs in bf16 (the GPU default, forced here on CPU), training never
-    starts from bf16-rounded weights: it reloads the float32 checkpoint instead."""
-    import tipcli.stages.distill as distill_mod
-
-    real_dtype = distill_mod.resolve_dtype
-    monkeypatch.setattr(distill_mod, "resolve_dtype", lambda d, dev: torch.bfloat16
-                        if d in (None, "", "auto") else real_dtype(d, dev))
+    """Where sampling runs in bf16 (the GPU default; --dtype bfloat16 here on CPU), training
+    never starts from bf16-rounded weights: it reloads the float32 checkpoint instead."""
     loads = _load_counter(monkeypatch)
-    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", eval_prompts=""))
+    run = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "run", eval_prompts="",
+                           dtype="bfloat16"))
     student, teacher = str(tiny_pair[0]), str(tiny_pair[1])
     # teacher and bf16 student once; training reloads float32 weights in each iteration
     assert sorted(loads) == sorted([teacher, student, student, str(run / "iter-000" / "train")])
@@ -277,14 +273,14 @@ def test_resume_with_pruned_students_and_rerun_of_a_finished_run(tiny_pair, prom
     kw = dict(iterations=3, eval_metric="kl", eval_every=2, keep_students="last")
     whole = run_distill(_cfg(tiny_pair, prompts_file, tmp_path / "whole", **kw))
     cfg = _cfg(tiny_pair, prompts_file, tmp_path / "run", **kw)
-    real = loop_mod._sample_score_select
+    real = loop_mod.sample_score_select
 
     def die_in_iteration_2(c, i, *a, **k):
         if i == 2:
             raise KeyboardInterrupt
         return real(c, i, *a, **k)
 
-    monkeypatch.setattr(loop_mod, "_sample_score_select", die_in_iteration_2)
+    monkeypatch.setattr(loop_mod, "sample_score_select", die_in_iteration_2)
     with pytest.raises(KeyboardInterrupt):
         run_distill(cfg)
     monkeypatch.undo()

@@ -210,7 +210,7 @@ class Loop:
             return
         started = time.perf_counter()
         student = self.loaded_student()
-        select, row = _sample_score_select(cfg, i, self.records, self.student_name, student,
+        select, row = sample_score_select(cfg, i, self.records, self.student_name, student,
                                            self.teacher, self.tok, self.sampler(), self.procs)
         if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
             self.student = None
@@ -263,7 +263,7 @@ def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return {f"eval/{k}": row[k] for k in ("accuracy", "heldout_rkl", "heldout_fkl") if k in row}
 
 
-def _sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
+def sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
                          student: Student, teacher, tok, sampler=None,
                          procs: Processes = Processes()) -> tuple[Path, dict[str, Any]]:
     """Rollout, score and select of iteration ``i`` on the loaded models (finished stages
