@@ -268,6 +268,9 @@ class Optim:
     lr: float = setting(1e-6, "Peak learning rate of AdamW.", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay.", ge=0)
     warmup: int = setting(0, "Linear warmup steps before the cosine decay.", ge=0)
+    schedule_steps: int = setting(0, "Steps the warmup-then-cosine schedule spans (0 = this "
+                                  "run's; a --continue-from run keeps the schedule it "
+                                  "continues). tip distill sets it to the whole loop's.", ge=0)
     epochs: int = setting(1, "Passes over the data (ignored when --max-steps is set).", ge=1)
     max_steps: int = setting(0, "Optimizer steps to run (0 = --epochs passes).", ge=0)
     train_batch_size: int = setting(4, "Sequences per micro-batch, per process.", ge=1)
@@ -391,6 +394,11 @@ class TrainConfig:
     seed: int = _seed("Seed of data order, selection and initialisation.")
     save_every: int = setting(0, "Save a resumable checkpoint every N steps (0 = never; none "
                              "after the last step, where the model is saved).", ge=0)
+    continue_from: str = setting("", "A finished tip train directory whose run this one "
+                                 "continues: its optimizer state and schedule position (the "
+                                 "input must be sampled from its student).")
+    save_state: bool = setting(True, "Write the optimizer state and schedule position at the "
+                               "end (OUTPUT/state/), for a later --continue-from.")
     runtime: Runtime = group(Runtime)
     checks: Checks = group(Checks)
 

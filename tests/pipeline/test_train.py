@@ -308,8 +308,14 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
     assert r.stdout.strip().splitlines()[-1] == str(out)
     assert _files(out) == {"manifest.json", "metrics.jsonl", "checkpoints", "config.json",
                            "generation_config.json", "model.safetensors", "tokenizer.json",
-                           "tokenizer_config.json", "chat_template.jinja"}
+                           "tokenizer_config.json", "chat_template.jinja", "state"}
     assert _files(out / "checkpoints") == {"step-000002"}
+    # the end's optimizer state and schedule position, for --continue-from: no weights
+    assert _files(out / "state") == {"optimizer.safetensors", "optimizer.json",
+                                     "scheduler.json", "trainer.json", "checkpoint.json"}
+    assert json.loads((out / "state" / "trainer.json").read_text()) == {
+        "step": 3, "global_step": 3, "schedule_steps": 3, "warmup": 0, "lr": 1e-4,
+        "processes": 1}
     assert _files(out / "checkpoints" / "step-000002") == {
         "model.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
         "rng-0.safetensors", "trainer.json", "checkpoint.json"}
@@ -319,7 +325,8 @@ def test_cli_writes_exactly_these_files(tiny_score, tmp_path):
     assert m["summary"]["steps"] == 3
     ms = _metrics(out)
     assert [x["step"] for x in ms] == [1, 2, 3]
-    assert set(ms[0]) == {"step", "loss", "kept_tokens", "tokens", "loss_by_quadrant",
+    assert set(ms[0]) == {"step", "global_step", "loss", "kept_tokens", "tokens",
+                          "loss_by_quadrant",
                           "kept_by_quadrant", "grad_norm", "lr", "tokens_per_s"}
     model = AutoModelForCausalLM.from_pretrained(out)
     for name, w in _weights(out).items():

@@ -44,8 +44,11 @@ def distill_args(pair, prompts, out, batch: int, *extra) -> list:
 
 
 def files(run: Path) -> set[str]:
-    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()
-            and not p.name.startswith(".")}
+    """The run's files; an optimizer state (``state/``) as one entry, whose files differ
+    between a whole and a sharded (--fsdp) AdamW."""
+    return {str(p.relative_to(run)).split("/state/")[0] + ("/state" if "/state/" in str(p)
+                                                          else "")
+            for p in run.rglob("*") if p.is_file() and not p.name.startswith(".")}
 
 
 def assert_same_run(one: Path, other: Path) -> None:
@@ -100,6 +103,9 @@ def test_two_processes_with_fsdp(tiny_pair, many_prompts, one_process_run, tmp_p
     out = tmp_path / "fsdp"
     r = tip(distill_args(tiny_pair, many_prompts, out, 2, "--fsdp"), procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    # iteration 2 continued iteration 1's AdamW from its shards; its own are kept at the end
+    assert list((out / "iter-001" / "train" / "state" / "sharded").glob("*.safetensors"))
+    assert not (out / "iter-000" / "train" / "state").exists()
     wa, wb = (load_file(str(run / "iter-001" / "train" / "model.safetensors"))
               for run in (one_process_run, out))
     for k in wa:
@@ -132,6 +138,46 @@ def test_kill_9_of_one_process_mid_iteration_resumes(tiny_pair, many_prompts,
     r = tip(args, procs=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(one_process_run, out)
+
+
+def test_killed_in_the_second_iteration_resumes_on_two_processes(tiny_pair, many_prompts,
+                                                                one_process_run, tmp_path):
+    """One process dies (os._exit) right after iteration 2's first checkpoint, which holds
+    the AdamW state and schedule continued from iteration 1; the run resumed on 2 processes
+    (half the per-process batch: the same global batch) ends at the uninterrupted run's
+    weights."""
+    out = tmp_path / "killed"
+    args = distill_args(tiny_pair, many_prompts, out, 4, "--eval-prompts", many_prompts,
+                        "--eval-max-prompts", "20")
+    script = ("import os, sys\n"
+              "import tipcli.trainer.loop as loop\n"
+              "real = loop.save_checkpoint\n"
+              "def save_then_die(tr):\n"
+              "    path = real(tr)\n"
+              "    if 'iter-001' in str(tr.cfg.output):\n"
+              "        os._exit(9)\n"
+              "    return path\n"
+              "loop.save_checkpoint = save_then_die\n"
+              "from tipcli.cli import main\n"
+              f"sys.argv = ['tip', *{[str(a) for a in args]!r}]\n"
+              "main()\n")
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=ENV, timeout=900)
+    assert died.returncode == 9, died.stderr[-3000:]
+    second = out / "iter-001" / "train"
+    assert [p.name for p in (second / "checkpoints").iterdir()] == ["step-000001"]
+    assert (out / "iter-000" / "train" / "state").is_dir()  # what iteration 2 continues
+    r = tip(distill_args(tiny_pair, many_prompts, out, 2, "--eval-prompts", many_prompts,
+                         "--eval-max-prompts", "20"), procs=2)
+    assert r.returncode == 0, r.stderr[:3000]
+    assert "iteration 1/2 (finished earlier)" in r.stderr
+    wa, wb = (load_file(str(run / "iter-001" / "train" / "model.safetensors"))
+              for run in (one_process_run, out))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+    lrs = [json.loads(line)["lr"] for run in (one_process_run, out)
+           for line in (run / "iter-001" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[:2] == lrs[2:]  # the schedule resumed where it was
 
 
 @pytest.mark.slow

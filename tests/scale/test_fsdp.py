@@ -171,7 +171,11 @@ def test_output_is_one_ordinary_checkpoint(fsdp_run):
     assert {p.name for p in fsdp_run.iterdir()} == {
         "manifest.json", "metrics.jsonl", "checkpoints", "config.json",
         "generation_config.json", "model.safetensors", "tokenizer.json",
-        "tokenizer_config.json", "chat_template.jinja"}
+        "tokenizer_config.json", "chat_template.jinja", "state"}
+    # the AdamW state at the end, for --continue-from: each process's shards, no weights
+    assert {p.name for p in (fsdp_run / "state").iterdir()} == {
+        "sharded", "optimizer.json", "scheduler.json", "trainer.json", "checkpoint.json"}
+    assert len(list((fsdp_run / "state" / "sharded").glob("*.safetensors"))) == 2
     assert json.loads((fsdp_run / "config.json").read_text())["architectures"] == \
         ["LlamaForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(fsdp_run)

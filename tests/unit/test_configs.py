@@ -1,6 +1,7 @@
 """The config layer: every setting declared once, layered defaults < file < flags, checked
 strictly, and the CLI generated from it."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -193,12 +194,30 @@ def test_distill_device_cpu_reaches_training(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = resolve(DistillConfig, student="s", teacher="t", prompts="p", output=str(tmp_path),
                   device="cpu", keep=0.3, alpha=2.0, tau_h=0.1)
-    tcfg = train_config(cfg, tmp_path / "select", tmp_path / "train")
+    tcfg = train_config(cfg, tmp_path / "select", tmp_path / "train", prompts=64)
     assert tcfg.runtime.device == "cpu" and accelerator_kwargs(tcfg)["cpu"] is True
-    assert tcfg.selection == cfg.selection and tcfg.optim == cfg.optim
+    # one schedule over the loop: 2 iterations x (64 prompts x 4 samples / 8 a step)
+    assert tcfg.selection == cfg.selection and \
+        tcfg.optim == dataclasses.replace(cfg.optim, schedule_steps=2 * 32)
     auto = train_config(resolve(DistillConfig, student="s", teacher="t", prompts="p",
                                 output=str(tmp_path)), tmp_path / "s", tmp_path / "t")
     assert accelerator_kwargs(auto) == {"cpu": False, "mixed_precision": "bf16"}
+
+
+def test_the_loops_schedule_spans_every_iteration():
+    from tipcli.stages.distill import schedule_steps
+
+    def steps(world=1, prompts=100, **kw):
+        return schedule_steps(resolve(DistillConfig, student="s", teacher="t", prompts="p",
+                                      output="o", **kw), prompts, world)
+
+    assert steps(iterations=3, max_steps=2) == 6  # --max-steps an iteration
+    assert steps(iterations=3, max_steps=2, schedule_steps=10) == 10  # as given
+    # one epoch of every sampled sequence: 3 x (100 prompts x 4 samples / 8 a step)
+    assert steps(iterations=3) == 3 * 50
+    assert steps(iterations=3, world=2) == 3 * 25  # the global batch is 16
+    assert steps(iterations=2, epochs=2, prompts_per_iteration=10, grad_accum=2) == 2 * 2 * 2
+    assert steps(iterations=2, prompts=1) == 2  # at least a step an iteration
 
 
 def test_help_imports_no_torch_and_range_text():

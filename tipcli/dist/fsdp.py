@@ -92,40 +92,42 @@ def full_state(module, optimizer) -> tuple[dict, dict]:
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # sharded, names flat
 
 
-def save_sharded(module, optimizer, path) -> dict:
+def save_sharded(module, optimizer, path, weights: bool = True) -> dict:
     """Every process writes its own shards of the model's and AdamW's tensors into
     ``path`` with torch.distributed.checkpoint's safetensors storage (one file per
-    process; where each shard lies is JSON in the files' headers, no pickle). Returns what
-    is not a tensor (AdamW's hyper-parameters), for the caller to keep as JSON. Every
-    process must call it."""
+    process; where each shard lies is JSON in the files' headers, no pickle); without
+    ``weights`` AdamW's alone. Returns what is not a tensor (AdamW's hyper-parameters), for
+    the caller to keep as JSON. Every process must call it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    tensors, rest = _sharded_state(module, optimizer)
+    tensors, rest = _sharded_state(module, optimizer, weights)
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
     return rest
 
 
-def load_sharded(module, optimizer, path, rest: dict) -> None:
+def load_sharded(module, optimizer, path, rest: dict, weights: bool = True) -> None:
     """Load what ``save_sharded`` wrote, on any number of processes: each reads the pieces
     of the saved shards that make up its own (torch.distributed.checkpoint reshards).
     ``rest`` is what it returned. Every process must call it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    tensors, _ = _sharded_state(module, optimizer)  # the shapes this launch shards into
+    tensors, _ = _sharded_state(module, optimizer, weights)  # the shapes this launch shards
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
-    set_model_state_dict(module, {k.removeprefix("model."): v for k, v in tensors.items()
-                                  if k.startswith("model.")})
+    if weights:
+        set_model_state_dict(module, {k.removeprefix("model."): v
+                                      for k, v in tensors.items() if k.startswith("model.")})
     optim = {k.removeprefix("optim."): v for k, v in tensors.items() if k.startswith("optim.")}
     set_optimizer_state_dict(module, optimizer, {**optim, **rest}, options=FLAT)
 
 
-def _sharded_state(module, optimizer) -> tuple[dict, dict]:
+def _sharded_state(module, optimizer, weights: bool = True) -> tuple[dict, dict]:
     """(the model's and AdamW's tensors as this process's shards, named ``model.*`` and
     ``optim.*``; AdamW's other entries). Reading the optimizer's state creates it when a
     first step has not yet (a resumed run)."""
-    tensors = {f"model.{k}": v for k, v in get_model_state_dict(module).items()}
+    tensors = {f"model.{k}": v for k, v in get_model_state_dict(module).items()} if weights \
+        else {}
     rest = {}
     for k, v in get_optimizer_state_dict(module, optimizer, options=FLAT).items():
         if torch.is_tensor(v):

@@ -18,9 +18,13 @@ and resumes the one it was in (each stage resumes itself). Both models stay load
 the whole run: the student trained in one iteration samples the next, without a trip
 through the disk (with ``--backend vllm``, one engine gets each new student's weights in
 place). (Where sampling runs in bf16, on GPU, training reloads the float32 weights that
-the previous iteration saved, so no update is lost to rounding.) Once an iteration is
-complete its resumable training state is deleted; ``--keep-students last`` also deletes
-the weights of the student it started from.
+the previous iteration saved, so no update is lost to rounding.)
+
+The iterations train one run: each iteration's train stage continues the previous one's
+AdamW state and learning-rate schedule (``tip train --continue-from``; its ``state/``),
+one warm-up and one cosine over iterations x steps (``schedule_steps``). Once an iteration
+is complete its checkpoints and the previous iteration's ``state/`` are deleted;
+``--keep-students last`` also deletes the weights of the student it started from.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ from tipcli.store.layout import (
 )
 from tipcli.store.stagedir import StageDir, StageWriter, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
-from tipcli.trainer.checkpoint import checkpoint_dirs
+from tipcli.trainer.checkpoint import STATE, checkpoint_dirs
 
 
 def iteration_dir(run: str | Path, i: int) -> Path:
@@ -104,8 +108,14 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
                          cfg.teacher)
     teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} if cfg.scoring.teacher_url \
         else model_ref(cfg.teacher)
+    # a killed run may resume on another number of processes at the same global batch;
+    # "optimizer" marks the runs whose iterations continue one AdamW and one schedule
+    opt = cfg.optim
     writer = run.start({"student": model_ref(cfg.student), "teacher": teacher},
-                        tokenizer_info(tok), procs=procs, launch=("teacher_timeout",))
+                       tokenizer_info(tok), procs=procs,
+                       launch=("teacher_timeout", "train_batch_size"),
+                       inputs={"global_batch": opt.train_batch_size * opt.grad_accum * procs.world,
+                               "optimizer": "one over the loop"})
     if writer.complete:  # finished before: nothing to load or redo
         if procs.main:
             _render(writer.manifest["summary"]["history"])
@@ -215,8 +225,9 @@ class Loop:
         if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
             self.student = None
         train, self.student = _train(cfg, select, d / "train", self.student, self.teacher,
-                                     lambda m, offset=self.steps: self.tracker.log(
-                                         m, offset + m["step"]))
+                                     lambda m: self.tracker.log(m, m["global_step"]),
+                                     self.student_name if i else "", self.procs.world,
+                                     len(self.records))
         if self.student is not None:  # the trained student stays loaded for the next one
             self.student.for_inference(self.dtype)
         self.steps += _train_steps(train)
@@ -249,14 +260,16 @@ class Loop:
 
 
 def _prune(cfg: DistillConfig, train: Path, previous: str) -> None:
-    """Drop what a finished iteration no longer needs: its resumable training state, and
-    with ``--keep-students last`` the weights of the student it started from."""
+    """Drop what a finished iteration no longer needs: its resumable training state, the
+    optimizer state of the iteration before (its own continues the run), and with
+    ``--keep-students last`` the weights of the student it started from."""
     shutil.rmtree(train / CHECKPOINTS, ignore_errors=True)
     before = Path(previous)
-    if cfg.keep_students == "last" and before.parent.parent == Path(cfg.output) \
-            and before.name == "train":
-        for weights in before.glob("model*.safetensors"):
-            weights.unlink()
+    if before.parent.parent == Path(cfg.output) and before.name == "train":
+        shutil.rmtree(before / STATE, ignore_errors=True)
+        if cfg.keep_students == "last":
+            for weights in before.glob("model*.safetensors"):
+                weights.unlink()
 
 
 def _eval_metrics(row: dict[str, Any]) -> dict[str, Any]:
@@ -295,22 +308,43 @@ def sample_score_select(cfg: DistillConfig, i: int, records, student_name: str,
                     "mean_rkl": mean(sd, "rkl"), "selection": kept}
 
 
-def train_config(cfg: DistillConfig, select: Path, out: Path) -> TrainConfig:
-    """The ``tip train`` settings of one iteration: the loop's own, on its CPU or GPU."""
+def schedule_steps(cfg: DistillConfig, prompts: int, world: int) -> int:
+    """The steps the loop's one learning-rate schedule spans: ``--schedule-steps``, or
+    iterations x the steps of an iteration (``--max-steps``, or with ``--epochs`` the steps
+    of every sampled sequence; an iteration whose selection leaves some sequences without a
+    kept token takes fewer, and the schedule then ends short of its last steps)."""
+    opt = cfg.optim
+    if opt.schedule_steps:
+        return opt.schedule_steps
+    if opt.max_steps:
+        return cfg.iterations * opt.max_steps
+    sequences = min(cfg.prompts_per_iteration or prompts, prompts) * cfg.sampling.num_samples
+    per_step = opt.train_batch_size * opt.grad_accum * world
+    return cfg.iterations * opt.epochs * max(1, sequences // per_step)
+
+
+def train_config(cfg: DistillConfig, select: Path, out: Path, continue_from: str = "",
+                 world: int = 1, prompts: int = 0) -> TrainConfig:
+    """The ``tip train`` settings of one iteration: the loop's own, on its CPU or GPU,
+    continuing the previous iteration's training run (``continue_from``; none for the
+    first), one schedule over the loop (``schedule_steps`` of ``prompts`` prompts on
+    ``world`` processes)."""
     return validate(TrainConfig(
         input=str(select), output=str(out),
         teacher=cfg.teacher if LOSSES[cfg.training.loss].needs_teacher else "",
         training=dataclasses.replace(cfg.training, report_to="none"),  # the loop logs
-        selection=cfg.selection, optim=cfg.optim, seed=cfg.seed,
+        selection=cfg.selection, seed=cfg.seed, continue_from=continue_from,
+        optim=dataclasses.replace(cfg.optim, schedule_steps=schedule_steps(cfg, prompts, world)),
         save_every=max(1, cfg.optim.max_steps // 4) if cfg.optim.max_steps else 0,
         runtime=dataclasses.replace(cfg.runtime, device="cpu" if cfg.runtime.device == "cpu"
                                     else "auto")))
 
 
-def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher, on_step):
+def _train(cfg: DistillConfig, select: Path, out: Path, student, teacher, on_step,
+           continue_from: str = "", world: int = 1, prompts: int = 0):
     """Train (or resume, or keep a finished) iteration; returns the directory and the
     trained student, or None where the stage had already finished."""
-    tcfg = train_config(cfg, select, out)
+    tcfg = train_config(cfg, select, out, continue_from, world, prompts)
     if is_complete(out):
         return out, None
     started = read_manifest(out) is not None

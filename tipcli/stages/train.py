@@ -44,9 +44,23 @@ from tipcli.progress import Timer, console
 from tipcli.store.layout import METRICS, TRAIN
 from tipcli.store.stagedir import StageDir, StageWriter, is_complete, read_manifest
 from tipcli.tracking import Tracker, check_available
-from tipcli.trainer.checkpoint import load_latest, saved_processes
+from tipcli.trainer.checkpoint import (
+    INDEX,
+    STATE,
+    load_latest,
+    load_state,
+    read_state,
+    save_state,
+    saved_processes,
+)
 from tipcli.trainer.data import Source, load_sequences, make_micro_batch, open_source
-from tipcli.trainer.loop import accelerator_kwargs, build_trainer, make_accelerator, run_loop
+from tipcli.trainer.loop import (
+    accelerator_kwargs,
+    build_trainer,
+    make_accelerator,
+    run_loop,
+    run_steps,
+)
 from tipcli.trainer.module import DistillModule, distill_module
 
 __all__ = ["DistillModule", "TrainConfig", "accelerator_kwargs",
@@ -97,24 +111,31 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
     _check_resume(cfg, overwrite, resume, acc.num_processes)
+    prior = _continued(cfg, src)
+    run_steps(cfg, len(seqs), acc.num_processes, prior)  # refused before anything is written
     Processes(acc.process_index, acc.num_processes).agree(to_flat(cfg))  # launched alike
     acc.wait_for_everyone()  # every process has checked before the main one writes
     writer = _writer(run, cfg, src, tok, acc.num_processes) if acc.is_main_process else None
     acc.wait_for_everyone()
     if is_complete(cfg.output):  # the same run already completed: nothing to do
         return Path(cfg.output), None
-    tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher)
+    tr = build_trainer(cfg, acc, src, seqs, tok, student, teacher, prior)
     try:
+        if prior is not None:
+            load_state(tr, Path(cfg.continue_from) / STATE)
         if resume:
             load_latest(tr)
         tracker = _tracker(cfg, acc, on_step)
-        tr.on_step = on_step or (lambda m: tracker.log(m, m["step"]))
+        tr.on_step = on_step or (lambda m: tracker.log(m, m["global_step"]))
         try:
             summary = run_loop(tr)
         finally:
             tracker.close()
-        summary["policy_version"] = tr.student.version + summary["steps"]
+        summary.update(policy_version=tr.student.version + summary["steps"],
+                       global_step=tr.state.global_step, schedule_steps=tr.schedule_steps)
         _save_model(tr, tok)
+        if cfg.save_state:
+            save_state(tr)
         if writer is not None:
             writer.finish(summary)
         acc.wait_for_everyone()
@@ -124,6 +145,40 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     acc.free_memory()  # drop the optimizer state and accelerate's references to the model
     return Path(cfg.output), Student(cfg.output, trained,
                                      summary["policy_version"]).for_inference()
+
+
+def _continued(cfg: TrainConfig, src: Source) -> dict[str, Any] | None:
+    """The position of the run ``--continue-from`` names (``checkpoint.read_state``), after
+    checking that this run can continue it; None without the flag."""
+    if not cfg.continue_from:
+        return None
+    d = Path(cfg.continue_from)
+    m = read_manifest(d)
+    if m is None or m.get("stage") != TRAIN.name or not m.get("complete"):
+        raise TipError(f"--continue-from {d} is not a finished tip train directory; give the "
+                       "output of a tip train run that completed")
+    if not (d / STATE / INDEX).is_file():
+        raise TipError(f"--continue-from {d} holds no optimizer state ({d / STATE}): it was "
+                       "trained with --no-save-state or its state was pruned; continue from a "
+                       "run that kept it, or drop --continue-from to start afresh")
+    if Path(src.student).resolve() != d.resolve():
+        raise TipError(f"--continue-from {d}, but {src.input.path} was sampled from "
+                       f"{src.student}: continue the run whose trained student sampled the "
+                       "input (or drop --continue-from to start afresh)")
+    prior = read_state(d / STATE)
+    if prior["fsdp"] != cfg.training.fsdp:
+        raise TipError(f"{d} was trained {'with' if prior['fsdp'] else 'without'} --fsdp; "
+                       "continue it the same way")
+    opt = cfg.optim
+    kept = [("--lr", opt.lr, prior["lr"]), ("--warmup", opt.warmup, prior["warmup"])]
+    if opt.schedule_steps:
+        kept.append(("--schedule-steps", opt.schedule_steps, prior["schedule_steps"]))
+    for flag, now, was in kept:
+        if now != was:
+            raise TipError(f"{d} runs its schedule with {flag} {was}, and a continued run "
+                           f"keeps it: pass {flag} {was} (or drop --continue-from to start a "
+                           "new schedule)")
+    return prior
 
 
 def _tracker(cfg: TrainConfig, acc, on_step) -> Tracker:

@@ -317,6 +317,7 @@ class StageWriter:
         self.procs, self.launch = Processes(), ()
         self.manifest: dict[str, Any] = {}
         self.done: dict[int, dict[str, Any]] = {}
+        self.found_complete = False
         check_output(self.path, stage.name, self.sources, overwrite)
 
     @classmethod
@@ -363,6 +364,7 @@ class StageWriter:
         if not procs.main:
             self.manifest = json.loads((self.path / MANIFEST).read_text())
             self.done = self._valid(self.manifest)
+        self.found_complete = bool(self.manifest["complete"])
         return self
 
     def _prepare(self) -> None:
@@ -474,7 +476,9 @@ class StageWriter:
                num_shards: int | None = None) -> Path:
         """Mark the directory complete (every process calls it; the main one writes)."""
         self.procs.barrier()
-        if self.procs.main:
+        # a directory found finished is left as it is: a rerun on another number of
+        # processes does not change the manifest the next stage records as its parent
+        if self.procs.main and not self.found_complete:
             if self.procs.world > 1:
                 self.done.update(self._valid({"shards": []}))
             missing = [i for i in range(num_shards or 0) if i not in self.done]

@@ -27,6 +27,12 @@ reads the pieces of the saved shards that make up its own, on any number of proc
 torch's reader takes every ``*.safetensors`` file of that folder, so resume refuses a
 checkpoint whose ``sharded/`` holds any file its index does not list (one line: remove it).
 
+At its end a run writes ``OUTPUT/state/``: the same files but the weights (the output's
+own are the same) and the random state, for a later run to continue its AdamW state and
+its schedule (``--continue-from``; each iteration of ``tip distill``). ``trainer.json``
+there and in checkpoints also holds the schedule: ``global_step`` (its position),
+``schedule_steps``, ``warmup`` and ``lr``.
+
 The state is whole, so a run resumes on another number of processes: the data order
 depends on the global batch alone (processes x --train-batch-size x --grad-accum, kept in
 the train manifest's ``inputs``), and a process that had no random state of its own takes
@@ -51,6 +57,7 @@ from tipcli.store.layout import CHECKPOINTS, METRICS
 
 INDEX = "checkpoint.json"
 SHARDED = "sharded"  # under --fsdp: every process's shards (torch.distributed.checkpoint)
+STATE = "state"  # OUTPUT/state/: the optimizer and schedule at a run's end (--continue-from)
 
 
 def checkpoint_dirs(output: str | Path) -> list[Path]:
@@ -63,10 +70,42 @@ def checkpoint_dirs(output: str | Path) -> list[Path]:
 
 def save_checkpoint(tr) -> Path:
     """Write the trainer's state as step-N; keep only the newest checkpoint."""
-    acc, step = tr.acc, tr.state.step
     root = Path(tr.cfg.output) / CHECKPOINTS
-    final = root / f"step-{step:06d}"
-    tmp = root / f".{final.name}.tmp"
+    final = root / f"step-{tr.state.step:06d}"
+
+    def done() -> None:  # main process: the new one complete, the others go
+        truncate_metrics(tr.cfg.output, tr.state.step)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        (final.parent / f".{final.name}.tmp").rename(final)
+        for old in root.iterdir():
+            if old != final:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    _write(tr, final, weights=True, finish=done,
+           fix="resume with --resume (the previous checkpoint is kept)")
+    return final
+
+
+def save_state(tr) -> Path:
+    """The optimizer's state and the schedule's position after a run's last step, into
+    ``OUTPUT/state/`` for ``--continue-from``: a checkpoint without the weights (the
+    output's own are the same) and without random state (a run seeds its own)."""
+    final = Path(tr.cfg.output) / STATE
+
+    def done() -> None:
+        if final.exists():
+            shutil.rmtree(final)
+        (final.parent / f".{final.name}.tmp").rename(final)
+
+    _write(tr, final, weights=False, finish=done, fix="run the same command again")
+    return final
+
+
+def _write(tr, final: Path, weights: bool, finish, fix: str) -> None:
+    """Write the trainer's state into ``final`` by way of a hidden temporary directory
+    beside it (``finish``, on the main process, puts it in place). Every process calls it."""
+    acc, step = tr.acc, tr.state.step
+    tmp = final.parent / f".{final.name}.tmp"
     try:
         if acc.is_main_process:
             if tmp.exists():
@@ -74,76 +113,110 @@ def save_checkpoint(tr) -> Path:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         if tr.fsdp:  # every process writes its own shards; no whole state anywhere
-            meta = {"sharded": fsdp2.save_sharded(tr.module, tr.optimizer, tmp / SHARDED)}
+            meta = {"sharded": fsdp2.save_sharded(tr.module, tr.optimizer, tmp / SHARDED,
+                                                  weights=weights)}
         else:
             model_sd, optim_sd = tr.full_state()
             tensors, meta = _split_optimizer(optim_sd)
         if acc.is_main_process:
             if not tr.fsdp:
-                save_tensors(_contiguous(model_sd), tmp / "model.safetensors")
+                if weights:
+                    save_tensors(_contiguous(model_sd), tmp / "model.safetensors")
                 save_tensors(tensors, tmp / "optimizer.safetensors")
             write_json_atomic(tmp / "optimizer.json", meta)
             write_json_atomic(tmp / "scheduler.json", tr.scheduler.state_dict())
-            write_json_atomic(tmp / "trainer.json", {"step": step,
-                                                     "processes": acc.num_processes})
+            write_json_atomic(tmp / "trainer.json", tr.position())
         acc.wait_for_everyone()
-        save_tensors(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
-        acc.wait_for_everyone()
+        if weights:
+            save_tensors(_rng_state(), tmp / f"rng-{acc.process_index}.safetensors")
+            acc.wait_for_everyone()
         if acc.is_main_process:
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             write_json_atomic(tmp / INDEX, {"step": step, "files": {
                 f: sha256_file(tmp / f) for f in files}})
-            truncate_metrics(tr.cfg.output, step)
-            tmp.rename(final)
-            for old in root.iterdir():
-                if old != final:
-                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            finish()
     except (OSError, TipError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
             str(exc).split(";")[0]
-        raise TipError(f"could not write checkpoint {final} ({reason}); free space or fix "
-                       "permissions, then resume with --resume (the previous checkpoint is "
-                       "kept)") from None
+        raise TipError(f"could not write {final} ({reason}); free space or fix "
+                       f"permissions, then {fix}") from None
     acc.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(tr, path: Path) -> None:
     """Restore the trainer from ``path`` after checking every file against its index."""
-    index = _read_index(path)
-    for name, digest in index["files"].items():
-        if sha256_file(path / name) != digest:
-            raise TipError(f"{path / name} does not match {path / INDEX}; the checkpoint was "
-                           "changed or damaged: start again with --overwrite")
-    sharded = any(f.startswith(SHARDED + "/") for f in index["files"])
-    if sharded:
-        _refuse_unlisted(path, index["files"])
-    needed = {"optimizer.json", "scheduler.json", "trainer.json", "rng-0.safetensors",
-              *(() if sharded else ("model.safetensors", "optimizer.safetensors"))}
-    missing = sorted(needed - set(index["files"]))
-    if missing:
-        raise TipError(f"{path} lacks {', '.join(missing)} (damaged); start again with "
-                       "--overwrite")
+    sharded = _verified(path, weights=True)
     if sharded != tr.fsdp:
         raise TipError(f"{path} was written {'with' if sharded else 'without'} --fsdp; resume "
                        "it the same way")
+    _restore(tr, path, sharded, weights=True)
+    position = json.loads((path / "trainer.json").read_text())
+    tr.state.step = int(position["step"])
+    tr.state.offset = int(position.get("global_step", tr.state.step)) - tr.state.step
     # a process the checkpoint had none for (resumed on more processes) takes process 0's
+    index = _read_index(path)  # checked by _verified
     rank_rng = f"rng-{tr.acc.process_index}.safetensors"
     if rank_rng not in index["files"]:
         rank_rng = "rng-0.safetensors"
+    _set_rng_state(load_file(str(path / rank_rng)))
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The position a ``save_state`` directory records (``trainer.json``), after every
+    file is checked against its index."""
+    path = Path(path)
+    sharded = _verified(path, weights=False)
+    position = json.loads((path / "trainer.json").read_text())
+    return {**position, "fsdp": sharded}
+
+
+def load_state(tr, path: str | Path) -> None:
+    """Continue the run ``save_state`` ended in ``path``: its optimizer state and its
+    schedule's position (checked by ``read_state`` first)."""
+    path = Path(path)
+    _restore(tr, path, tr.fsdp, weights=False)
+    tr.state.offset = int(json.loads((path / "trainer.json").read_text())["global_step"])
+
+
+def _verified(path: Path, weights: bool) -> bool:
+    """Check every file of ``path`` against its index and that the files a restore reads
+    are there; returns whether it holds FSDP shards."""
+    fix = "start again with --overwrite" if weights else \
+        "drop --continue-from to start a new schedule"
+    index = _read_index(path, fix)
+    for name, digest in index["files"].items():
+        if sha256_file(path / name) != digest:
+            raise TipError(f"{path / name} does not match {path / INDEX}; "
+                           f"{'the checkpoint' if weights else 'the state'} was changed or "
+                           f"damaged: {fix}")
+    sharded = any(f.startswith(SHARDED + "/") for f in index["files"])
+    if sharded:
+        _refuse_unlisted(path, index["files"])
+    needed = {"optimizer.json", "scheduler.json", "trainer.json",
+              *(("rng-0.safetensors",) if weights else ()),
+              *(() if sharded else ("optimizer.safetensors",)),
+              *(("model.safetensors",) if weights and not sharded else ())}
+    missing = sorted(needed - set(index["files"]))
+    if missing:
+        raise TipError(f"{path} lacks {', '.join(missing)} (damaged); {fix}")
+    return sharded
+
+
+def _restore(tr, path: Path, sharded: bool, weights: bool) -> None:
+    """Load the optimizer's (and with ``weights`` the model's) state and the schedule's."""
     meta = json.loads((path / "optimizer.json").read_text())
     if sharded:
-        fsdp2.load_sharded(tr.module, tr.optimizer, path / SHARDED, meta["sharded"])
+        fsdp2.load_sharded(tr.module, tr.optimizer, path / SHARDED, meta["sharded"],
+                           weights=weights)
     else:
         model_sd, optim_sd = {}, {}
         if tr.reads_full_state:
-            model_sd = load_file(str(path / "model.safetensors"))
+            if weights:
+                model_sd = load_file(str(path / "model.safetensors"))
             optim_sd = _join_optimizer(load_file(str(path / "optimizer.safetensors")), meta)
-        tr.load_full_state(model_sd, optim_sd)
+        tr.load_full_state(model_sd if weights else None, optim_sd)
     tr.scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    tr.state.step = int(json.loads((path / "trainer.json").read_text())["step"])
-    _set_rng_state(load_file(str(path / rank_rng)))
 
 
 def saved_processes(output: str | Path) -> int | None:
@@ -157,7 +230,7 @@ def saved_processes(output: str | Path) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def _read_index(path: Path) -> dict[str, Any]:
+def _read_index(path: Path, fix: str = "start again with --overwrite") -> dict[str, Any]:
     try:
         index = json.loads((path / INDEX).read_text())
         ok = isinstance(index, dict) and isinstance(index.get("files"), dict) and all(
@@ -166,8 +239,7 @@ def _read_index(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         ok = False
     if not ok:
-        raise TipError(f"{path / INDEX} is not a checkpoint index tip wrote; start again "
-                       "with --overwrite")
+        raise TipError(f"{path / INDEX} is not a checkpoint index tip wrote; {fix}")
     return index
 
 

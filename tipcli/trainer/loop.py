@@ -75,10 +75,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 class TrainState:
-    """The data position: the number of optimizer steps done."""
+    """The data position: the optimizer steps this run has done (``step``), after the
+    ``offset`` steps of the run it continues (``--continue-from``; the loop's earlier
+    iterations in ``tip distill``). The schedule's position is ``offset + step``."""
 
-    def __init__(self) -> None:
-        self.step = 0
+    def __init__(self, offset: int = 0) -> None:
+        self.step, self.offset = 0, offset
+
+    @property
+    def global_step(self) -> int:
+        return self.offset + self.step
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Trainer:
     seqs: list
     pad_id: int
     total_steps: int
+    schedule_steps: int = 0       # the steps the schedule spans (with the run continued)
     on_step: Callable[[dict[str, Any]], None] | None = None
     student: Student | None = None  # what is trained, and how it is saved
     fsdp: bool = False            # the module is sharded with FSDP2
@@ -116,12 +123,22 @@ class Trainer:
         the main process does and broadcasts it)."""
         return not self.fsdp or self.acc.is_main_process
 
-    def load_full_state(self, model_sd: dict[str, torch.Tensor], optim_sd: dict[str, Any]) -> None:
+    def load_full_state(self, model_sd: dict[str, torch.Tensor] | None,
+                        optim_sd: dict[str, Any]) -> None:
+        """Whole state dicts into the trainer; ``model_sd`` None keeps the weights."""
         if self.fsdp:
-            fsdp2.load_full_state(self.module, self.optimizer, model_sd, optim_sd)
+            fsdp2.load_full_state(self.module, self.optimizer, model_sd or {}, optim_sd)
             return
-        self.acc.unwrap_model(self.module).load_state_dict(model_sd)
+        if model_sd is not None:
+            self.acc.unwrap_model(self.module).load_state_dict(model_sd)
         self.optimizer.load_state_dict(optim_sd)
+
+    def position(self) -> dict[str, Any]:
+        """Where the run stands, as its checkpoints and final state record it."""
+        opt = self.cfg.optim
+        return {"step": self.state.step, "global_step": self.state.global_step,
+                "schedule_steps": self.schedule_steps, "warmup": opt.warmup, "lr": opt.lr,
+                "processes": self.acc.num_processes}
 
     def whole_student(self):
         """The trained student with whole parameters, on every process: the model itself,
@@ -148,9 +165,12 @@ class Trainer:
 
 
 def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
-                  student: Student | None = None, teacher=None) -> Trainer:
+                  student: Student | None = None, teacher=None,
+                  prior: dict[str, Any] | None = None) -> Trainer:
     """Models, optimizer and schedule. ``student`` (float32) and ``teacher`` may be given
-    already loaded (``tip distill`` keeps them between stages); else they are loaded."""
+    already loaded (``tip distill`` keeps them between stages); else they are loaded.
+    ``prior`` is the position of the run this one continues (``checkpoint.read_state``):
+    the schedule is its, and this run's steps must fit in what is left of it."""
     opt = cfg.optim
     torch.manual_seed(cfg.seed)
     student, files = _student(cfg, src, student)
@@ -158,12 +178,8 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
     student.prepare_training(cfg.training.gradient_checkpointing)
     module = DistillModule(student.model, cfg.training.loss, real_vocab_size(tok),
                            src.temperature, cfg.training.train_chunk_size)
-    per_epoch = steps_per_epoch(len(seqs), cfg, acc.num_processes)
-    if per_epoch == 0:
-        raise TipError(f"{len(seqs)} sequences with kept tokens are fewer than one step's "
-                       f"{opt.train_batch_size * opt.grad_accum * acc.num_processes} (batch "
-                       "size x grad accum x processes); lower --train-batch-size or --grad-accum")
-    total = opt.max_steps or opt.epochs * per_epoch
+    total, schedule = run_steps(cfg, len(seqs), acc.num_processes, prior)
+    offset = prior["global_step"] if prior else 0
     fsdp = cfg.training.fsdp
     mesh, own_group = mesh_lib.make_mesh(acc.device, acc.num_processes) if fsdp else (None, False)
     try:
@@ -173,7 +189,7 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
                 mesh_lib.load_sharded_weights(module, files, acc.device)
         optimizer = torch.optim.AdamW(student.trainable(module), lr=opt.lr,
                                       weight_decay=opt.weight_decay)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, opt.warmup, schedule)
         if not fsdp:
             module, optimizer = acc.prepare(module, optimizer)
         own_teacher = teacher is None or isinstance(teacher, torch.nn.Module)
@@ -181,10 +197,32 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
     except BaseException:
         mesh_lib.end_group(own_group)  # a single process's group is not left behind
         raise
-    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(), teacher,
+    return Trainer(cfg, acc, module, optimizer, scheduler, TrainState(offset), teacher,
                    teacher.logits() if teacher else None, seqs, tok.pad_token_id, total,
-                   student=student, fsdp=fsdp, own_group=own_group,
+                   schedule_steps=schedule, student=student, fsdp=fsdp, own_group=own_group,
                    own_teacher=teacher is not None and own_teacher)
+
+
+def run_steps(cfg: TrainConfig, sequences: int, world: int,
+              prior: dict[str, Any] | None = None) -> tuple[int, int]:
+    """(the optimizer steps of this run, the steps its schedule spans): refused in one line
+    when there is not one step of data, or when the steps do not fit in the schedule."""
+    opt = cfg.optim
+    per_epoch = steps_per_epoch(sequences, cfg, world)
+    if per_epoch == 0:
+        raise TipError(f"{sequences} sequences with kept tokens are fewer than one step's "
+                       f"{opt.train_batch_size * opt.grad_accum * world} (batch "
+                       "size x grad accum x processes); lower --train-batch-size or --grad-accum")
+    total = opt.max_steps or opt.epochs * per_epoch
+    offset = prior["global_step"] if prior else 0
+    schedule = prior["schedule_steps"] if prior else (opt.schedule_steps or total)
+    if offset + total > schedule:
+        done = f"{offset} of its {schedule} steps are done, " if prior else ""
+        raise TipError(f"this run takes {total} optimizer steps, but the learning-rate schedule "
+                       f"spans {schedule} ({done}the cosine would rise again past its end): "
+                       f"set --schedule-steps to at least {offset + total}"
+                       + (" in the run continued" if prior else "") + ", or lower --max-steps")
+    return total, schedule
 
 
 def _student(cfg: TrainConfig, src: Source, student: Student | None):
@@ -259,7 +297,8 @@ def train_step(tr: Trainer, step: int, micro: list[MicroBatch] | None = None
     tr.optimizer.step()
     tr.scheduler.step()
     tr.optimizer.zero_grad(set_to_none=True)
-    return _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
+    return _step_metrics(acc, step, tr.state.offset, kept, quad_loss, quad_count, tokens,
+                         grad_norm, lr)
 
 
 def _forward(tr: Trainer, mb: MicroBatch):
@@ -275,7 +314,8 @@ def _forward(tr: Trainer, mb: MicroBatch):
     return tr.module(ids, mask, rows, cols, targets, t_hidden, tr.t_head)
 
 
-def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr) -> dict:
+def _step_metrics(acc, step, offset, kept, quad_loss, quad_count, tokens, grad_norm,
+                  lr) -> dict:
     """The step's metrics over every process: one reduction and one copy to the host."""
     counts = torch.cat([quad_count, torch.tensor([float(tokens)], dtype=torch.float64)])
     sums = acc.reduce(torch.cat([quad_loss, counts.to(acc.device)]), "sum")
@@ -284,7 +324,8 @@ def _step_metrics(acc, step, kept, quad_loss, quad_count, tokens, grad_norm, lr)
     q_loss, q_count = host[:5], host[5:10]
     by_quad = {QUADRANT_NAMES[q]: float(q_loss[q] / q_count[q]) for q in range(5)
                if q_count[q] > 0}
-    return {"step": step + 1, "loss": float(q_loss.sum() / host[11]),
+    return {"step": step + 1, "global_step": offset + step + 1,
+            "loss": float(q_loss.sum() / host[11]),
             "kept_tokens": int(host[11]), "tokens": int(host[10]),
             "loss_by_quadrant": by_quad,
             "kept_by_quadrant": {QUADRANT_NAMES[q]: int(q_count[q]) for q in range(5)
