@@ -12,7 +12,8 @@ same model without 8 of its 30 decoder layers (``examples/smollm2/run.py``
 get these two directories. 8 optimizer steps, each on 8 training prompts x 1 response of
 up to 64 new tokens sampled from the current student (temperature 1, no top-k/top-p),
 loss: the full-vocabulary reverse KL, KL(student || teacher), on every response token (the
-mean over the step's response tokens), AdamW lr 5e-5 with a constant learning rate,
+mean over the step's response tokens), one AdamW for the 8 steps at lr 5e-5 with a cosine
+decay to 0 over them (no warmup),
 weight decay 0, gradient clipping at norm 1, float32, one process, CPU, ``--threads``
 torch thread(s) in both (``--threads``, 1: see Threads below).
 
@@ -34,15 +35,16 @@ Rows (``--rows``):
 - ``tip-soft-or``: the same with ``--strategy soft-or --keep 0.5`` (the loss on the half
   of each response's tokens that Soft-OR ranks highest);
 - ``trl``: TRL 1.16's ``DistillationTrainer`` (``trl.trainer.distillation_trainer``) with
-  ``DistillationConfig(beta=1.0, learning_rate=5e-5, lr_scheduler_type="constant",
+  ``DistillationConfig(beta=1.0, learning_rate=5e-5, lr_scheduler_type="cosine",
   warmup_steps=0, max_steps=8, per_device_train_batch_size=8,
   gradient_accumulation_steps=1, max_completion_length=64, temperature=1.0, top_k=0,
   top_p=1.0, shuffle_dataset=False, optim="adamw_torch", weight_decay=0.0,
   max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True,
   save_strategy="no", logging_steps=1, seed=0)``, run by ``.venv-trl/bin/python`` (TRL is
   installed only there; the worker imports trl/transformers/datasets, never tipcli);
-- ``trl-fresh-adam``: the same, with AdamW's state cleared before
-  every step, as tip's per-iteration optimizer starts fresh (below).
+- ``trl-fresh-adam`` (not run by default): the same, with AdamW's state cleared before
+  every step, as tip's optimizer started fresh every iteration before tip distill kept one
+  AdamW over the loop: the control for that difference.
 
 Why DistillationTrainer and not ``trl.experimental.gkd.GKDTrainer``: in TRL 1.16
 DistillationTrainer is the maintained on-policy trainer. It always samples from the
@@ -56,13 +58,10 @@ projecting every completion position, padding included, then masking.
 
 Settings that still differ (the two tools allow no closer match):
 
-- The optimizer's life. tip distill trains each iteration as its own `tip train` stage,
-  with a new AdamW and a cosine schedule over that iteration's one step, so every step is
-  a first AdamW step at lr 5e-5 (bias-corrected, its update is about lr x sign(gradient)
-  per parameter); the schedule is thus constant at 5e-5 for both. TRL keeps one AdamW for
-  all 8 steps, so its moments accumulate. ``trl-fresh-adam`` clears TRL's AdamW state
-  before each step (a callback), which gives TRL tip's update rule; it is the control for
-  this difference in held-out KL, not a TRL setting.
+- The optimizer's life: the same. tip distill continues one AdamW and one schedule over
+  its iterations (each iteration's `tip train` stage continues the previous one's state),
+  a cosine over iterations x steps = 8 steps, as TRL's ``cosine`` schedule over its 8
+  (both are transformers' ``get_cosine_schedule_with_warmup``).
 - The scoring pass. tip scores every rollout with both models first (`tip score`:
   entropies and the exact divergences per token, which the selection reads; ``--teacher-
   top-k 0``: no top-k is stored, the rkl-full loss does not read it), then trains, running
@@ -70,9 +69,9 @@ Settings that still differ (the two tools allow no closer match):
   tip runs each model's forward over the batch twice (one more with gradients for the
   student), TRL once; this is what tip pays for the per-token statistics.
 - Disk. Each tip stage writes its directory: the rollout and score shards, and in train a
-  resumable checkpoint (model and AdamW state: ``save_every`` is max(1, 1 // 4) = 1) and
-  the trained student (``save_pretrained``); the checkpoint is deleted when the iteration
-  ends, and with ``--keep-students last`` the previous student's weights. TRL here saves
+  the trained student (``save_pretrained``) and the AdamW state the next iteration
+  continues (``state/``; the previous iteration's is deleted when the next ends), and
+  with ``--keep-students last`` the previous student's weights go too. TRL here saves
   nothing during the loop (``save_strategy="no"``); its final student is saved after the
   loop, outside the timed loop.
 - Optimizer implementation: both torch.optim.AdamW, single-tensor (TRL's default,
@@ -132,7 +131,7 @@ install), so that edits to the working tree during a run change nothing; the res
 record the git HEAD, how many tipcli files had uncommitted changes, and a hash of the
 copy.
 
-Runs alternate (tip-all, trl, tip-soft-or, trl-fresh-adam) ``--repeats`` times; the
+Runs alternate (tip-all, trl, tip-soft-or) ``--repeats`` times; the
 ratios tip / TRL are taken within each repeat, then the median. ``--pause-study`` stops
 (SIGSTOP) the processes whose command line holds ``examples/smollm2/run.py`` while the
 runs and evaluations go, and resumes them (SIGCONT) afterwards, by the process ids it
@@ -170,7 +169,7 @@ EVAL_SEED_OFFSET = 7919  # tip distill's held-out samples are seeded with --seed
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
 ROWS = ("tip-all", "trl", "tip-soft-or", "trl-fresh-adam")
-DEFAULT_ROWS = ROWS
+DEFAULT_ROWS = ROWS[:3]
 
 FULL = dict(steps=8, prompts_per_step=8, max_new_tokens=64, train_prompts=64,
             eval_prompts=48)
@@ -279,6 +278,9 @@ def tip_worker(spec: dict) -> None:
     part(getattr(S, "WholeTeacher", S), "hidden", "teacher_s")  # the teacher's body
     part(T, "build_trainer", "setup_s")         # optimizer, accelerate, teacher head
     part(L, "save_checkpoint", "checkpoint_s")  # model + AdamW state, resumable
+    for name in ("save_state", "load_state"):  # the AdamW state one iteration hands on
+        if hasattr(T, name):
+            part(T, name, "checkpoint_s")
     part(T, "_save_model", "save_s")            # the trained student, save_pretrained
     prune = getattr(D, "_prune", None)  # deletes the checkpoint (and old weights): last act
 
@@ -388,7 +390,7 @@ def trl_worker(spec: dict) -> None:
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"]]
     args = DistillationConfig(
         output_dir=str(Path(spec["work"]) / "trainer"), use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=False, learning_rate=spec["lr"], lr_scheduler_type="constant",
+        gradient_checkpointing=False, learning_rate=spec["lr"], lr_scheduler_type="cosine",
         warmup_steps=0, max_steps=spec["steps"], per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, max_completion_length=spec["max_new_tokens"],
         temperature=1.0, top_p=1.0, top_k=0, beta=1.0, shuffle_dataset=False,
@@ -848,7 +850,8 @@ def markdown(result: dict) -> str:
         return f"{d[k]:.3f}" if k in d else "-"
 
     lines = [f"{s['steps']} steps x {s['prompts_per_step']} prompts x 1 sample x up to "
-             f"{s['max_new_tokens']} tokens, lr {s['lr']:g} constant, {s['threads']} thread(s); "
+             f"{s['max_new_tokens']} tokens, lr {s['lr']:g} cosine to 0, one AdamW, "
+             f"{s['threads']} thread(s); "
              f"held-out: {s['eval_prompts']} prompts, seed {s['eval_seed']}; medians over "
              f"{s['repeats']} repeat(s). CPU pressure: the share of the run's wall time in "
              "which some task waited for a CPU (/proc/pressure/cpu), 0 on a quiet machine.", "",

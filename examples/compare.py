@@ -90,7 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 16; quick 4).")
     p.add_argument("--max-steps", type=int, default=None, help="Optimizer steps per iteration, "
                    "the same for every row (default prompts x samples / batch).")
-    p.add_argument("--lr", type=float, default=1e-4, help="Peak AdamW learning rate.")
+    p.add_argument("--lr", type=float, default=5e-5, help="Peak AdamW learning rate (the "
+                   "demo's).")
+    p.add_argument("--warmup", type=int, default=4, help="Warm-up steps of the run's one "
+                   "schedule (the demo's).")
     p.add_argument("--num-eval", type=int, default=None, help="Held-out prompts evaluated "
                    "(default 200; quick 8).")
     p.add_argument("--rows", default="", help="Only these rows, comma-separated slugs such as "
@@ -164,7 +167,8 @@ def distill_config(args: argparse.Namespace, inputs: dict[str, str], row: Row, s
         prompts=inputs["prompts"], output=str(out), iterations=args.iterations,
         prompts_per_iteration=args.prompts_per_iteration, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, strategy=row.strategy, keep=row.keep,
-        lr=args.lr, max_steps=args.max_steps, train_batch_size=args.batch_size,
+        lr=args.lr, warmup=args.warmup, max_steps=args.max_steps,
+        train_batch_size=args.batch_size,
         eval_prompts=inputs["eval_prompts"], eval_max_prompts=args.num_eval,
         verifier="last-number", seed=seed, device="cpu")
 
@@ -235,7 +239,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{s['iterations']} on-policy iterations x {s['prompts_per_iteration']} prompts x "
         f"{s['num_samples']} samples (max {s['max_new_tokens']} new tokens), "
         f"{s['max_steps']} optimizer steps of {s['batch_size']} sequences per iteration, "
-        f"lr {s['lr']:g}, loss rkl-topk; {s['seeds']} seed(s) per row. Accuracy: greedy, "
+        f"one AdamW over the run, lr {s['lr']:g} with {s.get('warmup', 0)} warm-up steps, "
+        f"loss rkl-topk; {s['seeds']} seed(s) per row. Accuracy: greedy, "
         f"{s['num_eval']} held-out prompts, after the last iteration (mean ± sample std over "
         "seeds). Tokens: share of response tokens trained on. Memory: peak RSS of a fresh "
         "process retraining iteration 0's selection (whole process / added by training), "
