@@ -93,6 +93,8 @@ def measure_train(settings: dict[str, Any], out: Path, threads: int | None = Non
     steps = [json.loads(ln) for ln in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     mem["steps"] = len(steps)
     mem["step_seconds"] = statistics.fmean(s["tokens"] / s["tokens_per_s"] for s in steps)
+    # what the trained student takes on disk: its weights, or a LoRA run's adapter
+    mem["weights_bytes"] = sum(p.stat().st_size for p in (out / "train").glob("*.safetensors"))
     out.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(mem, indent=2) + "\n")
     shutil.rmtree(out / "train", ignore_errors=True)  # the weights are not needed

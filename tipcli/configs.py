@@ -297,6 +297,40 @@ class Training:
                                "accelerate launch --multi_gpu; docs/training.md).")
 
 
+def _targets_problem(text: str) -> str | None:
+    if text == "all-linear" or re.fullmatch(r"[\w.]+(,[\w.]+)*", text):
+        return None
+    return (f"--lora-targets must be all-linear or module names separated by commas, such as "
+            f"q_proj,v_proj (got '{text}')")
+
+
+@dataclass(frozen=True)
+class Lora:
+    """LoRA adapters (peft): trained instead of every weight when --lora-r > 0."""
+
+    lora_r: int = setting(0, "LoRA rank: train adapters of this rank on a frozen base (0 = "
+                             "train every weight).", ge=0)
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (the update is scaled by "
+                                      "alpha / r).", gt=0)
+    lora_dropout: float = setting(0.0, "Dropout on the adapters' input.", ge=0, lt=1)
+    lora_targets: str = setting("all-linear", "Modules given adapters: all-linear (every "
+                                "linear layer of the decoder, not the head) or names such as "
+                                "q_proj,v_proj.", check=_targets_problem)
+
+
+def _lora_rules(lora: Lora, training: Training, backend: str = "hf") -> list[str]:
+    if not lora.lora_r:
+        return []
+    p = []
+    if training.fsdp:
+        p.append("--lora-r with --fsdp is not supported yet: train the adapters with DDP "
+                 "(torchrun without --fsdp), or drop --lora-r to shard every weight")
+    if backend == "vllm":
+        p.append("--lora-r with --backend vllm is not supported yet (the engine would need each "
+                 "iteration's adapter as a LoRA request): sample with --backend hf")
+    return p
+
+
 @dataclass(frozen=True)
 class Grading:
     """How responses are graded against reference answers."""
@@ -389,6 +423,7 @@ class TrainConfig:
     teacher: str = _model("Teacher model, loaded during training for the *-full losses.",
                           short="-t", required=False)
     training: Training = group(Training)
+    lora: Lora = group(Lora)
     selection: Selection = group(Selection)
     optim: Optim = group(Optim)
     seed: int = _seed("Seed of data order, selection and initialisation.")
@@ -399,6 +434,8 @@ class TrainConfig:
                                  "input must be sampled from its student).")
     save_state: bool = setting(True, "Write the optimizer state and schedule position at the "
                                "end (OUTPUT/state/), for a later --continue-from.")
+    merged_output: str = setting("", "With --lora-r: also write the student with its adapters "
+                                 "merged into its weights here (a save_pretrained directory).")
     runtime: Runtime = group(Runtime)
     checks: Checks = group(Checks)
 
@@ -410,6 +447,10 @@ class TrainConfig:
         if self.runtime.device not in ("auto", "cpu", "cuda"):
             p.append("--device must be auto, cpu or cuda for tip train (accelerate places "
                      "each process on its own device)")
+        if self.merged_output and not self.lora.lora_r:
+            p.append("--merged-output writes a LoRA student merged into its base: it needs "
+                     "--lora-r > 0")
+        p += _lora_rules(self.lora, self.training)
         return p
 
 
@@ -473,6 +514,7 @@ class DistillConfig:
     scoring: Scoring = group(Scoring)
     selection: Selection = group(Selection)
     training: Training = group(Training)
+    lora: Lora = group(Lora)
     optim: Optim = group(Optim, lr=1e-5, train_batch_size=8)
     eval_prompts: str = setting("", "Held-out prompts to evaluate the student on, before the "
                                 "first iteration and after each (empty = no evaluation).")
@@ -510,6 +552,7 @@ class DistillConfig:
             if self.runtime.shard_teacher or self.runtime.device_map:
                 problems.append("--teacher-url serves the teacher elsewhere: drop "
                                 "--shard-teacher and --device-map")
+        problems += _lora_rules(self.lora, self.training, self.sampling.backend)
         return problems
 
 

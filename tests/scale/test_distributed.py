@@ -180,6 +180,23 @@ def test_killed_in_the_second_iteration_resumes_on_two_processes(tiny_pair, many
     assert lrs[:2] == lrs[2:]  # the schedule resumed where it was
 
 
+def test_lora_distill_on_two_processes_ends_where_one_does(tiny_pair, many_prompts,
+                                                           tmp_path):
+    """--lora-r 8 on 2 processes (DDP over the adapters, the base frozen on each) and on one
+    at the same global batch: the same adapters (1e-4), checkpointed adapter-only."""
+    runs = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{procs}"
+        r = tip(distill_args(tiny_pair, many_prompts, out, batch, "--lora-r", "8"), procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[procs] = load_file(str(out / "iter-001" / "train" / "adapter_model.safetensors"))
+    assert runs[1].keys() == runs[2].keys() and all("lora_" in k for k in runs[1])
+    for k in runs[1]:
+        torch.testing.assert_close(runs[1][k], runs[2][k], rtol=0, atol=1e-4, msg=k)
+    start = load_file(str(tmp_path / "p1" / "iter-000" / "train" / "adapter_model.safetensors"))
+    assert any(not torch.equal(start[k], runs[1][k]) for k in start)
+
+
 @pytest.mark.slow
 def test_two_nodes_on_this_machine(tiny_pair, many_prompts, one_process_run, tmp_path):
     """Two torchrun invocations joined by a c10d rendezvous on 127.0.0.1, one process

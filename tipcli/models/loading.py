@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from tipcli.configs import DTYPES, parse_max_memory
 from tipcli.errors import TipError, first_line
+from tipcli.models import adapters
 from tipcli.store.files import atomic_dir, write_json_atomic
 
 
@@ -90,9 +91,11 @@ class ModelSpec:
         if p.exists() and not p.is_dir():
             raise TipError(f"model {name} is a file but not a .gguf file; give a model "
                            "directory, a .gguf file or a hub id")
-        if p.is_dir() and not (p / "config.json").is_file():
+        if p.is_dir() and not (p / "config.json").is_file() and \
+                not (p / adapters.CONFIG).is_file():
             raise TipError(f"model directory {name} has no config.json; give a directory "
-                           "written by save_pretrained, a .gguf file or a hub id")
+                           "written by save_pretrained (or a peft LoRA adapter's), a .gguf "
+                           "file or a hub id")
         if not p.exists() and not HUB_ID.fullmatch(name):
             raise TipError(f"model path {name} does not exist (and is not a hub id like "
                            "org/name); check the path")
@@ -160,8 +163,12 @@ def _load_error(kind: str, spec: ModelSpec, exc: Exception) -> TipError:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of a model (a converted gguf's cached copy when there is one)."""
+    """The tokenizer of a model (a converted gguf's cached copy when there is one; for a
+    LoRA adapter directory without one, its base's)."""
     quiet_transformers()
+    base = adapters.adapter_base(name)
+    if base is not None and not (Path(name) / "tokenizer_config.json").is_file():
+        name = base
     spec = ModelSpec.parse(name)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_hub_options(spec)}
     path = spec.path
@@ -186,6 +193,9 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     over the devices (then the CPU, then disk) with ``device_map``. GGUF files are
     converted once and cached."""
     quiet_transformers()
+    base = adapters.adapter_base(name)
+    if base is not None:  # a LoRA adapter directory: its base, the adapter merged in
+        return adapters.merged(load_adapter(name, base, device, dtype, trust_remote_code))
     spec = ModelSpec.parse(name)
     path, kwargs = spec.path, {"trust_remote_code": trust_remote_code, **_hub_options(spec)}
     if spec.gguf_file:
@@ -207,9 +217,21 @@ def load_model(name: str, device: str = "cpu", dtype=None, trust_remote_code: bo
     return model
 
 
+def load_adapter(name: str, base: str, device: str = "cpu", dtype=None,
+                 trust_remote_code: bool = False, trainable: bool = False):
+    """The LoRA adapter directory ``name`` on its base model ``base``: a peft model."""
+    try:
+        model = load_model(base, device, dtype, trust_remote_code)
+    except TipError as exc:
+        raise adapters.base_missing(name, base, exc) from None
+    return adapters.put_on(model, name, base, trainable)
+
+
 def load_config(name: str, trust_remote_code: bool = False):
-    """A model's transformers config, without its weights (a .gguf file converted first)."""
+    """A model's transformers config, without its weights (a .gguf file converted first;
+    a LoRA adapter directory's base's)."""
     quiet_transformers()
+    name = adapters.adapter_base(name) or name
     spec = ModelSpec.parse(name)
     path = str(_convert_gguf(spec)) if spec.gguf_file else spec.path
     try:
@@ -244,6 +266,8 @@ def empty_model(name: str, trust_remote_code: bool = False):
     from accelerate import init_empty_weights
 
     quiet_transformers()
+    if adapters.adapter_base(name) is not None:  # a LoRA adapter: loaded on its base
+        return None, None
     spec = ModelSpec.parse(name)
     path = Path(_convert_gguf(spec) if spec.gguf_file else spec.path)
     if not path.is_dir():

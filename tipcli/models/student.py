@@ -2,9 +2,11 @@
 
 Training and the loop ask the ``Student`` instead of reaching into the model:
 
-- what is trained: ``prepare_training`` (every weight, today) and ``trainable`` (the
+- what is trained: ``prepare_training`` (every weight, or with ``--lora-r`` LoRA adapters
+  on a frozen base, through peft: ``tipcli.models.adapters``) and ``trainable`` (the
   parameters the optimizer steps);
-- how it is saved: ``save`` (a ``save_pretrained`` directory, weights and tokenizer), or
+- how it is saved: ``save`` (a ``save_pretrained`` directory, weights and tokenizer; a
+  peft adapter directory for a LoRA student), or
   ``save_config`` where the weights are written elsewhere (gathered from FSDP2 shards a
   tensor at a time, ``tipcli.dist.fsdp.save_whole``);
 - how its weights reach the sampler: ``sync`` (the hf sampler samples from the module
@@ -24,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from tipcli.errors import TipError, first_line
-from tipcli.models import loading
+from tipcli.models import adapters, loading
 from tipcli.models.loading import empty_model
 from tipcli.store.stagedir import read_manifest
 
@@ -42,14 +44,29 @@ def recorded_version(name: str | Path) -> int:
 class Student:
     """The model ``name`` names, as one process holds it."""
 
-    def __init__(self, name: str, model, version: int = 0):
+    def __init__(self, name: str, model, version: int = 0, peft=None, base: str = ""):
         self.name, self.model, self.version = str(name), model, version
+        # with LoRA: the peft model around ``model`` (whose adapters sit inside it), and the
+        # base model's name
+        self.peft, self.base = peft, base or str(name)
 
     @classmethod
     def load(cls, name: str, device, dtype, trust_remote_code: bool = False,
              version: int | None = None) -> Student:
-        model = loading.load_model(name, device, dtype, trust_remote_code)
-        return cls(name, model, recorded_version(name) if version is None else version)
+        """The model ``name`` names; a LoRA adapter directory on its base, kept apart and
+        trainable."""
+        version = recorded_version(name) if version is None else version
+        base = adapters.adapter_base(name)
+        if base is not None:
+            peft = loading.load_adapter(name, base, device, dtype, trust_remote_code,
+                                        trainable=True)
+            return cls(name, peft.get_base_model(), version, peft, base)
+        return cls(name, loading.load_model(name, device, dtype, trust_remote_code), version)
+
+    @property
+    def lora_rank(self) -> int:
+        """The rank of its LoRA adapters; 0 when every weight is its own."""
+        return adapters.rank(self.peft) if self.peft is not None else 0
 
     @classmethod
     def empty(cls, name: str, trust_remote_code: bool = False):
@@ -65,10 +82,23 @@ class Student:
 
     # ------------------------------------------------------------------ training
 
-    def prepare_training(self, gradient_checkpointing: bool = False) -> None:
-        """Every weight trained (full fine-tuning), train mode, and with
-        ``gradient_checkpointing`` the body's activations recomputed in backward."""
-        self.model.requires_grad_(True)
+    def prepare_training(self, gradient_checkpointing: bool = False, lora=None) -> None:
+        """What is trained, train mode, and with ``gradient_checkpointing`` the body's
+        activations recomputed in backward. Every weight; or with ``lora`` (the ``Lora``
+        settings, ``lora_r`` > 0) LoRA adapters on the frozen base: made now, or the ones
+        the student was loaded with (of the same rank)."""
+        r = lora.lora_r if lora is not None else 0
+        if self.peft is None and r:
+            self.peft = adapters.add_adapters(self.model, lora, self.name)
+        elif self.peft is not None and r != self.lora_rank:
+            raise TipError(f"{self.name} is a LoRA adapter of rank {self.lora_rank}: pass "
+                           f"--lora-r {self.lora_rank} to train it further, or train its merged "
+                           "model (tip train ... --merged-output DIR) with the rank you want")
+        if self.peft is not None:
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(adapters.is_adapter_param(name))
+        else:
+            self.model.requires_grad_(True)
         self.model.train()
         if gradient_checkpointing:
             enable = getattr(self.model, "activation_checkpointing_enable", None) or \
@@ -92,9 +122,21 @@ class Student:
 
     def save(self, out: str | Path, tok, state: dict[str, torch.Tensor] | None = None) -> None:
         """A ``save_pretrained`` directory: weights (``state``, default the model's),
-        config, generation config and tokenizer."""
+        config, generation config and tokenizer; for a LoRA student a peft adapter directory
+        (its adapters as they are now, the base named inside) and the tokenizer."""
+        if self.peft is not None:
+            self._saving(out, lambda: adapters.save(self.peft, out, self.base), tok)
+            return
         self._saving(out, lambda: self.model.save_pretrained(out, state_dict=state,
                                                               safe_serialization=True), tok)
+
+    def save_merged(self, out: str | Path, tok) -> None:
+        """A LoRA student with its adapters merged into the base's weights, as an ordinary
+        ``save_pretrained`` directory. The merge happens in place: afterwards the student
+        holds the merged model and no adapters."""
+        merged = self.peft.merge_and_unload()
+        self.model, self.peft = merged, None
+        self.save(out, tok)
 
     def save_config(self, out: str | Path, tok) -> None:
         """Everything of ``save`` but the weights (written by their own writer)."""

@@ -333,7 +333,7 @@ def train_config(cfg: DistillConfig, select: Path, out: Path, continue_from: str
         input=str(select), output=str(out),
         teacher=cfg.teacher if LOSSES[cfg.training.loss].needs_teacher else "",
         training=dataclasses.replace(cfg.training, report_to="none"),  # the loop logs
-        selection=cfg.selection, seed=cfg.seed, continue_from=continue_from,
+        lora=cfg.lora, selection=cfg.selection, seed=cfg.seed, continue_from=continue_from,
         optim=dataclasses.replace(cfg.optim, schedule_steps=schedule_steps(cfg, prompts, world)),
         save_every=max(1, cfg.optim.max_steps // 4) if cfg.optim.max_steps else 0,
         runtime=dataclasses.replace(cfg.runtime, device="cpu" if cfg.runtime.device == "cpu"

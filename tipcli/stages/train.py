@@ -31,6 +31,7 @@ from tipcli.configs import TrainConfig, to_flat
 from tipcli.dist import fsdp as fsdp2
 from tipcli.dist.processes import Processes
 from tipcli.errors import TipError
+from tipcli.models import adapters
 from tipcli.models.loading import (
     check_tokenizer_matches,
     load_tokenizer,
@@ -111,6 +112,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     tok = load_tokenizer(src.student, cfg.runtime.trust_remote_code)
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
     _check_resume(cfg, overwrite, resume, acc.num_processes)
+    _check_merged_output(cfg)
     prior = _continued(cfg, src)
     run_steps(cfg, len(seqs), acc.num_processes, prior)  # refused before anything is written
     Processes(acc.process_index, acc.num_processes).agree(to_flat(cfg))  # launched alike
@@ -133,18 +135,45 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
             tracker.close()
         summary.update(policy_version=tr.student.version + summary["steps"],
                        global_step=tr.state.global_step, schedule_steps=tr.schedule_steps)
+        if tr.lora:
+            summary["lora"] = _lora_summary(tr)
         _save_model(tr, tok)
         if cfg.save_state:
             save_state(tr)
+        trained = Student(cfg.output, tr.whole_student(), summary["policy_version"],
+                          tr.student.peft, tr.student.base)  # under FSDP a whole copy
+        if cfg.merged_output and acc.is_main_process:  # the last act: it merges in place
+            trained.save_merged(cfg.merged_output, tok)
         if writer is not None:
             writer.finish(summary)
         acc.wait_for_everyone()
-        trained = tr.whole_student()  # under FSDP a whole copy on every process
     finally:
         tr.close()
     acc.free_memory()  # drop the optimizer state and accelerate's references to the model
-    return Path(cfg.output), Student(cfg.output, trained,
-                                     summary["policy_version"]).for_inference()
+    return Path(cfg.output), trained.for_inference()
+
+
+def _lora_summary(tr) -> dict[str, Any]:
+    """The adapters' size beside the model's: what a LoRA run trains and saves."""
+    params = list(tr.student.model.named_parameters())
+    adapter = sum(p.numel() for n, p in params if adapters.is_adapter_param(n))
+    return {"rank": tr.student.lora_rank, "base": tr.student.base,
+            "adapter_parameters": adapter,
+            "base_parameters": sum(p.numel() for _, p in params) - adapter}
+
+
+def _check_merged_output(cfg: TrainConfig) -> None:
+    """--merged-output names a new directory (or an empty one): nothing is overwritten."""
+    out = Path(cfg.merged_output) if cfg.merged_output else None
+    if out is None:
+        return
+    if out.resolve() == Path(cfg.output).resolve():
+        raise TipError("--merged-output must be another directory than -o, which holds the "
+                       "adapter")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TipError(f"--merged-output {out} already exists and is not empty; choose a new "
+                       "directory (tip writes the merged model only where nothing would be "
+                       "lost)")
 
 
 def _continued(cfg: TrainConfig, src: Source) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from tipcli.configs import TrainConfig
 from tipcli.dist import fsdp as fsdp2
 from tipcli.dist import mesh as mesh_lib
 from tipcli.errors import TipError, first_line
+from tipcli.models import adapters
 from tipcli.models.loading import (
     check_model_fits_vocab,
     real_vocab_size,
@@ -111,11 +112,18 @@ class Trainer:
 
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(model, optimizer) state dicts, whole: on every process, or under FSDP on the
-        main one (keyed by parameter name; the others get empty dicts). Every process
-        must call it."""
+        main one (keyed by parameter name; the others get empty dicts); of a LoRA student
+        its adapters only. Every process must call it."""
         if self.fsdp:
             return fsdp2.full_state(self.module, self.optimizer)
-        return self.acc.unwrap_model(self.module).state_dict(), self.optimizer.state_dict()
+        model = self.acc.unwrap_model(self.module).state_dict()
+        if self.lora:
+            model = {k: v for k, v in model.items() if adapters.is_adapter_param(k)}
+        return model, self.optimizer.state_dict()
+
+    @property
+    def lora(self) -> bool:
+        return self.student is not None and self.student.peft is not None
 
     @property
     def reads_full_state(self) -> bool:
@@ -129,8 +137,14 @@ class Trainer:
         if self.fsdp:
             fsdp2.load_full_state(self.module, self.optimizer, model_sd or {}, optim_sd)
             return
-        if model_sd is not None:
-            self.acc.unwrap_model(self.module).load_state_dict(model_sd)
+        if model_sd is not None:  # of a LoRA student its adapters, the base as it is
+            result = self.acc.unwrap_model(self.module).load_state_dict(model_sd,
+                                                                         strict=not self.lora)
+            missing = [k for k in result.missing_keys if adapters.is_adapter_param(k)]
+            if self.lora and (missing or result.unexpected_keys):
+                raise TipError("the checkpoint does not hold this run's LoRA adapters "
+                               f"({(missing + result.unexpected_keys)[0]}); start again with "
+                               "--overwrite")
         self.optimizer.load_state_dict(optim_sd)
 
     def position(self) -> dict[str, Any]:
@@ -175,7 +189,7 @@ def build_trainer(cfg: TrainConfig, acc: Accelerator, src: Source, seqs, tok,
     torch.manual_seed(cfg.seed)
     student, files = _student(cfg, src, student)
     check_model_fits_vocab(student.model, tok, src.student)
-    student.prepare_training(cfg.training.gradient_checkpointing)
+    student.prepare_training(cfg.training.gradient_checkpointing, cfg.lora)
     module = DistillModule(student.model, cfg.training.loss, real_vocab_size(tok),
                            src.temperature, cfg.training.train_chunk_size)
     total, schedule = run_steps(cfg, len(seqs), acc.num_processes, prior)
