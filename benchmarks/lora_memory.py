@@ -9,6 +9,7 @@ process, "train +" = peak minus the RSS before training, the mean step time from
 metrics.jsonl), alternating the rows ``--repeats`` times; the median of each is kept.
 Rows: every weight (``--lora-r 0``) and ``--lora-r`` for each rank of ``--ranks``. The
 size on disk of what each writes: the whole student, or the adapter.
+``--gradient-checkpointing``: every row recomputes the body's activations in backward.
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="every row with --gradient-checkpointing")
     ap.add_argument("--work", default="runs/lora_memory")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" /
                                           "lora_memory_smollm2.json"))
     args = ap.parse_args(argv)
+    from tipcli.configs import TrainConfig, resolve
+    from tipcli.trainer.data import open_source
+
+    student = open_source(resolve(TrainConfig, input=args.select, output="-")).student
     ranks = [0] + [int(r) for r in args.ranks.split(",") if r]
     runs: dict[int, list[dict]] = {r: [] for r in ranks}
     for rep in range(args.repeats):
         for r in ranks:
-            settings = {"input": args.select, "output": "-", "max_steps": args.steps,
+            settings = {"input": args.select, "output": "-", "student": student,
+                        "max_steps": args.steps,
                         "train_batch_size": args.batch, "lr": 1e-4, "lora_r": r,
-                        "device": "cpu", "save_state": False}
+                        "device": "cpu", "save_state": False,
+                        "gradient_checkpointing": args.gradient_checkpointing}
             out = Path(args.work) / f"r{r}-{rep}"
             runs[r].append(measure_train(settings, out, args.threads))
             print(f"lora-r {r} repeat {rep}: {runs[r][-1]}", file=sys.stderr, flush=True)

@@ -190,3 +190,36 @@ def test_lora_bad_inputs(adapter, tiny_score, tiny_pair, tmp_path):
     (full / "manifest.json").write_text(json.dumps(manifest))
     refused("-o", str(full), "--resume", "--lora-r", "4", "--save-every", "1", "--max-steps",
             "2", says="its settings differ: --lora-r was 0, now 4")
+
+
+def test_a_lora_loop_resumed_from_disk_ends_where_an_uninterrupted_one_does(
+        tiny_pair, prompts_file, tmp_path, monkeypatch):
+    """Killed before iteration 2 samples: the rerun loads iteration 1's adapter from disk
+    on its base, trainable, and continues its AdamW state: the same adapter at the end."""
+    import tipcli.stages.distill as distill_mod
+
+    def cfg(out):
+        return resolve(DistillConfig, student=str(tiny_pair[0]), teacher=str(tiny_pair[1]),
+                       prompts=str(prompts_file), output=str(out), iterations=2, num_samples=2,
+                       max_new_tokens=8, max_steps=2, train_batch_size=4, teacher_top_k=8,
+                       lr=1e-2, prompts_per_iteration=4, group_size=4, lora_r=4)
+
+    whole = run_distill(cfg(tmp_path / "whole"))
+    real, calls = distill_mod.run_rollout, {"n": 0}
+
+    def die_at_second_rollout(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(distill_mod, "run_rollout", die_at_second_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg(tmp_path / "cut"))
+    monkeypatch.undo()
+    cut = run_distill(cfg(tmp_path / "cut"))
+    a, b = (load_file(str(r / "iter-001" / "train" / "adapter_model.safetensors"))
+            for r in (whole, cut))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
