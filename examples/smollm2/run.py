@@ -58,7 +58,7 @@ REMOVED = 8  # the default student; --removed N picks another distance from the 
 SETTINGS = dict(iterations=8, prompts_per_iteration=8, num_samples=2, max_new_tokens=48,
                 sample_batch_size=16, train_batch_size=4, max_steps=4, lr=1e-4, teacher_top_k=64,
                 eval_metric="kl", eval_every=2, eval_max_prompts=48,
-                keep_students="last", device="cpu")
+                keep_students="last", device="cpu", lora_r=0)
 
 
 class Row(BaseRow):
@@ -198,7 +198,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Seeds {result['seeds']}; {s['iterations']} iterations x "
              f"{s['prompts_per_iteration']} prompts x {s['num_samples']} samples, "
              f"{s['max_steps']} steps of {batch} sequences per iteration, lr "
-             f"{s['lr']:g}; held-out KL on {s['eval_max_prompts']} prompts (nats/token, mean "
+             f"{s['lr']:g}" + (f", LoRA rank {s['lora_r']}" if s.get("lora_r") else "") +
+             f"; held-out KL on {s['eval_max_prompts']} prompts (nats/token, mean "
              "+- std over seeds).", "",
              "| row | seeds | reverse KL before -> after | forward KL before -> after | "
              "distinct-2 | tokens trained | step time (s) | peak RSS (MiB) | train + (MiB) |",
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
                          "--train-batch-size")
     ap.add_argument("--train-batch-size", type=int, default=None,
                     help="override (sequences a step)")
+    ap.add_argument("--lr", type=float, default=None, help="override the learning rate")
+    ap.add_argument("--lora-r", type=int, default=None,
+                    help="train LoRA adapters of this rank instead of every weight")
     ap.add_argument("--removed", type=int, default=REMOVED,
                     help="decoder layers the student lacks (least harmful first)")
     ap.add_argument("--work", default="runs/smollm2")
