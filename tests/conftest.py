@@ -53,6 +53,20 @@ def kill_every_process_of(marker: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def interrupt_at_call(monkeypatch, module, name: str, n: int) -> None:
+    """``module.name`` raises KeyboardInterrupt (a kill) at its ``n``-th call, running as
+    it is before; ``monkeypatch.undo()`` restores it."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def interrupting(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, interrupting)
+
+
 def assert_one_line_error(result, *needles: str, code: int = 2) -> None:
     """A CliRunner result that failed the way tip promises: exit ``code``, one line on
     stderr starting with ``error:`` and holding every needle, no traceback."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, interrupt_at_call
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -205,15 +205,7 @@ def test_a_lora_loop_resumed_from_disk_ends_where_an_uninterrupted_one_does(
                        lr=1e-2, prompts_per_iteration=4, group_size=4, lora_r=4)
 
     whole = run_distill(cfg(tmp_path / "whole"))
-    real, calls = distill_mod.run_rollout, {"n": 0}
-
-    def die_at_second_rollout(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(distill_mod, "run_rollout", die_at_second_rollout)
+    interrupt_at_call(monkeypatch, distill_mod, "run_rollout", 2)  # before iteration 2 samples
     with pytest.raises(KeyboardInterrupt):
         run_distill(cfg(tmp_path / "cut"))
     monkeypatch.undo()

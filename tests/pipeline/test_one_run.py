@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, interrupt_at_call
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -92,15 +92,7 @@ def test_a_shell_loop_with_continue_from_trains_what_distill_does(tiny_pair, pro
     import tipcli.stages.distill as distill_mod
 
     cfg = _cfg(tiny_pair, prompts_file, tmp_path / "run", iterations=2)
-    real, calls = distill_mod.train_model, {"n": 0}
-
-    def stop_before_second_training(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(distill_mod, "train_model", stop_before_second_training)
+    interrupt_at_call(monkeypatch, distill_mod, "train_model", 2)  # before the 2nd training
     with pytest.raises(KeyboardInterrupt):
         run_distill(cfg)
     monkeypatch.undo()

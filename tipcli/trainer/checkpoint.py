@@ -146,7 +146,8 @@ def _write(tr, final: Path, weights: bool, finish, fix: str) -> None:
 
 def load_checkpoint(tr, path: Path) -> None:
     """Restore the trainer from ``path`` after checking every file against its index."""
-    sharded = _verified(path, weights=True)
+    index = _read_index(path)
+    sharded = _verified(path, index, weights=True)
     if sharded != tr.fsdp:
         raise TipError(f"{path} was written {'with' if sharded else 'without'} --fsdp; resume "
                        "it the same way")
@@ -155,7 +156,6 @@ def load_checkpoint(tr, path: Path) -> None:
     tr.state.step = int(position["step"])
     tr.state.offset = int(position.get("global_step", tr.state.step)) - tr.state.step
     # a process the checkpoint had none for (resumed on more processes) takes process 0's
-    index = _read_index(path)  # checked by _verified
     rank_rng = f"rng-{tr.acc.process_index}.safetensors"
     if rank_rng not in index["files"]:
         rank_rng = "rng-0.safetensors"
@@ -166,7 +166,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
     """The position a ``save_state`` directory records (``trainer.json``), after every
     file is checked against its index."""
     path = Path(path)
-    sharded = _verified(path, weights=False)
+    sharded = _verified(path, _read_index(path, CONTINUE_FIX), weights=False)
     position = json.loads((path / "trainer.json").read_text())
     return {**position, "fsdp": sharded}
 
@@ -179,12 +179,13 @@ def load_state(tr, path: str | Path) -> None:
     tr.state.offset = int(json.loads((path / "trainer.json").read_text())["global_step"])
 
 
-def _verified(path: Path, weights: bool) -> bool:
-    """Check every file of ``path`` against its index and that the files a restore reads
-    are there; returns whether it holds FSDP shards."""
-    fix = "start again with --overwrite" if weights else \
-        "drop --continue-from to start a new schedule"
-    index = _read_index(path, fix)
+CONTINUE_FIX = "drop --continue-from to start a new schedule"
+
+
+def _verified(path: Path, index: dict[str, Any], weights: bool) -> bool:
+    """Check every file of ``path`` against its ``index`` and that the files a restore
+    reads are there; returns whether it holds FSDP shards."""
+    fix = "start again with --overwrite" if weights else CONTINUE_FIX
     for name, digest in index["files"].items():
         if sha256_file(path / name) != digest:
             raise TipError(f"{path / name} does not match {path / INDEX}; "
