@@ -322,9 +322,6 @@ def _lora_rules(lora: Lora, training: Training, backend: str = "hf") -> list[str
     if not lora.lora_r:
         return []
     p = []
-    if training.fsdp:
-        p.append("--lora-r with --fsdp is not supported yet: train the adapters with DDP "
-                 "(torchrun without --fsdp), or drop --lora-r to shard every weight")
     if backend == "vllm":
         p.append("--lora-r with --backend vllm is not supported yet (the engine would need each "
                  "iteration's adapter as a LoRA request): sample with --backend hf")

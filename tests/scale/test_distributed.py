@@ -182,19 +182,32 @@ def test_killed_in_the_second_iteration_resumes_on_two_processes(tiny_pair, many
 
 def test_lora_distill_on_two_processes_ends_where_one_does(tiny_pair, many_prompts,
                                                            tmp_path):
-    """--lora-r 8 on 2 processes (DDP over the adapters, the base frozen on each) and on one
-    at the same global batch: the same adapters (1e-4), checkpointed adapter-only."""
+    """--lora-r 8 on 2 processes, with DDP over the adapters (the base frozen on each), with
+    --fsdp (the frozen base sharded beside the adapters) and with --shard-teacher, and on
+    one at the same global batch: the same adapters (1e-4); under --fsdp the optimizer
+    state of the adapters alone."""
     runs = {}
-    for procs, batch in ((1, 4), (2, 2)):
-        out = tmp_path / f"p{procs}"
-        r = tip(distill_args(tiny_pair, many_prompts, out, batch, "--lora-r", "8"), procs=procs)
+    for name, procs, batch, extra in (("one", 1, 4, ()), ("ddp", 2, 2, ()),
+                                      ("fsdp", 2, 2, ("--fsdp",)),
+                                      ("shard-teacher", 2, 2, ("--shard-teacher",))):
+        out = tmp_path / name
+        r = tip(distill_args(tiny_pair, many_prompts, out, batch, "--lora-r", "8", *extra),
+                procs=procs)
         assert r.returncode == 0, r.stderr[-3000:]
-        runs[procs] = load_file(str(out / "iter-001" / "train" / "adapter_model.safetensors"))
-    assert runs[1].keys() == runs[2].keys() and all("lora_" in k for k in runs[1])
-    for k in runs[1]:
-        torch.testing.assert_close(runs[1][k], runs[2][k], rtol=0, atol=1e-4, msg=k)
-    start = load_file(str(tmp_path / "p1" / "iter-000" / "train" / "adapter_model.safetensors"))
-    assert any(not torch.equal(start[k], runs[1][k]) for k in start)
+        runs[name] = load_file(str(out / "iter-001" / "train" / "adapter_model.safetensors"))
+    assert runs["one"].keys() == runs["ddp"].keys() == runs["fsdp"].keys()
+    assert all("lora_" in k for k in runs["one"])
+    for name in ("ddp", "fsdp", "shard-teacher"):
+        for k in runs["one"]:
+            torch.testing.assert_close(runs["one"][k], runs[name][k], rtol=0, atol=1e-4,
+                                       msg=f"{name}: {k}")
+    start = load_file(str(tmp_path / "one" / "iter-000" / "train" / "adapter_model.safetensors"))
+    assert any(not torch.equal(start[k], runs["one"][k]) for k in start)
+    # AdamW's moments of the adapters only: as many elements as the adapters, twice
+    shards = list((tmp_path / "fsdp" / "iter-001" / "train" / "state" / "sharded")
+                  .glob("*.safetensors"))
+    held = [load_file(str(f)) for f in shards]
+    assert held and all(k.startswith("optim.") and "lora_" in k for h in held for k in h)
 
 
 @pytest.mark.slow
@@ -345,20 +358,25 @@ def train_args(score, out, batch: int, *extra) -> list:
             "--train-batch-size", str(batch), "--shuffle", *extra]
 
 
-def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--lora-r", "8"), ("--lora-r", "8", "--fsdp")],
+                         ids=["full", "lora", "lora-fsdp"])
+def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path, extra):
     """A run saved by 2 processes (2 sequences each) resumes on 1 process (4 sequences):
-    the same global batch, so the same steps; another global batch is refused."""
+    the same global batch, so the same steps; another global batch is refused. A LoRA run's
+    checkpoint (the adapters and their AdamW state; under --fsdp their shards) resumes the
+    same way."""
     whole = tmp_path / "whole"
-    assert tip(train_args(tiny_score, whole, 2), procs=2).returncode == 0
+    assert tip(train_args(tiny_score, whole, 2, *extra), procs=2).returncode == 0
     out = tmp_path / "t"
-    kill_at_first_checkpoint(train_args(tiny_score, out, 2), out)
+    kill_at_first_checkpoint(train_args(tiny_score, out, 2, *extra), out)
     if json.loads((out / "manifest.json").read_text())["complete"]:
         pytest.skip("the run finished before it could be killed")
-    refused = tip(train_args(tiny_score, out, 3, "--resume"))
+    refused = tip(train_args(tiny_score, out, 3, "--resume", *extra))
     assert refused.returncode == 2
     assert "with 4 sequences a step" in refused.stderr and "would take 3" in refused.stderr
-    r = tip(train_args(tiny_score, out, 4, "--resume"))
+    r = tip(train_args(tiny_score, out, 4, "--resume", *extra))
     assert r.returncode == 0, r.stderr[-3000:]
-    wa, wb = (load_file(str(d / "model.safetensors")) for d in (whole, out))
+    weights = "adapter_model.safetensors" if extra else "model.safetensors"
+    wa, wb = (load_file(str(d / weights)) for d in (whole, out))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)

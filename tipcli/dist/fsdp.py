@@ -16,6 +16,9 @@ parameters exist only while it runs.
   keyed by parameter names; ``load_full_state`` loads those into the shards, the main
   process broadcasting each tensor.
 - bf16 on GPU: parameters are cast for forward and backward, gradients reduced in float32.
+- LoRA (``--lora-r``): the frozen base is sharded with the adapters (FSDP2 shards each
+  parameter on its own, so frozen and trained ones share a unit); only the adapters get
+  gradients and AdamW state, and checkpoints hold the adapters alone (``frozen=False``).
 
 One process gets a mesh of one (a process group on an in-process store), so
 ``--fsdp`` works, without benefit, in a single process too.
@@ -71,16 +74,32 @@ def full_model_state(module) -> dict:
     return get_model_state_dict(module, options=GATHER)
 
 
-def whole_copy(sharded, module) -> torch.nn.Module:
+def whole_copy(sharded, module, lora=None):
     """A new, unsharded model of ``sharded``'s class holding its whole parameters (gathered
     from every process's shards), on every process; ``module`` is the sharded root whose
-    state dict names them ``student.*``. Every process must call it."""
+    state dict names them ``student.*``. With ``lora`` (the peft config of its adapters)
+    the copy gets the same adapters, and the peft model around it is returned too:
+    (copy, peft model or None). Every process must call it."""
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
     cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule))
     device = next(iter(state.values())).device
-    copy = cls(sharded.config).to(device)
+    copy, peft = cls(sharded.config).to(device), None
+    if lora is not None:
+        import copy as copying
+
+        from peft import get_peft_model
+
+        peft = get_peft_model(copy, copying.deepcopy(lora))
     copy.load_state_dict({k.removeprefix("student."): v for k, v in state.items()})
-    return copy.eval()
+    return copy.eval(), peft
+
+
+def adapter_state(module) -> dict:
+    """The trained parameters (a LoRA student's adapters) as a whole CPU state dict on the
+    main process, {} on the others, named as in the student; every process must call it."""
+    state = get_model_state_dict(module, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    return {k.removeprefix("student."): v for k, v in state.items()}
 
 
 def full_state(module, optimizer) -> tuple[dict, dict]:
@@ -92,42 +111,48 @@ def full_state(module, optimizer) -> tuple[dict, dict]:
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # sharded, names flat
 
 
-def save_sharded(module, optimizer, path, weights: bool = True) -> dict:
+def save_sharded(module, optimizer, path, weights: bool = True, frozen: bool = True) -> dict:
     """Every process writes its own shards of the model's and AdamW's tensors into
     ``path`` with torch.distributed.checkpoint's safetensors storage (one file per
     process; where each shard lies is JSON in the files' headers, no pickle); without
-    ``weights`` AdamW's alone. Returns what is not a tensor (AdamW's hyper-parameters), for
-    the caller to keep as JSON. Every process must call it."""
+    ``weights`` AdamW's alone, without ``frozen`` the trained weights only (a LoRA
+    student's adapters). Returns what is not a tensor (AdamW's hyper-parameters), for the
+    caller to keep as JSON. Every process must call it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    tensors, rest = _sharded_state(module, optimizer, weights)
+    tensors, rest = _sharded_state(module, optimizer, weights, frozen)
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True))
     return rest
 
 
-def load_sharded(module, optimizer, path, rest: dict, weights: bool = True) -> None:
+def load_sharded(module, optimizer, path, rest: dict, weights: bool = True,
+                 frozen: bool = True) -> None:
     """Load what ``save_sharded`` wrote, on any number of processes: each reads the pieces
     of the saved shards that make up its own (torch.distributed.checkpoint reshards).
     ``rest`` is what it returned. Every process must call it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    tensors, _ = _sharded_state(module, optimizer, weights)  # the shapes this launch shards
+    tensors, _ = _sharded_state(module, optimizer, weights, frozen)  # as this launch shards
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path)))
     if weights:
         set_model_state_dict(module, {k.removeprefix("model."): v
-                                      for k, v in tensors.items() if k.startswith("model.")})
+                                      for k, v in tensors.items() if k.startswith("model.")},
+                             options=StateDictOptions(strict=frozen))
     optim = {k.removeprefix("optim."): v for k, v in tensors.items() if k.startswith("optim.")}
     set_optimizer_state_dict(module, optimizer, {**optim, **rest}, options=FLAT)
 
 
-def _sharded_state(module, optimizer, weights: bool = True) -> tuple[dict, dict]:
+def _sharded_state(module, optimizer, weights: bool = True,
+                   frozen: bool = True) -> tuple[dict, dict]:
     """(the model's and AdamW's tensors as this process's shards, named ``model.*`` and
-    ``optim.*``; AdamW's other entries). Reading the optimizer's state creates it when a
-    first step has not yet (a resumed run)."""
-    tensors = {f"model.{k}": v for k, v in get_model_state_dict(module).items()} if weights \
-        else {}
+    ``optim.*``, the model's frozen ones only with ``frozen``; AdamW's other entries).
+    Reading the optimizer's state creates it when a first step has not yet (a resumed
+    run)."""
+    own = StateDictOptions(ignore_frozen_params=not frozen)
+    tensors = {f"model.{k}": v for k, v in get_model_state_dict(module, options=own).items()} \
+        if weights else {}
     rest = {}
     for k, v in get_optimizer_state_dict(module, optimizer, options=FLAT).items():
         if torch.is_tensor(v):

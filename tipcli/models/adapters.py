@@ -98,9 +98,13 @@ def is_adapter_param(name: str) -> bool:
     return "lora_" in name
 
 
-def save(peft_model, out: str | Path, base: str) -> None:
+def save(peft_model, out: str | Path, base: str, state: dict | None = None) -> None:
     """The adapter as a peft directory whose ``base_model_name_or_path`` is ``base`` (a
-    local directory as an absolute path, so it loads from anywhere)."""
+    local directory as an absolute path, so it loads from anywhere). ``state``: the
+    adapters' tensors named as in the model inside (under FSDP gathered from the shards);
+    default the peft model's own."""
     config = peft_model.peft_config["default"]
     config.base_model_name_or_path = str(Path(base).resolve()) if Path(base).exists() else base
-    peft_model.save_pretrained(str(out), safe_serialization=True)
+    kw = {} if state is None else {"state_dict": {f"base_model.model.{k}": v
+                                                  for k, v in state.items()}}
+    peft_model.save_pretrained(str(out), safe_serialization=True, **kw)

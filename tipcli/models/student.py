@@ -123,9 +123,10 @@ class Student:
     def save(self, out: str | Path, tok, state: dict[str, torch.Tensor] | None = None) -> None:
         """A ``save_pretrained`` directory: weights (``state``, default the model's),
         config, generation config and tokenizer; for a LoRA student a peft adapter directory
-        (its adapters as they are now, the base named inside) and the tokenizer."""
-        if self.peft is not None:
-            self._saving(out, lambda: adapters.save(self.peft, out, self.base), tok)
+        (its adapters, ``state`` or as they are now, the base named inside) and the
+        tokenizer."""
+        if self.peft is not None:  # ``state``: the adapters' alone
+            self._saving(out, lambda: adapters.save(self.peft, out, self.base, state), tok)
             return
         self._saving(out, lambda: self.model.save_pretrained(out, state_dict=state,
                                                               safe_serialization=True), tok)

@@ -140,8 +140,9 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
         _save_model(tr, tok)
         if cfg.save_state:
             save_state(tr)
-        trained = Student(cfg.output, tr.whole_student(), summary["policy_version"],
-                          tr.student.peft, tr.student.base)  # under FSDP a whole copy
+        model, peft = tr.whole_lora_student() if tr.lora else (tr.whole_student(), None)
+        trained = Student(cfg.output, model, summary["policy_version"], peft,
+                          tr.student.base)  # under FSDP a whole copy
         if cfg.merged_output and acc.is_main_process:  # the last act: it merges in place
             trained.save_merged(cfg.merged_output, tok)
         if writer is not None:
@@ -260,9 +261,15 @@ def _writer(run: StageWriter, cfg: TrainConfig, src: Source, tok, world: int) ->
 
 def _save_model(tr, tok) -> None:
     """The trained student as a plain transformers checkpoint at the top of the output;
-    under FSDP gathered and written a tensor at a time (``fsdp.save_whole``)."""
+    under FSDP gathered and written a tensor at a time (``fsdp.save_whole``); a LoRA
+    student's adapters as a peft directory (under FSDP gathered first)."""
+    if tr.lora and tr.fsdp:  # every process takes part in gathering
+        state = fsdp2.adapter_state(tr.module)
+        if tr.acc.is_main_process:
+            tr.student.save(tr.cfg.output, tok, state)
+        return
     state = None if tr.fsdp else tr.model_state()
-    if tr.fsdp:  # every process takes part in gathering
+    if tr.fsdp:
         fsdp2.save_whole(tr.module, tr.cfg.output, tr.acc.is_main_process)
     if tr.acc.is_main_process:
         if tr.fsdp:

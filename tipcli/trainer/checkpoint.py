@@ -114,7 +114,7 @@ def _write(tr, final: Path, weights: bool, finish, fix: str) -> None:
         acc.wait_for_everyone()
         if tr.fsdp:  # every process writes its own shards; no whole state anywhere
             meta = {"sharded": fsdp2.save_sharded(tr.module, tr.optimizer, tmp / SHARDED,
-                                                  weights=weights)}
+                                                  weights=weights, frozen=not tr.lora)}
         else:
             model_sd, optim_sd = tr.full_state()
             tensors, meta = _split_optimizer(optim_sd)
@@ -209,7 +209,7 @@ def _restore(tr, path: Path, sharded: bool, weights: bool) -> None:
     meta = json.loads((path / "optimizer.json").read_text())
     if sharded:
         fsdp2.load_sharded(tr.module, tr.optimizer, path / SHARDED, meta["sharded"],
-                           weights=weights)
+                           weights=weights, frozen=not tr.lora)
     else:
         model_sd, optim_sd = {}, {}
         if tr.reads_full_state:

@@ -159,7 +159,16 @@ class Trainer:
         or under FSDP a copy built from the gathered shards. Every process must call it."""
         if not self.fsdp:
             return self.acc.unwrap_model(self.module).student
-        return fsdp2.whole_copy(self.module.student, self.module)
+        return fsdp2.whole_copy(self.module.student, self.module)[0]
+
+    def whole_lora_student(self):
+        """(the whole student, the peft model around it): under FSDP a copy with the same
+        adapters built from the gathered shards, else the trained ones. Every process must
+        call it."""
+        if not self.fsdp:
+            return self.whole_student(), self.student.peft
+        return fsdp2.whole_copy(self.module.student, self.module,
+                                self.student.peft.peft_config["default"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The student's whole state dict (on the main process under FSDP)."""
@@ -246,7 +255,7 @@ def _student(cfg: TrainConfig, src: Source, student: Student | None):
         if student.dtype != torch.float32:
             raise ValueError("a student handed to training must hold float32 weights")
         return student, None
-    if cfg.training.fsdp:  # each process reads only its own rows
+    if cfg.training.fsdp and not cfg.lora.lora_r:  # each process reads only its own rows
         empty, files = Student.empty(src.student, cfg.runtime.trust_remote_code)
         if empty is not None:
             return empty, files
