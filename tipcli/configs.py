@@ -318,16 +318,6 @@ class Lora:
                                 "q_proj,v_proj.", check=_targets_problem)
 
 
-def _lora_rules(lora: Lora, training: Training, backend: str = "hf") -> list[str]:
-    if not lora.lora_r:
-        return []
-    p = []
-    if backend == "vllm":
-        p.append("--lora-r with --backend vllm is not supported yet (the engine would need each "
-                 "iteration's adapter as a LoRA request): sample with --backend hf")
-    return p
-
-
 @dataclass(frozen=True)
 class Grading:
     """How responses are graded against reference answers."""
@@ -447,7 +437,6 @@ class TrainConfig:
         if self.merged_output and not self.lora.lora_r:
             p.append("--merged-output writes a LoRA student merged into its base: it needs "
                      "--lora-r > 0")
-        p += _lora_rules(self.lora, self.training)
         return p
 
 
@@ -549,7 +538,6 @@ class DistillConfig:
             if self.runtime.shard_teacher or self.runtime.device_map:
                 problems.append("--teacher-url serves the teacher elsewhere: drop "
                                 "--shard-teacher and --device-map")
-        problems += _lora_rules(self.lora, self.training, self.sampling.backend)
         return problems
 
 

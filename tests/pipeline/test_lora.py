@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from tipcli.cli import app
 from tipcli.configs import DistillConfig, TrainConfig, resolve
+from tipcli.errors import TipError
 from tipcli.stages.distill import run_distill
 from tipcli.stages.train import run_train
 
@@ -165,11 +166,6 @@ def test_lora_bad_inputs(adapter, tiny_score, tiny_pair, tmp_path):
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep me"
     refused("-o", str(tmp_path / "g"), "--merged-output", str(tmp_path / "m"),
             says="needs --lora-r")
-    refused("-o", str(tmp_path / "i"), "--lora-r", "4", "--fsdp", says="not supported yet")
-    r = runner.invoke(app, ["distill", "-s", str(tiny_pair[0]), "-t", str(tiny_pair[1]), "-p",
-                            "p.jsonl", "-o", str(tmp_path / "j"), "--lora-r", "4",
-                            "--backend", "vllm"])
-    assert_one_line_error(r, "--backend hf")
     # an adapter whose base is gone
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -215,3 +211,14 @@ def test_a_lora_loop_resumed_from_disk_ends_where_an_uninterrupted_one_does(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_vllm_engine_rank_is_one_vllm_takes():
+    """The engine's max_lora_rank: the adapter's rank rounded up to one vLLM accepts; past
+    vLLM's largest, one line."""
+    from tipcli.engines.vllm_engine import _served_rank
+
+    assert [_served_rank(r) for r in (1, 2, 8, 9, 16, 48, 64, 512)] == \
+        [1, 8, 8, 16, 16, 64, 64, 512]
+    with pytest.raises(TipError, match="up to rank 512"):
+        _served_rank(513)

@@ -159,7 +159,10 @@ def test_a_server_that_dies_mid_run_resumes_byte_identical(tiny_pair, tiny_rollo
     assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
 
 
-def test_distill_with_a_served_teacher(tiny_pair, prompts_file, server, tmp_path):
+@pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
+def test_distill_with_a_served_teacher(tiny_pair, prompts_file, server, tmp_path, lora_r):
+    """The loop with the teacher served; a LoRA student too (its adapter trained across
+    the iterations, the served teacher scoring what it samples)."""
     from tipcli.stages.distill import DistillConfig, run_distill
 
     run = run_distill(resolve(DistillConfig, student=str(tiny_pair[0]), teacher="teacher",
@@ -167,11 +170,18 @@ def test_distill_with_a_served_teacher(tiny_pair, prompts_file, server, tmp_path
                               output=str(tmp_path / "run"), iterations=2, num_samples=2,
                               max_new_tokens=8, max_steps=2, train_batch_size=4,
                               teacher_top_k=8, lr=1e-3, eval_prompts=str(prompts_file),
-                              eval_max_prompts=3, prompts_per_iteration=4, group_size=4))
+                              eval_max_prompts=3, prompts_per_iteration=4, group_size=4,
+                              lora_r=lora_r))
     history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
     assert [h["iteration"] for h in history] == ["initial", 0, 1]
     s = StageDir.open(run / "iter-001" / "score")
     assert s.manifest["summary"]["statistics"]["rkl"] == "top-k estimate"
+    trained = run / "iter-001" / "train"
+    assert (trained / "adapter_model.safetensors").is_file() == bool(lora_r)
+    if lora_r:
+        assert not (trained / "model.safetensors").exists()
+        rollout = StageDir.open(run / "iter-001" / "rollout")
+        assert rollout.manifest["config"]["student"] == str(run / "iter-000" / "train")
 
 
 def test_served_teacher_refusals(tiny_pair, prompts_file, tmp_path):

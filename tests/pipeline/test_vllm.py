@@ -109,3 +109,35 @@ def test_distill_samples_each_iteration_from_the_trained_student(vllm_pair, prom
         moved = max(moved, float((_truncated_logprobs(before, seq, 1.0, 0, 1.0) - ref).abs()
                                  .max()))
     assert moved > 1e-2  # training changed the log-probs: the test can tell the two apart
+
+
+def test_lora_distill_hands_the_engine_each_adapter(vllm_pair, prompts_file, tmp_path):
+    """--lora-r: the engine serves the base with LoRA enabled, and each trained adapter
+    reaches it as a new LoRA request: the second iteration's log-probs are the first
+    iteration's adapter on the base. An adapter directory given to eval samples the same
+    answers from vLLM as from transformers."""
+    from tipcli.models.loading import load_model
+
+    run = tmp_path / "run"
+    _tip("distill", "-s", vllm_pair[0], "-t", vllm_pair[1], "-p", prompts_file, "-o", run,
+         "--backend", "vllm", "--iterations", "2", "--num-samples", "2", "--lora-r", "8",
+         "--max-new-tokens", "12", "--sample-batch-size", "4", "--train-batch-size", "4",
+         "--max-steps", "2", "--lr", "5e-2")
+    history = json.loads((run / "manifest.json").read_text())["summary"]["history"]
+    assert history[1]["sampler_reload_seconds"] > 0
+    adapter = run / "iter-000" / "train"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    before, after = load_model(str(vllm_pair[0])), load_model(str(adapter))  # merged
+    moved = 0.0
+    for seq in StageDir.open(run / "iter-001" / "rollout").iter_sequences():
+        ref = _truncated_logprobs(after, seq, 1.0, 0, 1.0)
+        torch.testing.assert_close(seq["rollout_logprob"].double(), ref, atol=2e-4, rtol=0)
+        moved = max(moved, float((_truncated_logprobs(before, seq, 1.0, 0, 1.0) - ref).abs()
+                                 .max()))
+    assert moved > 1e-2  # the adapter changed the log-probs: the test can tell them apart
+    for backend in ("hf", "vllm"):
+        _tip("eval", "-m", adapter, "-p", prompts_file, "--backend", backend,
+             "--max-new-tokens", "12", "-o", tmp_path / backend)
+    rows = {b: [json.loads(ln) for ln in (tmp_path / b / "results.jsonl").open()]
+            for b in ("hf", "vllm")}
+    assert [r["response"] for r in rows["hf"]] == [r["response"] for r in rows["vllm"]]

@@ -72,7 +72,7 @@ class HFSampler:
         self.eos = eos_ids(model, tok)
         self.padded = list(range(real_vocab_size(tok), model_vocab_size(model)))
 
-    def update_weights(self, model) -> None:
+    def update_weights(self, model, peft=None) -> None:
         """Sample from ``model`` from now on (the trained student: no copy is made)."""
         self.model = model
 

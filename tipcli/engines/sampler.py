@@ -43,22 +43,25 @@ class Sampler(Protocol):
         """One rollout shard's record: a response to every prompt. ``keys`` are the
         (prompt, sample) indices of the responses, ``shard`` the shard's index."""
 
-    def update_weights(self, model) -> float | None:
-        """Sample from ``model``'s weights from now on (the student just trained); the
-        seconds it took to copy them, or None when nothing had to be copied."""
+    def update_weights(self, model, peft=None) -> float | None:
+        """Sample from ``model``'s weights from now on (the student just trained; ``peft``:
+        the peft model around it when it is a LoRA student); the seconds it took to copy
+        them, or None when nothing had to be copied."""
 
     def close(self) -> None:
         """Free what the sampler holds beyond the model (an engine, its processes)."""
 
 
 def make_sampler(name: str, tok, sampling: Sampling, runtime: Runtime,
-                 procs: Processes = Processes(), model=None) -> Sampler:
+                 procs: Processes = Processes(), model=None, lora_rank: int = 0) -> Sampler:
     """The sampler ``sampling.backend`` names, for model ``name`` (or its loaded ``model``:
-    the hf sampler uses it as it is, the vllm engine loads ``name`` itself)."""
+    the hf sampler uses it as it is, the vllm engine loads ``name`` itself, with LoRA
+    adapters up to ``lora_rank`` enabled when the student will be a LoRA one)."""
     if sampling.backend == "vllm":
         from tipcli.engines.vllm_engine import VLLMSampler
 
-        return VLLMSampler(name, tok, runtime, procs, gpu_memory=sampling.vllm_gpu_memory)
+        return VLLMSampler(name, tok, runtime, procs, gpu_memory=sampling.vllm_gpu_memory,
+                           lora_rank=lora_rank)
     from tipcli.engines.hf import HFSampler
 
     if model is None:

@@ -10,7 +10,8 @@ Training and the loop ask the ``Student`` instead of reaching into the model:
   ``save_config`` where the weights are written elsewhere (gathered from FSDP2 shards a
   tensor at a time, ``tipcli.dist.fsdp.save_whole``);
 - how its weights reach the sampler: ``sync`` (the hf sampler samples from the module
-  itself; a vLLM engine gets them in place, ``update_weights``).
+  itself; a vLLM engine gets them in place, ``update_weights``, or a LoRA student's
+  adapter alone as a new LoRA request).
 
 ``version`` is its policy version: the optimizer steps it has taken in this run (0 as it
 was loaded, or what the tip train directory it was loaded from records). The records it
@@ -163,4 +164,4 @@ class Student:
     def sync(self, sampler: Any) -> float | None:
         """Give ``sampler`` this student's weights; the seconds a copy took, or None when
         nothing was copied (the hf sampler samples from the module itself)."""
-        return sampler.update_weights(self.model)
+        return sampler.update_weights(self.model, self.peft)

@@ -184,7 +184,8 @@ class Loop:
         student = self.loaded_student()
         if self._sampler is None:
             self._sampler = make_sampler(self.cfg.student, self.tok, self.cfg.sampling,
-                                         self.cfg.runtime, self.procs, model=student.model)
+                                         self.cfg.runtime, self.procs, model=student.model,
+                                         lora_rank=self.cfg.lora.lora_r)
             self.sampler_holds = self.cfg.student
         stale_model = self._sampler.model is not None and \
             self._sampler.model is not student.model
