@@ -225,6 +225,7 @@ class Loop:
                                            self.teacher, self.tok, self.sampler(), self.procs)
         if student.dtype != torch.float32:  # bf16 for sampling; training reloads float32
             self.student = None
+        trained_at = time.perf_counter()
         train, self.student = _train(cfg, select, d / "train", self.student, self.teacher,
                                      lambda m: self.tracker.log(m, m["global_step"]),
                                      self.student_name if i else "", self.procs.world,
@@ -233,6 +234,7 @@ class Loop:
             self.student.for_inference(self.dtype)
         self.steps += _train_steps(train)
         row["train_loss"] = _last_metrics(train).get("loss")
+        row["train_seconds"] = round(time.perf_counter() - trained_at, 3)
         previous, self.student_name = self.student_name, str(train)
         if cfg.eval_prompts and ((i + 1) % cfg.eval_every == 0 or i + 1 == cfg.iterations):
             row.update(self.evaluate_student(i, self.student_name, d / "eval", self.steps))
@@ -240,8 +242,9 @@ class Loop:
             row["sampler_reload_seconds"] = self.reload_seconds[-1] if self.reload_seconds \
                 else None
         self.tracker.log({"iteration": i + 1, "rollout_mean_rkl": row["mean_rkl"]}, self.steps)
+        row["seconds"] = round(time.perf_counter() - started, 3)
         self.history.append(row)
-        self.say(f"iteration {i + 1}/{cfg.iterations}", row, time.perf_counter() - started)
+        self.say(f"iteration {i + 1}/{cfg.iterations}", row, row["seconds"])
         if self.procs.main:
             write_json_atomic(done, row)  # before pruning: a resume never needs what is pruned
         self.prune(train, previous)
