@@ -130,3 +130,18 @@ def many_prompts(tmp_path_factory) -> Path:
     path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i)})
                             + "\n" for i in range(40)))
     return path
+
+
+@pytest.fixture(scope="session")
+def bpe_teacher(tmp_path_factory):
+    """A tiny random teacher whose tokenizer is a byte-level BPE trained on the prompts and
+    on worked additions (the demo task's text, whose tokens it merges)."""
+    from tipcli.models.tiny import CHARS, build_bpe_tokenizer, build_model
+    from tipcli.tasks.arithmetic import make_prompts
+
+    task = [r["prompt"] + " " + r["solution"] for r in make_prompts(200, seed=3)]
+    tok = build_bpe_tokenizer(PROMPTS * 5 + [CHARS] + task, size=400)
+    d = tmp_path_factory.mktemp("bpe") / "teacher"
+    build_model(tok, hidden=48, layers=3, seed=1).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -220,6 +220,10 @@ class Scoring:
                                "it for the teacher's top-k instead of loading the teacher "
                                "(divergences become top-k estimates; docs/scale.md).",
                                check=_teacher_url_problem)
+    cross_tokenizer: str = setting("auto", "A teacher with another tokenizer: auto (aligned by "
+                                   "character offsets when the tokenizers differ), force (aligned "
+                                   "even when they are the same), off (refused; docs/design.md).",
+                                   choices=("auto", "force", "off"))
     teacher_concurrency: int = setting(8, "With --teacher-url: requests to the server at once.",
                                        ge=1)
     teacher_timeout: float = setting(300.0, "With --teacher-url: seconds to wait for the "
@@ -553,6 +557,9 @@ class DemoConfig:
                           "build: default tip's cache).")
     rebuild: bool = setting(False, "Train a new pair first (a few minutes; another CPU builds "
                             "other models), then run the demo on it.")
+    cross_teacher: bool = setting(False, "Distil from the teacher with another tokenizer "
+                                  "(teacher-bpe/: a byte-level BPE), aligned by character "
+                                  "offsets (--cross-tokenizer), with --loss rkl-sampled.")
 
 
 @dataclass(frozen=True)

@@ -76,8 +76,8 @@ def test_teacher_vocabulary_differs(tiny_pair, tiny_rollout, tmp_path):
     build_model(tok).save_pretrained(other)
     tok.save_pretrained(other)
     r = runner.invoke(app, ["score", str(tiny_rollout), "--teacher", str(other), "-o",
-                            str(tmp_path / "s")])
-    assert_one_line_error(r, "differ at id", "'q'")
+                            str(tmp_path / "s"), "--cross-tokenizer", "off"])
+    assert_one_line_error(r, "differ at id", "'q'", "--cross-tokenizer auto")
     assert not (tmp_path / "s").exists()
 
 

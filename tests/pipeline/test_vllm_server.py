@@ -42,11 +42,11 @@ def unpadded_pair(tmp_path_factory) -> tuple[Path, Path]:
 class Server:
     """`vllm serve MODEL` on 127.0.0.1 (a process of its own, stopped with the test)."""
 
-    def __init__(self, model: Path, port: int, max_logprobs: int = 16):
+    def __init__(self, model: Path, port: int, max_logprobs: int = 16, name: str = "teacher"):
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-             "--served-model-name", "teacher", "--host", "127.0.0.1", "--port", str(port),
+             "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
              "--dtype", "float32", "--max-logprobs", str(max_logprobs), "--max-model-len",
              "512", "--enforce-eager"], env=ENV, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -168,3 +168,34 @@ def test_distill_two_iterations_against_the_server(unpadded_pair, prompts_file, 
         "--eval-prompts", prompts_file, "--eval-max-prompts", 3)
     history = json.loads((tmp_path / "run" / "manifest.json").read_text())["summary"]["history"]
     assert [h["iteration"] for h in history] == ["initial", 0, 1]
+
+
+def test_a_served_teacher_of_another_tokenizer_equals_the_in_process_one(unpadded_pair,
+                                                                         rollout, tmp_path):
+    """A teacher with a byte-level BPE served under its path (vLLM's default name): tip
+    reads its tokenizer from --teacher, sends its own tokens of each prompt (its chat
+    template) and response text, and every aligned statistic equals in-process scoring
+    (1e-4)."""
+    from conftest import PROMPTS
+
+    from tipcli.models.tiny import CHARS, build_bpe_tokenizer, build_model
+
+    bpe = tmp_path / "bpe-teacher"
+    tok = build_bpe_tokenizer(PROMPTS * 5 + [CHARS], size=300)
+    build_model(tok, hidden=64, layers=2, heads=2, seed=2).save_pretrained(bpe)
+    tok.save_pretrained(bpe)
+    tip("score", rollout, "-t", bpe, "-o", tmp_path / "here", "--teacher-top-k", 8)
+    s = Server(bpe, free_port(), name=str(bpe))
+    try:
+        tip("score", rollout, "-t", bpe, "--teacher-url", s.url, "-o", tmp_path / "there",
+            "--teacher-top-k", 8)
+    finally:
+        s.stop()
+    here, there = StageDir.open(tmp_path / "here"), StageDir.open(tmp_path / "there")
+    assert there.manifest["models"]["teacher"]["cross_tokenizer"]
+    assert there.manifest["summary"]["statistics"]["rkl"] == "aligned estimate"
+    for a, b in zip(here.iter_shards(), there.iter_shards()):
+        for name in ("teacher_logprob", "rkl", "fkl", "jsd", "teacher_topk_logprobs"):
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
+        assert (b["teacher_topk_ids"] == a["teacher_topk_ids"]).float().mean() > 0.99
+        torch.testing.assert_close(b["student_entropy"], a["student_entropy"], rtol=0, atol=0)

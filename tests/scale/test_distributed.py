@@ -380,3 +380,28 @@ def test_train_resumed_on_one_process_equals_two(tiny_score, tmp_path, extra):
     wa, wb = (load_file(str(d / weights)) for d in (whole, out))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("extra", [(), ("--shard-teacher",)], ids=["whole", "shard-teacher"])
+def test_cross_tokenizer_distill_on_two_processes_ends_where_one_does(tiny_pair, bpe_teacher,
+                                                                      many_prompts, tmp_path,
+                                                                      extra):
+    """A teacher with another tokenizer, whole on each process or sharded over them: 2
+    processes end where 1 does at the same global batch (1e-4), the aligned scores equal."""
+    runs = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{procs}"
+        args = distill_args((tiny_pair[0], bpe_teacher), many_prompts, out, batch, "--loss",
+                            "rkl-sampled", *(extra if procs > 1 else ()))
+        r = tip(args, procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[procs] = out
+    a, b = (load_file(str(runs[p] / "iter-001" / "train" / "model.safetensors")) for p in (1, 2))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+    s1, s2 = (StageDir.open(runs[p] / "iter-000" / "score") for p in (1, 2))
+    assert s1.manifest["summary"]["statistics"]["rkl"] == "aligned estimate"
+    for i in range(len(s1.shards)):
+        x, y = s1.load_shard(i), s2.load_shard(i)
+        for name in ("teacher_logprob", "rkl"):
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=1e-5, msg=name)

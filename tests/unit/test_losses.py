@@ -78,6 +78,33 @@ def test_topk_with_every_id_equals_full_loss(kind):
                                rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("loss", TOPK_LOSSES)
+def test_topk_with_absent_candidates_equals_the_reference_without_them(loss):
+    """An id of -1 (a teacher candidate with no student token) is no bucket: its mass is in
+    both tails. Values and gradients equal the reference over each row's present ids alone,
+    a row with none gives 0 (both tails hold everything), and nothing is NaN."""
+    hidden, weight, t_hidden, t_weight, targets = _problem(4)
+    g = torch.Generator().manual_seed(9)
+    absent = torch.rand(K, k, generator=g) < 0.4
+    absent[0] = True  # a row with no candidate at all
+    ids = targets["teacher_topk_ids"].masked_fill(absent, -1)
+    lps = targets["teacher_topk_logprobs"].masked_fill(absent, 0.0)  # as a score stores them
+    w1 = weight.clone().requires_grad_()
+    got = chunked_token_loss(loss, hidden, lambda x: (x @ w1.T)[:, :V],
+                             {"teacher_topk_ids": ids, "teacher_topk_logprobs": lps}, 5)
+    got.sum().backward()
+    w2 = weight.clone().requires_grad_()
+    s_logits = (hidden @ w2.T)[:, :V]
+    want = torch.stack([reference_token_loss(loss, s_logits[i:i + 1], {
+        "teacher_topk_ids": ids[i:i + 1, ~absent[i]],
+        "teacher_topk_logprobs": lps[i:i + 1, ~absent[i]]})[0] for i in range(K)])
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-9, atol=1e-12)
+    assert float(got[0].detach()) == 0.0 and bool(torch.isfinite(w1.grad).all())
+    assert bool((got[1:] > 0).all())
+
+
 def test_topk_is_a_lower_bound_of_the_full_divergence():
     """Merging tokens into one bucket can only lower a KL (data processing inequality)."""
     hidden, weight, t_hidden, t_weight, targets = _problem(2)

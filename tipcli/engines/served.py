@@ -14,7 +14,8 @@ tail bucket (as the ``*-topk`` losses), and no teacher entropy at all. The score
 says which statistic is which.
 
 Before any scoring the server is checked: reachable, serving ``--teacher``, tokenizing as
-the student does (its ``/tokenize`` endpoint on probe strings), and allowing
+the student does (its ``/tokenize`` endpoint on probe strings; for a teacher with another
+tokenizer, as that tokenizer read here from ``--teacher`` does), and allowing
 ``--teacher-top-k`` prompt log-probs (vLLM's ``--max-logprobs``). Only JSON crosses the
 wire, and no answer is trusted: each must be JSON of the expected shape with exactly one
 entry per position sent, the sent token and at least the top-k ranked at each response
@@ -85,13 +86,13 @@ class ServedClient:
     try's answer."""
 
     def __init__(self, url: str, name: str, tok, top_k: int, concurrency: int = 8,
-                 timeout: float = TIMEOUT_SECONDS):
+                 timeout: float = TIMEOUT_SECONDS, own: bool = False):
         self.url, self.name = served_url(url), name
         self.vocab = real_vocab_size(tok)
         self.top_k = min(top_k, self.vocab)
         self.concurrency, self.timeout = concurrency, timeout
         self._check_served()
-        self._check_tokenizer(tok)
+        self._check_tokenizer(tok, own)
         self._check_top_k()
 
     # ------------------------------------------------------------------ HTTP
@@ -163,16 +164,23 @@ class ServedClient:
             raise TipError(f"the server at {self.url} serves {', '.join(map(str, served))}, not "
                            f"--teacher {self.name}; pass the served model's name")
 
-    def _check_tokenizer(self, tok) -> None:
-        """The server's tokenizer gives the student's ids on every probe string."""
+    def _check_tokenizer(self, tok, own: bool) -> None:
+        """The server's tokenizer gives ``tok``'s ids on every probe string: the student's,
+        or (``own``) the teacher's as read here from ``--teacher``."""
         for text in PROBES:
             ours = tok(text, add_special_tokens=False)["input_ids"]
             theirs = self._ask("/tokenize", {"model": self.name, "prompt": text,
                                              "add_special_tokens": False}, _token_ids)
-            if theirs != ours:
+            if theirs == ours:
+                continue
+            if own:
                 raise TipError(f"the teacher served at {self.url} tokenizes {text!r} as "
-                               f"{theirs}, the student as {ours}: distillation needs the same "
-                               "vocabulary (serve a teacher of the student's family)")
+                               f"{theirs}, the tokenizer of --teacher {self.name} here as "
+                               f"{ours}: serve the model that --teacher names")
+            raise TipError(f"the teacher served at {self.url} tokenizes {text!r} as {theirs}, "
+                           f"the student as {ours}: the same vocabulary is needed unless tip "
+                           "reads the teacher's tokenizer to align the two: pass --teacher as "
+                           "the served model's path or hub id (--cross-tokenizer auto)")
 
     def _check_top_k(self) -> None:
         """The server allows ``top_k`` prompt log-probs (vLLM's --max-logprobs)."""

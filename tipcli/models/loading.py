@@ -436,7 +436,9 @@ def check_same_vocab(student_tok, teacher_tok, student: str = "student",
     for i in range(max(len(s), len(t), max(s, default=-1) + 1, max(t, default=-1) + 1)):
         if s.get(i) != t.get(i):
             raise TipError(f"student {student} and teacher {teacher} tokenizers differ at id {i}: "
-                           f"{s.get(i)!r} vs {t.get(i)!r}; distillation needs the same vocabulary")
+                           f"{s.get(i)!r} vs {t.get(i)!r}; this needs the same vocabulary "
+                           "(tip score and tip distill align other tokenizers: "
+                           "--cross-tokenizer auto)")
 
 
 def model_vocab_size(model) -> int:

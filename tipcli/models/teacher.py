@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -49,8 +51,19 @@ from tipcli.models.loading import (
     model_ref,
     real_vocab_size,
 )
-from tipcli.ops.forward import Batch, body_hidden, head_logits
-from tipcli.ops.stats import EXACT_STATISTICS, SERVED_STATISTICS, served_stats, token_stats
+from tipcli.ops.forward import Batch, body_hidden, collate, head_logits
+from tipcli.ops.stats import (
+    EXACT_STATISTICS,
+    SERVED_STATISTICS,
+    _log_softmax_,
+    served_stats,
+    token_stats,
+)
+
+
+def tokenizers_differ(student_tok, teacher_tok) -> bool:
+    """Whether two tokenizers map any id to another token."""
+    return student_tok.get_vocab() != teacher_tok.get_vocab()
 
 
 @dataclass
@@ -140,8 +153,42 @@ class _LocalTeacher:
                 return token_stats(student.hidden_PH, ht, batch.tokens_P, student.logits,
                                    self.logits(), top_k, chunk)
 
+    def own_logprobs(self, seqs: list[dict[str, torch.Tensor]], pad_id: int, top_k: int,
+                     chunk: int, names: list[str] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Over its own vocabulary (a teacher with another tokenizer, ``tipcli.models.cross``):
+        its log-prob of each response token of ``seqs`` (its own ids), flat [T], and its
+        top-k log-probs and ids there [T, k] (-inf and 0 past its vocabulary)."""
+        tb = collate(seqs, pad_id)
+        logits = self.logits()
+        k = min(top_k, self.vocab)
+        lps, vals, ids = [], [], []
+        with torch.no_grad():
+            ht = self.hidden(tb.input_ids_BT, tb.attention_mask_BT)
+            ht = ht[tb.rows_P.to(ht.device), tb.cols_P.to(ht.device)]
+            tokens = tb.tokens_P.to(ht.device)
+            with self.gathered_head():
+                for a in range(0, tokens.shape[0], chunk):
+                    lt = _log_softmax_(logits(ht[a:a + chunk]), inplace=True)
+                    lps.append(lt.gather(-1, tokens[a:a + chunk, None]).squeeze(-1).cpu())
+                    v, i = lt.topk(k, dim=-1)
+                    vals.append(v.cpu())
+                    ids.append(i.cpu())
+        if not lps:
+            return (torch.zeros(0), torch.zeros(0, top_k),
+                    torch.zeros(0, top_k, dtype=torch.long))
+        return _padded(torch.cat(lps), torch.cat(vals), torch.cat(ids), top_k)
+
     def hidden(self, input_ids_BT, attention_mask_BT) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _padded(lp_T: torch.Tensor, top_lp_Tk: torch.Tensor, top_ids_Tk: torch.Tensor, top_k: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k padded to ``top_k`` columns (-inf log-probs, id 0) where fewer came."""
+    short = top_k - top_lp_Tk.shape[-1]
+    return (lp_T, torch.nn.functional.pad(top_lp_Tk, (0, short), value=-math.inf),
+            torch.nn.functional.pad(top_ids_Tk.long(), (0, short), value=0))
 
 
 class WholeTeacher(_LocalTeacher):
@@ -255,6 +302,21 @@ class ServedTeacher:
         asked = {k: torch.cat([a[k] for a in answers]) for k in answers[0]}
         return served_stats(student.hidden_PH, batch.tokens_P, student.logits, asked, chunk)
 
+    def own_logprobs(self, seqs: list[dict[str, torch.Tensor]], pad_id: int, top_k: int,
+                     chunk: int, names: list[str] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As ``_LocalTeacher.own_logprobs``, from the server: its log-prob of each of its
+        own response tokens and its top-k there (the server's ``--teacher-top-k``)."""
+        answers = self.client.score([(s["prompt_ids"].tolist(), s["response_ids"].tolist())
+                                     for s in seqs], names)
+        k = self.client.top_k
+        if not answers:
+            return torch.zeros(0), torch.zeros(0, top_k), torch.zeros(0, top_k, dtype=torch.long)
+        lp = torch.cat([a["teacher_logprob"] for a in answers])
+        top_lp = torch.cat([a["teacher_topk_logprobs"] for a in answers])[:, :min(k, top_k)]
+        top_ids = torch.cat([a["teacher_topk_ids"] for a in answers])[:, :min(k, top_k)]
+        return _padded(lp, top_lp, top_ids, top_k)
+
     def idle(self) -> None:
         pass
 
@@ -279,19 +341,54 @@ def make_teacher(name: str, tok, runtime, procs, device, dtype, scoring=None,
     vocab = real_vocab_size(tok)
     if scoring is not None:
         temperature = scoring.score_temperature
+    mode = scoring.cross_tokenizer if scoring is not None else "off"
     if scoring is not None and scoring.teacher_url:
-        from tipcli.engines.served import ServedClient
-
-        return ServedTeacher(ServedClient(scoring.teacher_url, name, tok, scoring.teacher_top_k,
-                                          scoring.teacher_concurrency, scoring.teacher_timeout),
-                             name)
+        return _served(name, tok, scoring, runtime, mode)
     if model is None:
-        check_same_vocab(tok, load_tokenizer(name, runtime.trust_remote_code), student, name)
+        t_tok = load_tokenizer(name, runtime.trust_remote_code)
+        if mode == "force" or (mode == "auto" and tokenizers_differ(tok, t_tok)):
+            from tipcli.models.cross import CrossTeacher
+
+            inner = _load(name, real_vocab_size(t_tok), temperature, device, dtype, runtime,
+                          procs)
+            check_model_fits_vocab(inner.model, t_tok, name)
+            return CrossTeacher(inner, t_tok, tok)
+        check_same_vocab(tok, t_tok, student, name)
         teacher = _load(name, vocab, temperature, device, dtype, runtime, procs)
     else:
         teacher = _wrap(model, name, vocab, temperature, runtime.shard_teacher, procs)
     check_model_fits_vocab(teacher.model, tok, name)
     return teacher
+
+
+def _served(name: str, tok, scoring, runtime, mode: str) -> Teacher:
+    """The teacher on its server; with another tokenizer than the student's (its own read
+    here from ``--teacher``, a path or hub id, which vLLM serves under that name), read as
+    text (``tipcli.models.cross``)."""
+    from tipcli.engines.served import ServedClient
+
+    t_tok = None
+    if mode != "off":
+        try:
+            t_tok = load_tokenizer(name, runtime.trust_remote_code)
+        except TipError as exc:
+            if Path(name).exists():  # a model here whose tokenizer does not load
+                raise
+            if mode == "force":
+                raise TipError(f"--cross-tokenizer force with --teacher-url reads the teacher's "
+                               f"tokenizer here, but --teacher {name} has none to load "
+                               f"({exc}): pass the served model's path or hub id as --teacher "
+                               "(vLLM serves it under that name)") from None
+    cross = t_tok is not None and (mode == "force" or tokenizers_differ(tok, t_tok))
+    client = ServedClient(scoring.teacher_url, name, t_tok if cross else tok,
+                          scoring.teacher_top_k, scoring.teacher_concurrency,
+                          scoring.teacher_timeout, own=cross)
+    served = ServedTeacher(client, name)
+    if not cross:
+        return served
+    from tipcli.models.cross import CrossTeacher
+
+    return CrossTeacher(served, t_tok, tok)
 
 
 def _load(name: str, vocab: int, temperature: float, device, dtype, rt, procs
@@ -315,10 +412,11 @@ def _wrap(model, name: str, vocab: int, temperature: float, shard: bool, procs
     return ShardedTeacher(model, name, vocab, input_device(model), procs.world, temperature)
 
 
-def require_in_process(teacher: Teacher, why: str) -> Teacher:
+def require_in_process(teacher: Teacher, why: str,
+                       fix: str = "use a *-topk loss or rkl-sampled") -> Teacher:
     """``teacher``, refused in one line where ``why`` needs its whole distribution here."""
     if not teacher.in_process:
-        raise TipError(f"{why} needs the teacher's whole distribution in this process, but "
-                       f"{teacher.name} is served (--teacher-url): use a *-topk loss or "
-                       "rkl-sampled")
+        where = getattr(teacher, "why_not_whole", "") or "is served (--teacher-url)"
+        raise TipError(f"{why} needs the teacher's whole distribution over the student's "
+                       f"vocabulary in this process, but {teacher.name} {where}: {fix}")
     return teacher

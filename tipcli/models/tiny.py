@@ -36,6 +36,24 @@ def build_tokenizer(chars: str = CHARS, size: int = 0):
     return fast
 
 
+def build_bpe_tokenizer(corpus: list[str], size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2 style: any text round-trips) trained on ``corpus``
+    up to ``size`` entries, with the same specials and chat template as
+    ``build_tokenizer``: another tokenizer for the same texts."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=size, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def build_model(tokenizer, hidden: int = 32, layers: int = 2, heads: int = 4,
                 vocab_pad: int = 0, seed: int = 0, context: int = 2048,
                 head_scale: float = 8.0, tied: bool = False):

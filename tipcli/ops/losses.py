@@ -59,25 +59,30 @@ def divergence(kind: str, log_q: torch.Tensor, log_r: torch.Tensor) -> torch.Ten
 class _BucketLogProbs(torch.autograd.Function):
     """x [C, V], ids [C, k] -> [x_id - lse(x), log(sum of e^x off the ids) - lse(x)].
 
-    Backward, with p = softmax(x), G the sum of all output grads, g_t the tail's grad
-    (0 where the tail is floored) and p_rest the mass off the ids: grad_v =
-    p_v (g_t / p_rest - G) off the ids and g_j - p_v G on id j, computed in place in
-    the saved exp buffer (so one graph cannot run backward twice)."""
+    An id of -1 is no candidate (a teacher with another tokenizer, whose candidate has no
+    student token): its bucket is -inf (probability 0) and its mass stays in the tail; the
+    other ids of a row are distinct. Backward, with p = softmax(x), G the sum of all output
+    grads, g_t the tail's grad (0 where the tail is floored) and p_rest the mass off the
+    ids: grad_v = p_v (g_t / p_rest - G) off the ids and g_j - p_v G on id j, computed in
+    place in the saved exp buffer (so one graph cannot run backward twice)."""
 
     @staticmethod
     def forward(ctx, x_CV, ids_Ck):
+        valid_Ck = ids_Ck >= 0
+        at_Ck = ids_Ck.clamp_min(0)
         m_C1 = x_CV.max(-1, keepdim=True).values
         e_CV = (x_CV - m_C1).exp_()
         s_C1 = e_CV.sum(-1, keepdim=True)
-        e_Ck = e_CV.gather(-1, ids_Ck)
-        e_CV.scatter_(-1, ids_Ck, 0.0)
+        e_Ck = e_CV.gather(-1, at_Ck).masked_fill_(~valid_Ck, 0.0)
+        # zero the candidates' entries; a product, so a -1 (read at 0) leaves entry 0 as it is
+        e_CV.scatter_reduce_(-1, at_Ck, (~valid_Ck).to(e_CV.dtype), reduce="prod")
         rest_C1 = e_CV.sum(-1, keepdim=True)
         log_tail = rest_C1.log() - s_C1.log()
         floored = log_tail < LOG_TAIL_FLOOR
         lse_C1 = m_C1 + s_C1.log()
-        out = torch.cat([x_CV.gather(-1, ids_Ck) - lse_C1,
-                         log_tail.clamp_min(LOG_TAIL_FLOOR)], -1)
-        ctx.save_for_backward(e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored)
+        ids_out = (x_CV.gather(-1, at_Ck) - lse_C1).masked_fill_(~valid_Ck, -math.inf)
+        out = torch.cat([ids_out, log_tail.clamp_min(LOG_TAIL_FLOOR)], -1)
+        ctx.save_for_backward(e_CV, e_Ck, s_C1, rest_C1, at_Ck, valid_Ck, floored)
         ctx.used = False
         return out
 
@@ -86,17 +91,21 @@ class _BucketLogProbs(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("student_buckets: backward ran twice over one graph")
         ctx.used = True
-        e_CV, e_Ck, s_C1, rest_C1, ids_Ck, floored = ctx.saved_tensors
+        e_CV, e_Ck, s_C1, rest_C1, at_Ck, valid_Ck, floored = ctx.saved_tensors
         g_t = g_Ck1[:, -1:].masked_fill(floored, 0.0)
-        total = g_Ck1[:, :-1].sum(-1, keepdim=True) + g_t
+        g_Ck = g_Ck1[:, :-1].masked_fill(~valid_Ck, 0.0)  # a -inf bucket's grad may be NaN
+        total = g_Ck.sum(-1, keepdim=True) + g_t
         grad_CV = e_CV.mul_(g_t / rest_C1.clamp_min(torch.finfo(e_CV.dtype).tiny)
                             - total / s_C1)
-        grad_CV.scatter_(-1, ids_Ck, g_Ck1[:, :-1] - e_Ck / s_C1 * total)
+        # the candidates' entries are 0 here (zeroed in forward): adding sets them
+        grad_CV.scatter_add_(-1, at_Ck, (g_Ck - e_Ck / s_C1 * total).masked_fill_(~valid_Ck,
+                                                                                   0.0))
         return grad_CV, None
 
 
 def student_buckets(s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor) -> torch.Tensor:
-    """Student log-probs [C, k+1] on the k ids and the tail (all other tokens), floored.
+    """Student log-probs [C, k+1] on the k ids (-inf at an id of -1) and the tail (all other
+    tokens), floored.
 
     One (C x V) buffer in forward and none more in backward (see ``_BucketLogProbs``); the
     tail is a sum over the other ids, not ``1 - sum``, so it keeps its precision when the
@@ -104,10 +113,14 @@ def student_buckets(s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor) -> torch.Te
     return _BucketLogProbs.apply(wide(s_logits_CV), ids_Ck.long())
 
 
-def teacher_buckets(logprobs_Ck: torch.Tensor) -> torch.Tensor:
+def teacher_buckets(logprobs_Ck: torch.Tensor, ids_Ck: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Teacher log-probs [C, k+1] in float64: the stored top-k and log(1 - their mass),
-    floored (float64 keeps a tail of 1e-9 that float32 would round to 0)."""
+    floored (float64 keeps a tail of 1e-9 that float32 would round to 0). With ``ids``, a
+    slot whose id is -1 (no student token) is -inf: its mass is the tail's."""
     lp = logprobs_Ck.double()
+    if ids_Ck is not None:
+        lp = lp.masked_fill(ids_Ck < 0, -math.inf)
     tail = (-torch.expm1(lp.logsumexp(-1, keepdim=True))).clamp_min(TAIL_FLOOR).log()
     return torch.cat([lp, tail], dim=-1)
 
@@ -115,7 +128,7 @@ def teacher_buckets(logprobs_Ck: torch.Tensor) -> torch.Tensor:
 def topk_loss(kind: str, s_logits_CV: torch.Tensor, ids_Ck: torch.Tensor,
               logprobs_Ck: torch.Tensor) -> torch.Tensor:
     log_q = student_buckets(s_logits_CV, ids_Ck)
-    return divergence(kind, log_q, teacher_buckets(logprobs_Ck).to(log_q.dtype))
+    return divergence(kind, log_q, teacher_buckets(logprobs_Ck, ids_Ck).to(log_q.dtype))
 
 
 def sampled_loss(s_logits_CV: torch.Tensor, tokens_C: torch.Tensor, teacher_lp_C: torch.Tensor,

@@ -157,6 +157,32 @@ def served_stats(s_hidden_PH: torch.Tensor, tokens_P: torch.Tensor, s_logits: Ca
                                                 "teacher_topk_logprobs")}}
 
 
+@torch.no_grad()
+def student_side(s_hidden_PH: torch.Tensor, tokens_P: torch.Tensor, s_logits: Callable,
+                 chunk_size: int = 1024, ids_Pk: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The student's log-prob of each token and its entropy, exactly as ``chunk_stats``
+    computes them, ``chunk_size`` positions at a time (a teacher whose distribution is not
+    over the student's vocabulary gives the rest); with ``ids_Pk`` also its log-probs of
+    those ids (``gathered``; an id < 0 gives -inf)."""
+    names = ("student_logprob", "student_entropy") + (("gathered",) if ids_Pk is not None
+                                                      else ())
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    for a in range(0, tokens_P.shape[0], chunk_size):
+        ls = _log_softmax_(s_logits(s_hidden_PH[a:a + chunk_size]), inplace=True)
+        idx = tokens_P[a:a + chunk_size].to(ls.device).long()[:, None]
+        parts["student_logprob"].append(ls.gather(-1, idx).squeeze(-1).float().cpu())
+        if ids_Pk is not None:
+            ids = ids_Pk[a:a + chunk_size].to(ls.device).long()
+            got = ls.gather(-1, ids.clamp_min(0))
+            parts["gathered"].append(got.masked_fill_(ids < 0, -math.inf).float().cpu())
+        parts["student_entropy"].append(_dot(ls.exp(), ls, torch.empty_like(ls)).neg_()
+                                        .float().cpu())
+    return {k: torch.cat(v) if v else torch.zeros((0,) + ((ids_Pk.shape[1],) if
+                                                          k == "gathered" else ()))
+            for k, v in parts.items()}
+
+
 SERVED_STATISTICS = {"student_logprob": "exact", "teacher_logprob": "exact",
                      "student_entropy": "exact", "teacher_entropy": "absent",
                      "rkl": "top-k estimate", "fkl": "top-k estimate", "jsd": "top-k estimate",

@@ -63,7 +63,7 @@ from tipcli.models.loading import (
 )
 from tipcli.models.prompts import load_prompts
 from tipcli.models.student import Student
-from tipcli.models.teacher import make_teacher
+from tipcli.models.teacher import make_teacher, tokenizers_differ
 from tipcli.progress import console
 from tipcli.stages.heldout import heldout_metrics, mean
 from tipcli.stages.rollout import run_rollout
@@ -103,9 +103,9 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
                        "--device-map (each process then holds the teacher on its own device), "
                        "or run tip distill without a launcher")
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
-    if not cfg.scoring.teacher_url:  # a served teacher's tokenizer is checked by the server
-        check_same_vocab(tok, load_tokenizer(cfg.teacher, rt.trust_remote_code), cfg.student,
-                         cfg.teacher)
+    t_tok = _teacher_tokenizer(cfg)
+    if t_tok is not None:  # else served under a name only: the server checks its tokenizer
+        _check_tokenizers(cfg, tok, t_tok)
     teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} if cfg.scoring.teacher_url \
         else model_ref(cfg.teacher)
     # a killed run may resume on another number of processes at the same global batch;
@@ -143,6 +143,36 @@ def _notice_one_process(cfg: DistillConfig, procs: Processes) -> None:
         print(f"notice: {' and '.join(given)} shard over the launched processes, and this run "
               "has one (no launcher), so they save no memory; launch it with torchrun or "
               "accelerate launch to shard", file=sys.stderr)
+
+
+def _teacher_tokenizer(cfg: DistillConfig):
+    """The teacher's tokenizer; for a served teacher, None where --teacher names no model
+    that tip can read it from here."""
+    try:
+        return load_tokenizer(cfg.teacher, cfg.runtime.trust_remote_code)
+    except TipError:
+        if not cfg.scoring.teacher_url:
+            raise
+        return None
+
+
+def _check_tokenizers(cfg: DistillConfig, tok, t_tok) -> None:
+    """The same vocabulary, or (--cross-tokenizer) a loss that an aligned teacher gives."""
+    mode, loss = cfg.scoring.cross_tokenizer, cfg.training.loss
+    if mode == "off":
+        check_same_vocab(tok, t_tok, cfg.student, cfg.teacher)
+        return
+    if not (mode == "force" or tokenizers_differ(tok, t_tok)):
+        return
+    if LOSSES[loss].form == "full":
+        raise TipError(f"--loss {loss} needs the teacher's whole distribution over the "
+                       f"student's vocabulary, but {cfg.teacher} is read with another "
+                       f"tokenizer (--cross-tokenizer {mode}): use a *-topk loss (over the "
+                       "candidates the two vocabularies share) or rkl-sampled")
+    if cfg.eval_prompts and cfg.eval_metric != "accuracy":
+        raise TipError(f"--eval-metric {cfg.eval_metric} needs the teacher's whole distribution "
+                       f"over the student's vocabulary, but {cfg.teacher} is read with another "
+                       f"tokenizer (--cross-tokenizer {mode}): use --eval-metric accuracy")
 
 
 class Loop:

@@ -80,7 +80,8 @@ def kl(cfg: DistillConfig, name: str, model, out: Path, tok, teacher, sampler=No
         output=str(Path(cfg.output) / "eval-teacher" / "rollout"),
         sampling=dataclasses.replace(sampling, backend="hf"), seed=seed,
         shard_size=sampling.sample_batch_size * 16, source=_source(cfg),
-        runtime=cfg.runtime)), model=require_in_process(teacher, "--eval-metric kl").model,
+        runtime=cfg.runtime)), model=require_in_process(
+            teacher, "--eval-metric kl", "use --eval-metric accuracy").model,
         tokenizer=tok)
     covered = run_score(validate(ScoreConfig(
         rollout=str(teachers), teacher=cfg.teacher, output=str(out / "teacher-score"),

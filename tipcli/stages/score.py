@@ -65,6 +65,7 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     teacher = make_teacher(cfg.teacher, s_tok, rt, procs, device, dtype, scoring=cfg.scoring,
                            model=teacher, student=student_name)
     try:
+        give_prompts(teacher, rollout, s_tok)
         check_context(rollout, {f"the student {student_name}": context_length(student),
                                 f"the teacher {cfg.teacher}": teacher.context()})
         writer = run.start({"student": model_ref(student_name, student),
@@ -88,7 +89,7 @@ def _resolved(cfg: ScoreConfig, student_name: str, tok, teacher) -> dict:
     resume)."""
     out = {**to_flat(cfg), "student": student_name,
            "teacher_top_k": min(cfg.scoring.teacher_top_k, real_vocab_size(tok))}
-    if not teacher.in_process:
+    if getattr(teacher, "url", None):
         out["teacher_url"] = teacher.url
     return out
 
@@ -139,6 +140,31 @@ def score_batch(batch: RolloutBatch, shard: int, student, s_logits, s_dev, teach
         if advance:
             advance(int(collated.tokens_P.numel()), tokens=int(collated.tokens_P.numel()))
     return ScoredBatch.from_statistics(batch, {k: torch.cat(v) for k, v in parts.items()})
+
+
+def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
+    """Hand a teacher with another tokenizer the prompt records ``rollout`` was sampled
+    from, which it renders with its own chat template; they must be the prompts the
+    rollout's student saw (the same token ids, ``prompts_sha256``)."""
+    if not hasattr(teacher, "use_prompts"):
+        return
+    from dataclasses import fields
+
+    from tipcli.configs import PromptSource
+    from tipcli.models.prompts import encode_prompt, load_prompts
+    from tipcli.stages.rollout import ids_sha256
+
+    conf = rollout.manifest["config"]
+    source = PromptSource(**{f.name: conf[f.name] for f in fields(PromptSource)
+                             if f.name in conf})
+    records = load_prompts(conf["prompts"], source)
+    if ids_sha256([encode_prompt(tok, r, source) for r in records]) != \
+            rollout.manifest.get("inputs", {}).get("prompts_sha256"):
+        raise TipError(f"the prompts {conf['prompts']} are not those {rollout.path} was sampled "
+                       "from (changed since, or cut to fit the student's context): a teacher "
+                       "with another tokenizer renders each prompt from its record with its own "
+                       "chat template; sample the rollout again from these prompts")
+    teacher.use_prompts(records, source)
 
 
 def check_finite(stats: dict[str, torch.Tensor], shard: int, output: str) -> None:

@@ -58,13 +58,14 @@ def load_flat(score: StageDir, fields: tuple[str, ...] = SELECTION_FIELDS
 
 def check_statistics(score: StageDir, sel: Selection) -> None:
     """Refuse a selection setting that needs an exact statistic ``score`` does not hold:
-    with a served teacher the divergences are top-k estimates (lower bounds), which still
-    rank the tokens of a group (minmax, rank) but are no absolute scale (bound)."""
+    with a served teacher the divergences are top-k estimates (lower bounds), with a teacher
+    of another tokenizer span estimates; both still rank the tokens of a group (minmax,
+    rank) but are no absolute scale (bound)."""
     kind = score.manifest["summary"].get("statistics", {}).get(sel.divergence, "exact")
     if kind != "exact" and sel.normalize == "bound":
         raise TipError(f"--normalize bound reads the exact {sel.divergence} on an absolute "
-                       f"scale, but {score.path} holds a {kind} of it (a served teacher): use "
-                       "--normalize minmax or rank")
+                       f"scale, but {score.path} holds a {kind} of it (a served teacher, or "
+                       "one with another tokenizer): use --normalize minmax or rank")
 
 
 def select_tokens(flat: dict[str, Any], sel: Selection, seed: int,

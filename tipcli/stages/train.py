@@ -58,6 +58,7 @@ from tipcli.trainer.data import Source, load_sequences, make_micro_batch, open_s
 from tipcli.trainer.loop import (
     accelerator_kwargs,
     build_trainer,
+    check_full_loss_teacher,
     make_accelerator,
     run_loop,
     run_steps,
@@ -113,6 +114,7 @@ def train_model(cfg: TrainConfig, overwrite: bool = False, resume: bool = False,
     check_tokenizer_matches(tok, src.stats.manifest, src.student, src.stats.path)
     _check_resume(cfg, overwrite, resume, acc.num_processes)
     _check_merged_output(cfg)
+    check_full_loss_teacher(cfg, src)
     prior = _continued(cfg, src)
     run_steps(cfg, len(seqs), acc.num_processes, prior)  # refused before anything is written
     Processes(acc.process_index, acc.num_processes).agree(to_flat(cfg))  # launched alike

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import get_cosine_schedule_with_warmup
 
-from tipcli.catalog import QUADRANTS
+from tipcli.catalog import LOSSES, QUADRANTS
 from tipcli.configs import TrainConfig
 from tipcli.dist import fsdp as fsdp2
 from tipcli.dist import mesh as mesh_lib
@@ -260,6 +260,17 @@ def _student(cfg: TrainConfig, src: Source, student: Student | None):
         if empty is not None:
             return empty, files
     return Student.load(src.student, "cpu", torch.float32, cfg.runtime.trust_remote_code), None
+
+
+def check_full_loss_teacher(cfg: TrainConfig, src: Source) -> None:
+    """A *-full loss on a score by a teacher with another tokenizer is refused."""
+    if LOSSES[cfg.training.loss].form != "full":
+        return
+    if src.stats.manifest.get("models", {}).get("teacher", {}).get("cross_tokenizer"):
+        raise TipError(f"--loss {cfg.training.loss} needs the teacher's whole distribution over "
+                       f"the student's vocabulary, but {src.stats.path} was scored by a teacher "
+                       "with another tokenizer (--cross-tokenizer): use a *-topk loss (over "
+                       "the candidates the two vocabularies share) or rkl-sampled")
 
 
 def _teacher(cfg: TrainConfig, acc: Accelerator, src: Source, tok, teacher):
