@@ -23,6 +23,7 @@ package ships one pair (``tipcli/demo_models``) and `tip demo` uses it.
 
 from __future__ import annotations
 
+import json
 import platform
 import random
 import subprocess
@@ -52,6 +53,7 @@ from tipcli.tasks.arithmetic import (
     make_problems,
     random_problem,
     record,
+    solve,
 )
 
 BUILD_RECORD = "build.json"
@@ -85,6 +87,9 @@ class TrainSpec:
 
 TEACHER = TrainSpec("teacher", hidden=128, layers=4, heads=4, max_steps=1200, target=1.0,
                     seed=1)
+CROSS_TEACHER = TrainSpec("teacher-bpe", hidden=128, layers=4, heads=4, max_steps=1200,
+                          target=1.0, seed=3)
+BPE_SIZE = 384  # byte-level BPE: 256 bytes, 4 specials and 124 merges of the task's text
 STUDENT = TrainSpec("student", hidden=64, layers=2, heads=4, max_steps=1500, lr=2e-3,
                     eval_every=20, target=0.3, seed=2)
 
@@ -93,18 +98,22 @@ STUDENT = TrainSpec("student", hidden=64, layers=2, heads=4, max_steps=1500, lr=
 
 
 class Encoder:
-    """Fast ids for the character tokenizer: prompt through the chat template, plus the
-    response and EOS. Equal to ``encode_prompt`` + ``tokenizer(response)``."""
+    """Ids of a worked example: prompt through the chat template, plus the response and
+    EOS. Equal to ``encode_prompt`` + ``tokenizer(response)``; for the character tokenizer
+    by a lookup a character, for another (the cross-tokenizer teacher's BPE) through it."""
 
     def __init__(self, tok):
         text = tok.apply_chat_template([{"role": "user", "content": PLACEHOLDER}],
                                        tokenize=False, add_generation_prompt=True)
         self.before, self.after = text.split(PLACEHOLDER)
-        self.vocab = tok.get_vocab()
+        self.tok, self.vocab = tok, tok.get_vocab()
+        self.chars = all(len(t) == 1 or t.startswith("<") for t in self.vocab)
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
 
     def ids(self, text: str) -> list[int]:
-        return [self.vocab[c] for c in text]
+        if self.chars:
+            return [self.vocab[c] for c in text]
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def prompt(self, prompt: str) -> list[int]:
         return self.ids(self.before + prompt + self.after)
@@ -222,6 +231,42 @@ def build_models(out: str | Path, student: TrainSpec = STUDENT, teacher: TrainSp
     info["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / BUILD_RECORD, {**provenance(), **info})
     return out / student.name, out / teacher.name
+
+
+def task_tokenizer(size: int = BPE_SIZE, exclude: set[tuple[int, int]] = frozenset()):
+    """A byte-level BPE tokenizer trained on the task's text (prompts through the chat
+    template, worked solutions) of problems outside ``exclude``: another tokenizer for the
+    same text, whose tokens are often several of the character tokenizer's."""
+    from tipcli.models.tiny import CHARS, build_bpe_tokenizer
+
+    corpus = [f"U: {a}+{b}=\nA: {solve(a, b)}" for a, b in
+              make_problems(2000, seed=11, exclude=exclude)]
+    return build_bpe_tokenizer([CHARS] + corpus, size)
+
+
+def build_cross_teacher(out: str | Path, spec: TrainSpec = CROSS_TEACHER,
+                        valid_size: int = 200) -> Path:
+    """Train the task's teacher on its own tokenizer (``task_tokenizer``) into
+    ``out/teacher-bpe``, beside a pair ``build_models`` wrote (its build record gains the
+    teacher's entry); returns the teacher's directory."""
+    out = Path(out)
+    check_build_dir(out)
+    quiet_transformers()
+    held = set(make_problems(NUM_HELD_OUT, TEST_SEED))
+    valid = [record(a, b) for a, b in make_problems(valid_size, VALID_SEED, exclude=held)]
+    exclude = held | {_pair(r) for r in valid}
+    tok = task_tokenizer(exclude=exclude)
+    start = time.perf_counter()
+    model, info = train(tok, spec, valid, exclude)
+    with atomic_dir(out / spec.name) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    info.update(seconds=round(time.perf_counter() - start, 1), tokenizer_size=len(tok),
+                **provenance())
+    rec = out / BUILD_RECORD
+    known = json.loads(rec.read_text()) if rec.is_file() else {}
+    write_json_atomic(rec, {**known, spec.name: info})
+    return out / spec.name
 
 
 def check_build_dir(out: Path) -> None:
