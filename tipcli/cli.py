@@ -115,7 +115,8 @@ def _parameter(leaf) -> inspect.Parameter:
     else:
         names = [leaf.flag] + ([meta["short"]] if meta["short"] else [])
         info = typer.Option(None, *names, help=help, show_default=False, rich_help_panel=panel)
-    annotation = str if meta["argument"] else base | None
+    annotation = str if meta["argument"] else list[str] | None if meta.get("many") else \
+        base | None
     return inspect.Parameter(leaf.name, inspect.Parameter.KEYWORD_ONLY, default=info,
                              annotation=annotation)
 
@@ -132,12 +133,16 @@ def _old_parameter(name: str, leaf) -> inspect.Parameter:
 def _register(name: str, target: str, extras: tuple[str, ...]) -> None:
     cls = STAGE_CONFIGS[name]
     args = [leaf.name for leaf in leaves(cls) if leaf.meta["argument"]]
+    many = [leaf.name for leaf in leaves(cls) if leaf.meta.get("many")]
 
     def command(**kw: Any) -> None:
         from tipcli.progress import emit_path
         from tipcli.store.files import read_path_arg
 
         run_kw = {k: kw.pop(k) for k in extras}
+        for leaf in many:  # a flag given once is its string
+            if isinstance(kw.get(leaf), list):
+                kw[leaf] = kw[leaf][0] if len(kw[leaf]) == 1 else (kw[leaf] or None)
         config, cfg = kw.pop("config"), None
         old = {k.removeprefix(OLD): kw.pop(k) for k in list(kw) if k.startswith(OLD)}
         kw.update({k: v for k, v in old.items() if v is not None})  # resolve maps them

@@ -49,7 +49,8 @@ def _default(value) -> str:
 
 def _row(leaf, default) -> str:
     base, optional = base_type(leaf.type)
-    kind = TYPE_NAMES.get(base, str(base)) + (" or null" if optional else "")
+    kind = TYPE_NAMES.get(base, str(base)) + (" or null" if optional else "") + \
+        (" or list of str" if leaf.meta.get("many") else "")
     flag = leaf.meta["argument"] or f"`{leaf.flag}`"
     help_text = " ".join(leaf.help.split()).replace("|", "\\|")
     return f"| {flag} | {kind} | {_default(default)} | {_valid(leaf)} | {help_text} |"

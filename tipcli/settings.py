@@ -31,7 +31,7 @@ STAGES: dict[str, type] = {}  # each stage's config by stage name (``tipcli.conf
 def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None,
             lt: float | None = None, required: bool = False, short: str | None = None,
-            argument: str | None = None,
+            argument: str | None = None, many: bool = False,
             check: Callable[[Any], str | None] | None = None) -> Any:
     """A config field. ``ge``/``gt``/``le``/``lt`` bound numbers (floats must also be
     finite), ``choices`` lists the valid strings, ``check`` returns a problem or None,
@@ -39,9 +39,11 @@ def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
     makes it the command's positional argument (its metavar), which accepts ``-`` for a
     path read from stdin. The field's name is the setting's one name: its flag, its key in
     settings files and manifests, and its attribute (so a name shared by two groups, such as
-    a top-k, carries its group's prefix: ``sample_top_k``, ``teacher_top_k``)."""
+    a top-k, carries its group's prefix: ``sample_top_k``, ``teacher_top_k``). A string
+    setting with ``many`` may also be a list of strings (its flag repeated; a list in a
+    settings file): one given is the string, several the list; ``check`` sees each."""
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, required=required,
-                short=short, argument=argument, check=check)
+                short=short, argument=argument, check=check, many=many)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -119,6 +121,11 @@ def coerce(leaf: Leaf, value: Any) -> tuple[Any, str | None]:
     """(the value as the setting's type, or a problem). Booleans are not numbers, numbers
     are not strings: a settings file is read as strictly as a flag."""
     base, optional = base_type(leaf.type)
+    if leaf.meta.get("many") and isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(v, str) for v in value):
+            return value, f"{leaf.label} must be a string or a list of strings (got " \
+                          f"{json.dumps(list(value))})"
+        return (value[0] if len(value) == 1 else list(value)), None
     if value is None:
         return (None, None) if optional else (value, f"{leaf.label} must be "
                                                      f"{TYPE_NAMES[base]} (got null)")
@@ -136,6 +143,8 @@ def check_leaf(leaf: Leaf, value: Any) -> str | None:
     value, problem = coerce(leaf, value)
     if problem or value is None:
         return problem
+    if isinstance(value, list):  # a setting with ``many``: each of its strings
+        return next((p for p in (check_leaf(leaf, v) for v in value) if p), None)
     m = leaf.meta
     if m["required"] and value == "":
         return f"{leaf.label} is required"
