@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from tipcli.catalog import DIVERGENCES, LOSSES, STRATEGIES, strategy_problem
@@ -126,6 +127,63 @@ def _model(help: str, short: str | None = None, required: bool = True):
                    required=required, short=short)
 
 
+def _teachers():
+    return setting("", "Teacher model: hub id, local directory or .gguf file; or NAME=MODEL, "
+                   "repeated: several teachers, each prompt scored by the one its "
+                   "--teacher-field names (docs/design.md).", required=True, short="-t",
+                   many=True)
+
+
+_NAMED = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.+)")
+
+
+def named_teachers(teacher: str | list[str]) -> dict[str, str] | None:
+    """{name: model} of ``--teacher NAME=MODEL`` (repeated); None for one plain teacher
+    (a model that is not of that form, or an existing path that is)."""
+    values = [teacher] if isinstance(teacher, str) else list(teacher)
+    if len(values) == 1 and (not _NAMED.fullmatch(values[0]) or Path(values[0]).exists()):
+        return None
+    out: dict[str, str] = {}
+    for v in values:
+        m = _NAMED.fullmatch(v)
+        if m is None:
+            raise ValueError(f"--teacher {v}: several teachers are each NAME=MODEL "
+                             "(--teacher math=M1 --teacher code=M2)")
+        if m.group(1) in out:
+            raise ValueError(f"--teacher names {m.group(1)} twice: give each teacher its own "
+                             "name")
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def named_teachers_or_none(teacher) -> dict[str, str] | None:
+    """``named_teachers``, None also where it is refused (its problem is reported apart)."""
+    try:
+        return named_teachers(teacher) if teacher else None
+    except ValueError:
+        return None
+
+
+def _teachers_problems(teacher, scoring, runtime) -> list[str]:
+    """Several teachers: each named once; in this process, whole (not yet served or
+    sharded)."""
+    try:
+        several = named_teachers(teacher) if teacher else None
+    except ValueError as exc:
+        return [str(exc)]
+    if several is None:
+        return []
+    out = [] if scoring.teacher_field else ["--teacher-field is empty: name the prompt field "
+                                            "that routes each prompt to its teacher"]
+    if scoring.teacher_url:
+        out.append("several teachers are loaded here; a served one (--teacher-url) is not "
+                   "supported with several yet: drop --teacher-url")
+    if runtime.shard_teacher:
+        out.append("several teachers are each loaded whole; --shard-teacher is not supported "
+                   "with several yet: drop it")
+    return out
+
+
 def _output(help: str = "Output directory.", required: bool = True):
     return setting("", help, required=required, short="-o")
 
@@ -220,6 +278,8 @@ class Scoring:
                                "it for the teacher's top-k instead of loading the teacher "
                                "(divergences become top-k estimates; docs/scale.md).",
                                check=_teacher_url_problem)
+    teacher_field: str = setting("teacher", "With several teachers (--teacher NAME=MODEL "
+                                 "repeated): the prompt field naming each prompt's teacher.")
     cross_tokenizer: str = setting("auto", "A teacher with another tokenizer: auto (aligned by "
                                    "character offsets when the tokenizers differ), force (aligned "
                                    "even when they are the same), off (refused; docs/design.md).",
@@ -370,7 +430,7 @@ class ScoreConfig:
 
     rollout: str = setting("", "Rollout directory, or - to read its path from stdin.",
                            required=True, argument="ROLLOUT_DIR")
-    teacher: str = _model("Teacher model:", short="-t")
+    teacher: str = _teachers()
     output: str = _output()
     student: str = _model("Student model (default: the rollout's student).", short="-s",
                           required=False)
@@ -383,7 +443,7 @@ class ScoreConfig:
         if self.scoring.teacher_url and self.runtime.shard_teacher:
             return ["--teacher-url serves the teacher elsewhere, so there is none here to "
                     "shard: drop --shard-teacher (or --teacher-url, to load the teacher here)"]
-        return []
+        return _teachers_problems(self.teacher, self.scoring, self.runtime)
 
 
 @dataclass(frozen=True)
@@ -491,7 +551,7 @@ class DistillConfig:
         "batch_size": "train_batch_size", "chunk_size": "train_chunk_size"}
 
     student: str = _model("Starting student:", short="-s")
-    teacher: str = _model("Teacher model:", short="-t")
+    teacher: str = _teachers()
     prompts: str = setting("", "Training prompts: .jsonl, .parquet, .csv or a dataset.",
                            required=True, short="-p")
     output: str = _output("Run directory; every iteration's stages are kept inside.")
@@ -524,8 +584,15 @@ class DistillConfig:
     runtime: Runtime = group(Runtime)
 
     def rules(self) -> list[str]:
-        problems = []
+        problems = _teachers_problems(self.teacher, self.scoring, self.runtime)
         kl = self.eval_prompts and self.eval_metric != "accuracy"
+        if named_teachers_or_none(self.teacher) is not None:
+            if kl:
+                problems.append("--eval-metric kl compares the student with one teacher: use "
+                                "--eval-metric accuracy with several teachers")
+            if LOSSES[self.training.loss].needs_teacher:
+                problems.append(f"--loss {self.training.loss} needs one teacher in training: "
+                                "use a *-topk loss or rkl-sampled with several teachers")
         if self.runtime.shard_teacher and kl:
             problems.append("--eval-metric kl samples the teacher's own answers, which a "
                             "sharded teacher cannot do yet: use --eval-metric accuracy with "

@@ -78,6 +78,7 @@ class ScoredBatch:
     teacher_entropy_T: torch.Tensor | None = None       # absent from a served teacher
     teacher_topk_ids_Tk: torch.Tensor | None = None     # absent when top-k is 0
     teacher_topk_logprobs_Tk: torch.Tensor | None = None
+    teacher_route_T: torch.Tensor | None = None         # several teachers: each token's
 
     @property
     def policy_version(self) -> int:

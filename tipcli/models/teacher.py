@@ -39,6 +39,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from tipcli.dist.mesh import decoder_layers, end_group, load_sharded_weights, make_mesh
+from tipcli.configs import named_teachers
 from tipcli.errors import TipError
 from tipcli.models import loading
 from tipcli.models.loading import (
@@ -338,6 +339,21 @@ def make_teacher(name: str, tok, runtime, procs, device, dtype, scoring=None,
     as it is."""
     if model is not None and not isinstance(model, torch.nn.Module):
         return model  # a Teacher already (the loop's)
+    several = named_teachers(name)
+    if several is not None:  # each made as it would be alone
+        from tipcli.models.several import SeveralTeachers
+
+        made: dict[str, Teacher] = {}
+        try:
+            for n, m in several.items():
+                made[n] = make_teacher(m, tok, runtime, procs, device, dtype, scoring,
+                                       temperature, student=student)
+        except BaseException:
+            for t in made.values():
+                t.close()
+            raise
+        return SeveralTeachers(made, scoring.teacher_field if scoring is not None else
+                               "teacher", tok.pad_token_id)
     vocab = real_vocab_size(tok)
     if scoring is not None:
         temperature = scoring.score_temperature

@@ -323,15 +323,17 @@ def select_mask(name: str, keep: float, h_C, d_C, s_C, quad_C, fkl_C, scope: Row
 
 def token_importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: torch.Tensor,
                      div_T: torch.Tensor, fkl_T: torch.Tensor, st: Selection, seed: int = 0,
-                     vocab_size: int = 0) -> dict[str, torch.Tensor]:
+                     vocab_size: int = 0, segments: list[int] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Per-token h, d, soft_or, quadrant and selected (all [T]) plus per-group tau_h, tau_d [G].
 
     ``offsets_N1`` are the response offsets of the whole directory in sequence order;
-    groups of ``group_size`` consecutive sequences may span shards."""
+    groups of ``group_size`` consecutive sequences may span shards, never the starts of
+    ``segments`` (sequence indices: several teachers' runs)."""
     cand_T = mask_T.bool()
     every = bool(cand_T.all())
     pick = (lambda x_T: x_T) if every else (lambda x_T: x_T[cand_T])
-    seqs, groups = layout(offsets_N1, cand_T, st.group_size)
+    seqs, groups = layout(offsets_N1, cand_T, st.group_size, segments)
     h_C, d_C = normalize(pick(entropy_T), pick(div_T), groups, st.normalize, st.divergence,
                          vocab_size)
     s_C = soft_or(h_C, d_C)
@@ -358,14 +360,18 @@ def token_importance(offsets_N1: torch.Tensor, mask_T: torch.Tensor, entropy_T: 
     return {**out, "tau_h": tau_h_G, "tau_d": tau_d_G}
 
 
-def layout(offsets_N1: torch.Tensor, cand_T: torch.Tensor, group_size: int) -> tuple[Rows, Rows]:
-    """Candidate tokens as rows of sequences and rows of groups of ``group_size`` sequences."""
+def layout(offsets_N1: torch.Tensor, cand_T: torch.Tensor, group_size: int,
+           segments: list[int] | None = None) -> tuple[Rows, Rows]:
+    """Candidate tokens as rows of sequences and rows of groups of ``group_size`` sequences,
+    counted afresh from each start of ``segments``."""
     if bool(cand_T.all()):
         cand_off_N1 = offsets_N1
     else:
         cand_off_N1 = torch.cat([offsets_N1.new_zeros(1), cand_T.long().cumsum(0)])[offsets_N1]
     num_seq = offsets_N1.numel() - 1
-    edges = torch.cat([torch.arange(0, num_seq, group_size), torch.tensor([num_seq])])
+    starts = sorted({0, *(s for s in segments or () if 0 < s < num_seq)})
+    edges = torch.cat([torch.arange(a, b, group_size) for a, b in
+                       zip(starts, [*starts[1:], num_seq])] + [torch.tensor([num_seq])])
     return both(lambda: Rows.from_offsets(cand_off_N1),
                 lambda: Rows.from_offsets(cand_off_N1[edges]))
 

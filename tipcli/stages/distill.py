@@ -49,6 +49,7 @@ from tipcli.configs import (
     SelectConfig,
     TrainConfig,
     to_flat,
+    named_teachers,
     validate,
 )
 from tipcli.dist.processes import Processes, processes
@@ -103,11 +104,21 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
                        "--device-map (each process then holds the teacher on its own device), "
                        "or run tip distill without a launcher")
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
-    t_tok = _teacher_tokenizer(cfg)
-    if t_tok is not None:  # else served under a name only: the server checks its tokenizer
-        _check_tokenizers(cfg, tok, t_tok)
-    teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} if cfg.scoring.teacher_url \
-        else model_ref(cfg.teacher)
+    several = named_teachers(cfg.teacher)
+    for name in (several or {"": cfg.teacher}).values():
+        t_tok = _teacher_tokenizer(cfg, name)
+        if t_tok is not None:  # else served under a name only: the server checks it
+            _check_tokenizers(cfg, tok, t_tok, name)
+    if several is not None:  # every prompt routed to a teacher before anything is written
+        from tipcli.models.several import routes
+
+        routes(load_prompts(cfg.prompts, cfg.source), cfg.scoring.teacher_field,
+               list(several), cfg.prompts)
+        teacher = {"teachers": {n: model_ref(m) for n, m in several.items()},
+                   "field": cfg.scoring.teacher_field}
+    else:
+        teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} \
+            if cfg.scoring.teacher_url else model_ref(cfg.teacher)
     # a killed run may resume on another number of processes at the same global batch;
     # "optimizer" marks the runs whose iterations continue one AdamW and one schedule
     opt = cfg.optim
@@ -145,33 +156,33 @@ def _notice_one_process(cfg: DistillConfig, procs: Processes) -> None:
               "accelerate launch to shard", file=sys.stderr)
 
 
-def _teacher_tokenizer(cfg: DistillConfig):
-    """The teacher's tokenizer; for a served teacher, None where --teacher names no model
-    that tip can read it from here."""
+def _teacher_tokenizer(cfg: DistillConfig, name: str):
+    """The tokenizer of the teacher ``name``; for a served teacher, None where it names no
+    model that tip can read it from here."""
     try:
-        return load_tokenizer(cfg.teacher, cfg.runtime.trust_remote_code)
+        return load_tokenizer(name, cfg.runtime.trust_remote_code)
     except TipError:
         if not cfg.scoring.teacher_url:
             raise
         return None
 
 
-def _check_tokenizers(cfg: DistillConfig, tok, t_tok) -> None:
+def _check_tokenizers(cfg: DistillConfig, tok, t_tok, teacher: str) -> None:
     """The same vocabulary, or (--cross-tokenizer) a loss that an aligned teacher gives."""
     mode, loss = cfg.scoring.cross_tokenizer, cfg.training.loss
     if mode == "off":
-        check_same_vocab(tok, t_tok, cfg.student, cfg.teacher)
+        check_same_vocab(tok, t_tok, cfg.student, teacher)
         return
     if not (mode == "force" or tokenizers_differ(tok, t_tok)):
         return
     if LOSSES[loss].form == "full":
         raise TipError(f"--loss {loss} needs the teacher's whole distribution over the "
-                       f"student's vocabulary, but {cfg.teacher} is read with another "
+                       f"student's vocabulary, but {teacher} is read with another "
                        f"tokenizer (--cross-tokenizer {mode}): use a *-topk loss (over the "
                        "candidates the two vocabularies share) or rkl-sampled")
     if cfg.eval_prompts and cfg.eval_metric != "accuracy":
         raise TipError(f"--eval-metric {cfg.eval_metric} needs the teacher's whole distribution "
-                       f"over the student's vocabulary, but {cfg.teacher} is read with another "
+                       f"over the student's vocabulary, but {teacher} is read with another "
                        f"tokenizer (--cross-tokenizer {mode}): use --eval-metric accuracy")
 
 

@@ -78,9 +78,10 @@ def run_score(cfg: ScoreConfig, overwrite: bool = False, student=None, teacher=N
     finally:
         if own:
             teacher.close()
-    return writer.finish({"statistics": teacher.statistics,
-                          "policy_version": rollout.policy_version},
-                         num_shards=len(rollout.shards))
+    summary = {"statistics": teacher.statistics, "policy_version": rollout.policy_version}
+    if hasattr(teacher, "summary"):  # several teachers: tokens and exactness of each
+        summary["teachers"] = teacher.summary(rollout)
+    return writer.finish(summary, num_shards=len(rollout.shards))
 
 
 def _resolved(cfg: ScoreConfig, student_name: str, tok, teacher) -> dict:
@@ -143,9 +144,10 @@ def score_batch(batch: RolloutBatch, shard: int, student, s_logits, s_dev, teach
 
 
 def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
-    """Hand a teacher with another tokenizer the prompt records ``rollout`` was sampled
-    from, which it renders with its own chat template; they must be the prompts the
-    rollout's student saw (the same token ids, ``prompts_sha256``)."""
+    """Hand the teacher the prompt records ``rollout`` was sampled from (a teacher with
+    another tokenizer renders them with its own chat template; several teachers route by
+    them); they must be the prompts the rollout's student saw (the same token ids,
+    ``prompts_sha256``)."""
     if not hasattr(teacher, "use_prompts"):
         return
     from dataclasses import fields
@@ -162,8 +164,8 @@ def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
             rollout.manifest.get("inputs", {}).get("prompts_sha256"):
         raise TipError(f"the prompts {conf['prompts']} are not those {rollout.path} was sampled "
                        "from (changed since, or cut to fit the student's context): a teacher "
-                       "with another tokenizer renders each prompt from its record with its own "
-                       "chat template; sample the rollout again from these prompts")
+                       "with another tokenizer renders each prompt from its record, and several "
+                       "teachers are routed by it; sample the rollout again from these prompts")
     teacher.use_prompts(records, source)
 
 

@@ -21,7 +21,7 @@ import torch
 from tipcli.catalog import QUADRANTS
 from tipcli.configs import SelectConfig, Selection
 from tipcli.errors import TipError
-from tipcli.ops.selection import token_importance
+from tipcli.ops.selection import sequence_index, token_importance
 from tipcli.progress import console
 from tipcli.store.layout import SELECT
 from tipcli.store.stagedir import PROMPT_TOKEN_FIELDS, StageDir, StageWriter
@@ -37,6 +37,8 @@ def load_flat(score: StageDir, fields: tuple[str, ...] = SELECTION_FIELDS
     """One pass over a score directory: its per-token ``fields`` concatenated in sequence
     order (``response_offsets`` [N+1] re-based over the whole directory; ``prompt_ids``, if
     asked for, as a list of one tensor per sequence) and each shard's response offsets."""
+    if "teachers" in score.manifest["models"].get("teacher", {}):  # several: each token's
+        fields = (*fields, "teacher_route")
     wanted = tuple(dict.fromkeys((*fields, "response_offsets", "prompt_offsets")
                                  if "prompt_ids" in fields else (*fields, "response_offsets")))
     parts: dict[str, list] = {f: [] for f in wanted if f not in ("response_offsets",
@@ -68,12 +70,42 @@ def check_statistics(score: StageDir, sel: Selection) -> None:
                        "one with another tokenizer): use --normalize minmax or rank")
 
 
+def teacher_order(flat: dict[str, Any]
+                  ) -> tuple[torch.Tensor | None, torch.Tensor, list[int] | None]:
+    """With several teachers (``teacher_route``): the tokens taken teacher by teacher
+    (order_T [T], each teacher's sequences in directory order), their response offsets in
+    that order and each teacher's first sequence there; else (None, the offsets, None)."""
+    off_N1 = flat["response_offsets"]
+    if "teacher_route" not in flat or flat["teacher_route"].unique().numel() < 2:
+        return None, off_N1, None
+    lengths_N = off_N1.diff()
+    # every token of a sequence has its teacher: a scatter of equal values
+    route_N = torch.zeros(lengths_N.numel(), dtype=torch.long).scatter_(
+        0, sequence_index(off_N1), flat["teacher_route"].long())
+    seq_order = torch.sort(route_N, stable=True).indices
+    order_T = torch.cat([torch.arange(int(off_N1[n]), int(off_N1[n + 1]))
+                         for n in seq_order.tolist()])
+    lengths = lengths_N[seq_order]
+    segments = torch.bincount(route_N).cumsum(0)[:-1].tolist()
+    return order_T, torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]), segments
+
+
 def select_tokens(flat: dict[str, Any], sel: Selection, seed: int,
                   vocab_size: int) -> dict[str, Any]:
     """Per-token h, d, soft_or, quadrant, selected [T] and per-group tau_h, tau_d of the
-    flat fields of a whole score directory."""
-    out = token_importance(flat["response_offsets"], flat["response_mask"], flat["student_entropy"],
-                     flat[sel.divergence], flat["fkl"], sel, seed, vocab_size)
+    flat fields of a whole score directory. With several teachers (``teacher_route``) the
+    groups never mix them: the sequences are taken teacher by teacher (each teacher's in
+    directory order), grouped, and the results put back in place."""
+    fields = ("response_mask", "student_entropy", sel.divergence, "fkl")
+    order_T, off_N1, segments = teacher_order(flat)
+    take = (lambda x: x) if order_T is None else (lambda x: x[order_T])
+    mask, ent, div, fkl = (take(flat[f]) for f in fields)
+    out = token_importance(off_N1, mask, ent, div, fkl, sel, seed, vocab_size, segments)
+    if order_T is not None:
+        for k in ("h", "d", "soft_or", "quadrant", "selected"):
+            back = torch.empty_like(out[k])
+            back[order_T] = out[k]
+            out[k] = back
     out["response_mask"] = flat["response_mask"].bool()
     return out
 

@@ -325,8 +325,12 @@ class StageWriter:
         """The writer of ``cfg``'s run of ``stage`` (its output, its settings, the inputs its
         settings name), after checking every setting."""
         validate(cfg)
-        return cls(stage, cfg.output, to_flat(cfg), overwrite,
-                   tuple(getattr(cfg, name) for name in stage.inputs))
+        sources: list[str] = []
+        for name in stage.inputs:  # several teachers: NAME=MODEL each
+            given = getattr(cfg, name)
+            for v in [given] if isinstance(given, str) else given:
+                sources += [v, v.split("=", 1)[-1]] if "=" in v else [v]
+        return cls(stage, cfg.output, to_flat(cfg), overwrite, tuple(sources))
 
     def start(self, models: dict[str, Any], tokenizer: dict[str, Any],
               parent: StageDir | None = None, inputs: dict[str, Any] | None = None,

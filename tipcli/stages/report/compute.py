@@ -16,7 +16,13 @@ from tipcli.catalog import BUDGETED_STRATEGIES, QUADRANTS
 from tipcli.configs import ReportConfig, SelectConfig, Selection, resolve
 from tipcli.errors import ConfigError, TipError
 from tipcli.ops.selection import layout, select_mask, sequence_index
-from tipcli.stages.select import SELECTION_FIELDS, check_statistics, load_flat, select_tokens
+from tipcli.stages.select import (
+    SELECTION_FIELDS,
+    check_statistics,
+    load_flat,
+    select_tokens,
+    teacher_order,
+)
 from tipcli.store.stagedir import StageDir
 
 COVERAGE_STRATEGIES = BUDGETED_STRATEGIES
@@ -84,6 +90,7 @@ def compute_report(data: ReportData) -> dict[str, Any]:
                    "candidates": int(data.flat["response_mask"].sum()),
                    "selected": int(data.sel["selected"].sum())},
         "quadrants": quadrant_table(data),
+        "teachers": teacher_tables(data),
         "histogram": histogram(data),
         "coverage": coverage_table(data),
         "curves": coverage_curves(data),
@@ -119,8 +126,18 @@ def _mean(x: torch.Tensor) -> float | None:
     return float(x.double().mean()) if x.numel() else None
 
 
-def quadrant_table(data: ReportData) -> list[dict[str, Any]]:
-    cand_T = _cand(data)
+def teacher_tables(data: ReportData) -> dict[str, list[dict[str, Any]]]:
+    """With several teachers: the quadrant table of each teacher's tokens alone."""
+    if "teacher_route" not in data.flat:
+        return {}
+    names = list(data.score.manifest["models"]["teacher"]["teachers"])
+    return {n: quadrant_table(data, data.flat["teacher_route"] == i)
+            for i, n in enumerate(names)}
+
+
+def quadrant_table(data: ReportData, only_T: torch.Tensor | None = None
+                   ) -> list[dict[str, Any]]:
+    cand_T = _cand(data) if only_T is None else _cand(data) & only_T
     total = max(int(cand_T.sum()), 1)
     div_T = data.flat[data.selection.divergence]
     rows = []
@@ -147,12 +164,15 @@ def histogram(data: ReportData) -> dict[str, Any]:
 
 
 def _candidates(data: ReportData):
-    """Candidate-token arrays and the budget scope, as importance() lays them out."""
-    cand_T = _cand(data)
-    seqs, groups = layout(data.flat["response_offsets"], cand_T, data.selection.group_size)
-    arrays = {k: data.sel[k][cand_T] for k in ("h", "d", "soft_or", "quadrant")}
-    arrays["fkl"] = data.flat["fkl"][cand_T]
-    arrays["div"] = data.flat[data.selection.divergence][cand_T].double()
+    """Candidate-token arrays and the budget scope, as importance() lays them out (with
+    several teachers, teacher by teacher: ``teacher_order``)."""
+    order_T, off_N1, segments = teacher_order(data.flat)
+    take = (lambda x: x) if order_T is None else (lambda x: x[order_T])
+    cand_T = take(_cand(data))
+    seqs, groups = layout(off_N1, cand_T, data.selection.group_size, segments)
+    arrays = {k: take(data.sel[k])[cand_T] for k in ("h", "d", "soft_or", "quadrant")}
+    arrays["fkl"] = take(data.flat["fkl"])[cand_T]
+    arrays["div"] = take(data.flat[data.selection.divergence])[cand_T].double()
     return arrays, seqs if data.selection.scope == "sequence" else groups
 
 

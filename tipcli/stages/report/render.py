@@ -46,24 +46,30 @@ def _fmt(x, pct: bool = False) -> str:
 
 def render_tables(numbers: dict[str, Any]) -> None:
     """Every table of the report, with rich, on stderr."""
-    for table in (_quadrant_rich(numbers), _histogram_rich(numbers), _coverage_rich(numbers),
-                  _position_rich(numbers)):
+    per_teacher = [_quadrant_rich(numbers, name, rows)
+                   for name, rows in numbers.get("teachers", {}).items()]
+    for table in (_quadrant_rich(numbers), *per_teacher, _histogram_rich(numbers),
+                  _coverage_rich(numbers), _position_rich(numbers)):
         console.print(table)
     for note in numbers.get("notes", ()):
         console.print(f"note: {note}", style="yellow", markup=False, highlight=False,
                       soft_wrap=True)
 
 
-def _quadrant_rich(numbers):
+def _quadrant_rich(numbers, teacher: str | None = None, rows=None):
+    """The quadrant table: of every token, or (several teachers) of ``teacher``'s."""
     inp, tok = numbers["input"], numbers["tokens"]
     title = (f"{inp['path']} ({inp['stage']}): {tok['candidates']} tokens in "
              f"{tok['sequences']} responses, {tok['selected']} selected; "
              f"d = {inp['divergence']}, {inp['normalize']} over groups of {inp['group_size']}")
+    if teacher is not None:
+        title = (f"teacher {teacher}: {sum(r['tokens'] for r in rows)} tokens, "
+                 f"{sum(r['selected'] for r in rows)} selected")
     t = Table(title=title, title_justify="left")
     for col in ("quadrant", "tokens", "share", "mean entropy", f"mean {inp['divergence']}",
                 "mean teacher logprob", "selected"):
         t.add_column(col, justify="left" if col == "quadrant" else "right")
-    for i, r in enumerate(numbers["quadrants"], start=1):
+    for i, r in enumerate(numbers["quadrants"] if rows is None else rows, start=1):
         t.add_row(f"{r['quadrant']} {QUADRANT_LABELS[r['quadrant']]}", str(r["tokens"]),
                   _fmt(r["share"], True), _fmt(r["mean_entropy"]), _fmt(r["mean_divergence"]),
                   _fmt(r["mean_teacher_logprob"]), str(r["selected"]), style=QUADRANT_STYLES[i])

@@ -1,0 +1,199 @@
+"""Several teachers (--teacher NAME=MODEL repeated): each response is scored by the teacher
+its prompt names, equal to that teacher's own score of it; a prompt naming an unknown
+teacher, or none, is refused before anything is written; selection groups never mix
+teachers; a two-teacher tip distill runs two iterations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, assert_one_line_error
+from typer.testing import CliRunner
+
+from tipcli.cli import app
+from tipcli.configs import ScoreConfig, resolve
+from tipcli.stages.score import run_score
+from tipcli.store.stagedir import StageDir, split_sequences
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def routed(tiny_pair, tmp_path_factory):
+    """(prompts routed a, b, a, ..., a rollout of them, a second teacher of the student's
+    tokenizer)."""
+    from tipcli.models.loading import load_tokenizer
+    from tipcli.models.tiny import build_model
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
+
+    d = tmp_path_factory.mktemp("several")
+    prompts = d / "routed.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": str(i),
+                                           "teacher": "ab"[i % 2], "expert": "ba"[i % 2]})
+                               + "\n" for i, p in enumerate(PROMPTS)))
+    tok = load_tokenizer(str(tiny_pair[1]))
+    second = d / "teacher-b"
+    build_model(tok, seed=7, vocab_pad=13).save_pretrained(second)
+    tok.save_pretrained(second)
+    rollout = run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(prompts),
+                                  output=str(d / "rollout"), num_samples=2, max_new_tokens=16,
+                                  sample_batch_size=2, shard_size=4, seed=0))
+    return prompts, rollout, second
+
+
+def score(rollout, out, teacher, **kw):
+    return run_score(resolve(ScoreConfig, rollout=str(rollout), teacher=teacher,
+                             output=str(out), teacher_top_k=8, score_batch_size=3,
+                             score_chunk_size=7, **kw))
+
+
+def sequences(d):
+    s = StageDir.open(d)
+    return [seq for i in range(len(s.shards)) for seq in split_sequences(s.load_shard(i))]
+
+
+def check_routed(got, alone: dict[str, list], route_of: list[str], names: list[str]):
+    """Each sequence of ``got`` equals the score of its teacher alone (1e-6)."""
+    for n, seq in enumerate(got):
+        teacher = route_of[int(seq["prompt_index"])]
+        want = alone[teacher][n]
+        assert bool((seq["teacher_route"] == names.index(teacher)).all())
+        for k in ("teacher_logprob", "student_logprob", "student_entropy", "rkl", "fkl", "jsd",
+                  "teacher_topk_logprobs"):
+            if k in want:
+                torch.testing.assert_close(seq[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_each_response_is_scored_by_its_prompts_teacher(tiny_pair, routed, tmp_path):
+    prompts, rollout, second = routed
+    got = score(rollout, tmp_path / "both", [f"a={tiny_pair[1]}", f"b={second}"])
+    alone = {"a": sequences(score(rollout, tmp_path / "a", str(tiny_pair[1]))),
+             "b": sequences(score(rollout, tmp_path / "b", str(second)))}
+    route_of = ["ab"[i % 2] for i in range(len(PROMPTS))]
+    check_routed(sequences(got), alone, route_of, ["a", "b"])
+    m = StageDir.open(got).manifest
+    assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
+    assert m["models"]["teacher"]["field"] == "teacher"
+    counts = {n: t["tokens"] for n, t in m["summary"]["teachers"].items()}
+    total = sum(int(s["response_mask"].numel()) for s in sequences(got))
+    assert sum(counts.values()) == total and min(counts.values()) > 0
+    assert m["summary"]["statistics"]["rkl"] == "exact"
+    # through the command line, routed by another field (--teacher-field)
+    r = runner.invoke(app, ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t",
+                            f"b={second}", "--teacher-field", "expert", "--teacher-top-k", "8",
+                            "--score-batch-size", "3", "-o", str(tmp_path / "expert")])
+    assert r.exit_code == 0, r.output
+    check_routed(sequences(tmp_path / "expert"), alone, ["ba"[i % 2] for i in
+                                                          range(len(PROMPTS))], ["a", "b"])
+
+
+def test_a_teacher_of_another_tokenizer_among_several(tiny_pair, routed, bpe_teacher,
+                                                      tmp_path):
+    _, rollout, _ = routed
+    got = score(rollout, tmp_path / "both", [f"a={tiny_pair[1]}", f"b={bpe_teacher}"])
+    alone = {"a": sequences(score(rollout, tmp_path / "a", str(tiny_pair[1]))),
+             "b": sequences(score(rollout, tmp_path / "b", str(bpe_teacher)))}
+    route_of = ["ab"[i % 2] for i in range(len(PROMPTS))]
+    check_routed(sequences(got), alone, route_of, ["a", "b"])
+    m = StageDir.open(got).manifest
+    assert m["summary"]["statistics"]["rkl"] == "mixed estimate"
+    assert m["summary"]["statistics"]["teacher_entropy"] == "absent"
+    assert m["summary"]["teachers"]["a"]["statistics"]["rkl"] == "exact"
+    assert m["summary"]["teachers"]["b"]["statistics"]["rkl"] == "aligned estimate"
+    assert "teacher_entropy" not in sequences(got)[0]
+
+
+def test_unknown_or_missing_teachers_are_refused_before_writing(tiny_pair, routed,
+                                                                tiny_rollout, tmp_path):
+    _, rollout, second = routed
+    both = ["-t", f"a={tiny_pair[1]}", "-t", f"c={second}"]
+    r = runner.invoke(app, ["score", str(rollout), *both, "-o", str(tmp_path / "x")])
+    assert_one_line_error(r, "names teacher 'b'", "none of --teacher a, c")
+    assert not (tmp_path / "x").exists()
+    r = runner.invoke(app, ["score", str(tiny_rollout), "-t", f"a={tiny_pair[1]}", "-t",
+                            f"b={second}", "-o", str(tmp_path / "y")])
+    assert_one_line_error(r, "names no teacher in its 'teacher' field")
+    assert not (tmp_path / "y").exists()
+    r = runner.invoke(app, ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t",
+                            str(second), "-o", str(tmp_path / "z")])
+    assert_one_line_error(r, "each NAME=MODEL")
+    r = runner.invoke(app, ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t",
+                            f"a={second}", "-o", str(tmp_path / "z")])
+    assert_one_line_error(r, "names a twice")
+    assert not (tmp_path / "z").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"teacher": [f"a={tiny_pair[1]}", 3]}))
+    r = runner.invoke(app, ["score", str(rollout), "--config", str(bad), "-o",
+                            str(tmp_path / "z")])
+    assert_one_line_error(r, "--teacher must be a string or a list of strings")
+
+
+def test_several_teachers_from_a_settings_file(tiny_pair, routed, tmp_path):
+    _, rollout, second = routed
+    settings = tmp_path / "s.toml"
+    settings.write_text(f'teacher = ["a={tiny_pair[1]}", "b={second}"]\nteacher_top_k = 8\n')
+    r = runner.invoke(app, ["score", str(rollout), "--config", str(settings), "-o",
+                            str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    m = StageDir.open(tmp_path / "f").manifest
+    assert m["config"]["teacher"] == [f"a={tiny_pair[1]}", f"b={second}"]
+    assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
+    # the manifest is a settings file for the same command: the same run, complete
+    r = runner.invoke(app, ["score", str(rollout), "--config", str(tmp_path / "f" /
+                                                                  "manifest.json"),
+                            "-o", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+
+
+def test_selection_groups_never_mix_teachers(tiny_pair, routed, tmp_path):
+    """With --normalize rank and one group as large as the run, each token's h is its
+    entropy's mid-rank among its own teacher's tokens alone."""
+    _, rollout, second = routed
+    s = score(rollout, tmp_path / "s", [f"a={tiny_pair[1]}", f"b={second}"])
+    r = runner.invoke(app, ["select", str(s), "--normalize", "rank", "--group-size", "1000",
+                            "-o", str(tmp_path / "sel")])
+    assert r.exit_code == 0, r.output
+    sel = StageDir.open(tmp_path / "sel")
+    h = torch.cat([sel.load_shard(i)["h"] for i in range(len(sel.shards))])
+    shards = StageDir.open(s)
+    route = torch.cat([shards.load_shard(i)["teacher_route"] for i in range(len(shards.shards))])
+    ent = torch.cat([shards.load_shard(i)["student_entropy"] for i in range(len(shards.shards))])
+    cand = torch.cat([shards.load_shard(i)["response_mask"] for i in range(len(shards.shards))])
+    for t in (0, 1):
+        mine = (route == t) & cand.bool()
+        e = ent[mine]
+        below = (e[None, :] < e[:, None]).sum(1).double()
+        ties = (e[None, :] == e[:, None]).sum(1).double()
+        want = (below + (ties - 1) / 2) / (e.numel() - 1)
+        torch.testing.assert_close(h[mine].double(), want, rtol=0, atol=1e-6)
+    assert len(sel.manifest["summary"]["thresholds"]["tau_h_per_group"]) == 2
+    # the report: one quadrant table per teacher, of its tokens alone
+    r = runner.invoke(app, ["report", str(tmp_path / "sel"), "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "teacher a:" in r.output and "teacher b:" in r.output
+    numbers = json.loads((tmp_path / "r.json").read_text())
+    for t, name in enumerate("ab"):
+        rows = numbers["teachers"][name]
+        assert sum(row["tokens"] for row in rows) == int(((route == t) & cand.bool()).sum())
+    assert [sum(numbers["teachers"][n][q]["tokens"] for n in "ab") for q in range(4)] == \
+        [row["tokens"] for row in numbers["quadrants"]]
+
+
+def test_distill_two_iterations_with_two_teachers(tiny_pair, routed, tmp_path):
+    prompts, _, second = routed
+    args = ["distill", "-s", str(tiny_pair[0]), "-t", f"a={tiny_pair[1]}", "-t", f"b={second}",
+            "-p", str(prompts), "--iterations", "2", "--num-samples", "2",
+            "--max-new-tokens", "8", "--max-steps", "2", "--train-batch-size", "4",
+            "--lr", "1e-3"]
+    r = runner.invoke(app, [*args, "--loss", "rkl-full", "-o", str(tmp_path / "no")])
+    assert_one_line_error(r, "needs one teacher in training")
+    assert not (tmp_path / "no").exists()
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [h["iteration"] for h in m["summary"]["history"]] == [0, 1]
+    assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
+    s = StageDir.open(tmp_path / "run" / "iter-001" / "score")
+    assert set(s.manifest["summary"]["teachers"]) == {"a", "b"}
