@@ -190,10 +190,15 @@ def test_distill_two_iterations_with_two_teachers(tiny_pair, routed, tmp_path):
     r = runner.invoke(app, [*args, "--loss", "rkl-full", "-o", str(tmp_path / "no")])
     assert_one_line_error(r, "needs one teacher in training")
     assert not (tmp_path / "no").exists()
-    r = runner.invoke(app, [*args, "-o", str(tmp_path / "run")])
+    r = runner.invoke(app, [*args, "--eval-prompts", str(prompts), "-o", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert [h["iteration"] for h in m["summary"]["history"]] == [0, 1]
+    history = m["summary"]["history"]
+    assert [h["iteration"] for h in history] == ["initial", 0, 1]
+    for h in history:  # the held-out evaluation per teacher: 3 prompts each
+        assert {n: p["n"] for n, p in h["per_teacher"].items()} == {"a": 3, "b": 3}
+        assert abs(sum(p["accuracy"] * 3 for p in h["per_teacher"].values()) / 6
+                   - h["accuracy"]) < 1e-9
     assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
     s = StageDir.open(tmp_path / "run" / "iter-001" / "score")
     assert set(s.manifest["summary"]["teachers"]) == {"a", "b"}

@@ -430,6 +430,9 @@ def _render(history: list[dict[str, Any]]) -> None:
         columns["accuracy (95% CI)"] = lambda h: (
             f"{h['accuracy']:.3f} ({h['interval_95'][0]:.3f}-{h['interval_95'][1]:.3f})"
             if "accuracy" in h else "-")
+    for name in dict.fromkeys(n for h in history for n in h.get("per_teacher", {})):
+        columns[f"accuracy, {name}'s prompts"] = lambda h, n=name: (
+            f"{h['per_teacher'][n]['accuracy']:.3f}" if n in h.get("per_teacher", {}) else "-")
     if any("heldout_rkl" in h for h in history):
         columns["held-out rkl"] = lambda h: _num(h.get("heldout_rkl"))
         columns["held-out fkl"] = lambda h: _num(h.get("heldout_fkl"))

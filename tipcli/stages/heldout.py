@@ -26,9 +26,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tipcli.configs import DistillConfig, EvalConfig, RolloutConfig, ScoreConfig, validate
+from tipcli.configs import (
+    DistillConfig,
+    EvalConfig,
+    RolloutConfig,
+    ScoreConfig,
+    named_teachers,
+    validate,
+)
+from tipcli.models.prompts import load_prompts
 from tipcli.models.teacher import require_in_process
-from tipcli.stages.evaluate import run_eval
+from tipcli.stages.evaluate import run_eval, wilson_interval
 from tipcli.stages.rollout import run_rollout
 from tipcli.stages.score import run_score
 from tipcli.store.stagedir import StageDir
@@ -58,7 +66,29 @@ def accuracy(cfg: DistillConfig, name: str, model, out: Path, tok, sampler=None
         model=name, prompts=cfg.eval_prompts, output=str(out), grading=cfg.grading,
         sampling=sampling, seed=cfg.seed, source=_source(cfg), runtime=cfg.runtime)),
         model=model, tokenizer=tok, sampler=sampler)
-    return {"accuracy": res.accuracy, "interval_95": list(res.interval)}
+    return {"accuracy": res.accuracy, "interval_95": list(res.interval),
+            **per_teacher(cfg, res.rows)}
+
+
+def per_teacher(cfg: DistillConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """With several teachers and evaluation prompts that name theirs (``--teacher-field``):
+    the accuracy on each teacher's prompts (``per_teacher``); else nothing."""
+    several = named_teachers(cfg.teacher)
+    if several is None:
+        return {}
+    records = load_prompts(cfg.eval_prompts, _source(cfg))
+    field = cfg.scoring.teacher_field
+    names = [r.get(field) if isinstance(r, dict) else None for r in records]
+    if not any(n in several for n in names):
+        return {}
+    out: dict[str, Any] = {}
+    for name in several:
+        mine = [r for r in rows if names[r["prompt_index"]] == name]
+        if mine:
+            correct = sum(bool(r["correct"]) for r in mine)
+            out[name] = {"accuracy": correct / len(mine), "n": len(mine),
+                         "interval_95": list(wilson_interval(correct, len(mine)))}
+    return {"per_teacher": out}
 
 
 def kl(cfg: DistillConfig, name: str, model, out: Path, tok, teacher, sampler=None
