@@ -97,11 +97,17 @@ def _layers_problem(flag: str):
     return check
 
 
+_NAMED = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.+)")
+
+
 def _teacher_url_problem(url: str) -> str | None:
     """An address urllib can ask: http(s)://HOST[:PORT][/PATH], no query; a trailing /v1
     (the OpenAI clients' base_url) is allowed and dropped by the served teacher."""
     from urllib.parse import urlsplit
 
+    named = _NAMED.fullmatch(url)
+    if named and not url.startswith(("http://", "https://")):  # NAME=URL: several teachers
+        url = named.group(2)
     if not url.startswith(("http://", "https://")):
         return f"--teacher-url must start with http:// or https:// (got '{url}')"
     try:
@@ -134,9 +140,6 @@ def _teachers():
                    many=True)
 
 
-_NAMED = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*)=(.+)")
-
-
 def named_teachers(teacher: str | list[str]) -> dict[str, str] | None:
     """{name: model} of ``--teacher NAME=MODEL`` (repeated); None for one plain teacher
     (a model that is not of that form, or an existing path that is)."""
@@ -156,6 +159,12 @@ def named_teachers(teacher: str | list[str]) -> dict[str, str] | None:
     return out
 
 
+def teacher_urls(teacher_url: str | list[str]) -> dict[str, str]:
+    """With several teachers: {name: its server's address} of ``--teacher-url NAME=URL``."""
+    urls = [teacher_url] if isinstance(teacher_url, str) else teacher_url
+    return {m.group(1): m.group(2) for m in (_NAMED.fullmatch(u) for u in urls if u) if m}
+
+
 def named_teachers_or_none(teacher) -> dict[str, str] | None:
     """``named_teachers``, None also where it is refused (its problem is reported apart)."""
     try:
@@ -165,19 +174,30 @@ def named_teachers_or_none(teacher) -> dict[str, str] | None:
 
 
 def _teachers_problems(teacher, scoring, runtime) -> list[str]:
-    """Several teachers: each named once; in this process, whole (not yet served or
-    sharded)."""
+    """Several teachers: each named once, each server named for one of them (NAME=URL);
+    not sharded (not yet). One teacher: one plain server address at most."""
     try:
         several = named_teachers(teacher) if teacher else None
     except ValueError as exc:
         return [str(exc)]
+    urls = [scoring.teacher_url] if isinstance(scoring.teacher_url, str) else \
+        scoring.teacher_url
     if several is None:
-        return []
+        if len(urls) > 1:
+            return ["one teacher takes one --teacher-url; several servers are for several "
+                    "teachers (--teacher NAME=MODEL --teacher-url NAME=URL, each repeated)"]
+        return [f"--teacher-url {u}: NAME=URL names one of several teachers; with one teacher "
+                "give the server's address alone" for u in urls
+                if u and not u.startswith(("http://", "https://"))][:1]
     out = [] if scoring.teacher_field else ["--teacher-field is empty: name the prompt field "
                                             "that routes each prompt to its teacher"]
-    if scoring.teacher_url:
-        out.append("several teachers are loaded here; a served one (--teacher-url) is not "
-                   "supported with several yet: drop --teacher-url")
+    for u in urls:
+        m = _NAMED.fullmatch(u) if u else None
+        if u and (m is None or u.startswith(("http://", "https://"))):
+            out.append(f"--teacher-url {u}: with several teachers each server is NAME=URL "
+                       "(--teacher-url math=http://HOST:PORT)")
+        elif m and m.group(1) not in several:
+            out.append(f"--teacher-url {u} names no teacher of --teacher ({', '.join(several)})")
     if runtime.shard_teacher:
         out.append("several teachers are each loaded whole; --shard-teacher is not supported "
                    "with several yet: drop it")
@@ -276,8 +296,9 @@ class Scoring:
     teacher_url: str = setting("", "A vLLM server (OpenAI-compatible, http://HOST:PORT, a "
                                "trailing /v1 allowed) serving --teacher: ask "
                                "it for the teacher's top-k instead of loading the teacher "
-                               "(divergences become top-k estimates; docs/scale.md).",
-                               check=_teacher_url_problem)
+                               "(divergences become top-k estimates; docs/scale.md). With "
+                               "several teachers NAME=URL, repeated, for those served.",
+                               check=_teacher_url_problem, many=True)
     teacher_field: str = setting("teacher", "With several teachers (--teacher NAME=MODEL "
                                  "repeated): the prompt field naming each prompt's teacher.")
     cross_tokenizer: str = setting("auto", "A teacher with another tokenizer: auto (aligned by "

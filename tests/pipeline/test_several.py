@@ -202,3 +202,49 @@ def test_distill_two_iterations_with_two_teachers(tiny_pair, routed, tmp_path):
     assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
     s = StageDir.open(tmp_path / "run" / "iter-001" / "score")
     assert set(s.manifest["summary"]["teachers"]) == {"a", "b"}
+
+
+def test_a_served_teacher_among_several_and_its_server_down(tiny_pair, routed, tmp_path,
+                                                            monkeypatch):
+    """Teacher b on its server (--teacher-url b=URL), a in process: b's responses are its
+    served score (the sampled token's log-prob exact, divergences top-k estimates); its
+    server dying mid-run stops the run in one line naming it, and the same command resumes
+    once it is back, ending where an uninterrupted run does."""
+    from fake_vllm import FakeVLLM
+
+    from tipcli.engines import served
+    from tipcli.models.loading import load_model, load_tokenizer
+
+    monkeypatch.setattr(served, "BACKOFF_SECONDS", 0.01)
+    _, rollout, second = routed
+    server = FakeVLLM(load_model(str(second)), load_tokenizer(str(second)), name=str(second))
+    args = ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t", f"b={second}",
+            "--teacher-url", f"b={server.url}", "--teacher-top-k", "8", "--score-batch-size",
+            "3", "--teacher-concurrency", "1"]
+    try:
+        r = runner.invoke(app, [*args, "-o", str(tmp_path / "whole")])
+        assert r.exit_code == 0, r.output
+        server.stop_after = server.completions + 1 + 3  # the top-k probe, then 3 of b's
+        r = runner.invoke(app, [*args, "-o", str(tmp_path / "cut")])
+        assert_one_line_error(r, server.url, "does not answer", "run the same command again")
+        assert not json.loads((tmp_path / "cut" / "manifest.json").read_text())["complete"]
+    finally:
+        server.close()
+    back = FakeVLLM(load_model(str(second)), load_tokenizer(str(second)), name=str(second),
+                    port=server.port)
+    try:
+        r = runner.invoke(app, [*args, "-o", str(tmp_path / "cut")])
+        assert r.exit_code == 0, r.output
+    finally:
+        back.close()
+    a, b = StageDir.open(tmp_path / "whole"), StageDir.open(tmp_path / "cut")
+    assert [s["sha256"] for s in a.shards] == [s["sha256"] for s in b.shards]
+    m = a.manifest
+    assert m["summary"]["teachers"]["b"]["statistics"]["rkl"] == "top-k estimate"
+    assert m["summary"]["statistics"]["teacher_entropy"] == "absent"
+    assert m["models"]["teacher"]["teachers"]["b"]["url"] == server.url
+    local = sequences(score(rollout, tmp_path / "local-b", str(second)))
+    for n, seq in enumerate(sequences(tmp_path / "whole")):
+        if int(seq["teacher_route"][0]) == 1:
+            torch.testing.assert_close(seq["teacher_logprob"], local[n]["teacher_logprob"],
+                                       rtol=0, atol=1e-5)

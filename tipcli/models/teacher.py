@@ -28,6 +28,7 @@ held-out forward KL need: ``hidden``, ``gathered_head``, ``logits`` and ``model`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ import torch
 from torch.distributed.fsdp import fully_shard
 
 from tipcli.dist.mesh import decoder_layers, end_group, load_sharded_weights, make_mesh
-from tipcli.configs import named_teachers
+from tipcli.configs import named_teachers, teacher_urls
 from tipcli.errors import TipError
 from tipcli.models import loading
 from tipcli.models.loading import (
@@ -344,9 +345,12 @@ def make_teacher(name: str, tok, runtime, procs, device, dtype, scoring=None,
         from tipcli.models.several import SeveralTeachers
 
         made: dict[str, Teacher] = {}
+        urls = teacher_urls(scoring.teacher_url) if scoring is not None else {}
         try:
             for n, m in several.items():
-                made[n] = make_teacher(m, tok, runtime, procs, device, dtype, scoring,
+                own = dataclasses.replace(scoring, teacher_url=urls.get(n, "")) \
+                    if scoring is not None else None
+                made[n] = make_teacher(m, tok, runtime, procs, device, dtype, own,
                                        temperature, student=student)
         except BaseException:
             for t in made.values():

@@ -50,6 +50,7 @@ from tipcli.configs import (
     TrainConfig,
     to_flat,
     named_teachers,
+    teacher_urls,
     validate,
 )
 from tipcli.dist.processes import Processes, processes
@@ -105,8 +106,9 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
                        "or run tip distill without a launcher")
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
     several = named_teachers(cfg.teacher)
-    for name in (several or {"": cfg.teacher}).values():
-        t_tok = _teacher_tokenizer(cfg, name)
+    urls = teacher_urls(cfg.scoring.teacher_url) if several else {"": cfg.scoring.teacher_url}
+    for key, name in (several or {"": cfg.teacher}).items():
+        t_tok = _teacher_tokenizer(cfg, name, bool(urls.get(key)))
         if t_tok is not None:  # else served under a name only: the server checks it
             _check_tokenizers(cfg, tok, t_tok, name)
     if several is not None:  # every prompt routed to a teacher before anything is written
@@ -114,7 +116,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
 
         routes(load_prompts(cfg.prompts, cfg.source), cfg.scoring.teacher_field,
                list(several), cfg.prompts)
-        teacher = {"teachers": {n: model_ref(m) for n, m in several.items()},
+        teacher = {"teachers": {n: {"id": m, "url": urls[n]} if n in urls else model_ref(m)
+                                for n, m in several.items()},
                    "field": cfg.scoring.teacher_field}
     else:
         teacher = {"id": cfg.teacher, "url": cfg.scoring.teacher_url} \
@@ -156,13 +159,13 @@ def _notice_one_process(cfg: DistillConfig, procs: Processes) -> None:
               "accelerate launch to shard", file=sys.stderr)
 
 
-def _teacher_tokenizer(cfg: DistillConfig, name: str):
+def _teacher_tokenizer(cfg: DistillConfig, name: str, served: bool):
     """The tokenizer of the teacher ``name``; for a served teacher, None where it names no
     model that tip can read it from here."""
     try:
         return load_tokenizer(name, cfg.runtime.trust_remote_code)
     except TipError:
-        if not cfg.scoring.teacher_url:
+        if not served:
             raise
         return None
 
