@@ -405,3 +405,31 @@ def test_cross_tokenizer_distill_on_two_processes_ends_where_one_does(tiny_pair,
         x, y = s1.load_shard(i), s2.load_shard(i)
         for name in ("teacher_logprob", "rkl"):
             torch.testing.assert_close(x[name], y[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_several_teachers_distill_on_two_processes_ends_where_one_does(tiny_pair, bpe_teacher,
+                                                                       many_prompts, tmp_path):
+    """Two teachers (one of another tokenizer), prompts routed by their field: 2 processes
+    end where 1 does at the same global batch (1e-4), the routed scores equal."""
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**json.loads(line), "teacher": "ab"[i % 2]}) + "\n"
+                              for i, line in enumerate(many_prompts.read_text().splitlines())))
+    runs = {}
+    for procs, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{procs}"
+        args = distill_args(tiny_pair, routed, out, batch)
+        at = args.index("-t")
+        args[at:at + 2] = ["-t", f"a={tiny_pair[1]}", "-t", f"b={bpe_teacher}"]
+        r = tip(args, procs=procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[procs] = out
+    a, b = (load_file(str(runs[p] / "iter-001" / "train" / "model.safetensors")) for p in (1, 2))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+    s1, s2 = (StageDir.open(runs[p] / "iter-000" / "score") for p in (1, 2))
+    assert s1.manifest["summary"]["teachers"] == s2.manifest["summary"]["teachers"]
+    for i in range(len(s1.shards)):
+        x, y = s1.load_shard(i), s2.load_shard(i)
+        assert torch.equal(x["teacher_route"], y["teacher_route"])
+        for name in ("teacher_logprob", "rkl"):
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=1e-5, msg=name)
