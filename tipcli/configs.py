@@ -301,6 +301,10 @@ class Scoring:
                                check=_teacher_url_problem, many=True)
     teacher_field: str = setting("teacher", "With several teachers (--teacher NAME=MODEL "
                                  "repeated): the prompt field naming each prompt's teacher.")
+    teacher_at_a_time: bool = setting(False, "With several teachers: keep one in memory at a "
+                                      "time, each shard scored teacher by teacher (for "
+                                      "teachers that do not fit together; slower: each is "
+                                      "loaded again for every shard).")
     cross_tokenizer: str = setting("auto", "A teacher with another tokenizer: auto (aligned by "
                                    "character offsets when the tokenizers differ), force (aligned "
                                    "even when they are the same), off (refused; docs/design.md).",

@@ -248,3 +248,39 @@ def test_a_served_teacher_among_several_and_its_server_down(tiny_pair, routed, t
         if int(seq["teacher_route"][0]) == 1:
             torch.testing.assert_close(seq["teacher_logprob"], local[n]["teacher_logprob"],
                                        rtol=0, atol=1e-5)
+
+
+def test_one_teacher_at_a_time_gives_the_same_scores(tiny_pair, routed, bpe_teacher, tmp_path,
+                                                    monkeypatch):
+    """--teacher-at-a-time: each shard scored teacher by teacher, one loaded at a time
+    (never two at once), the same statistics as with every teacher resident (1e-6)."""
+    from tipcli.models import teacher as teacher_mod
+
+    _, rollout, second = routed
+    both = [f"a={tiny_pair[1]}", f"b={bpe_teacher}"]
+    resident = sequences(score(rollout, tmp_path / "all", both))
+    live, most = [0], [0]
+    make = teacher_mod.make_teacher
+
+    def counted(name, *args, **kw):
+        t = make(name, *args, **kw)
+        if "=" in str(name) or isinstance(name, list):
+            return t
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        close = t.close
+
+        def closed():
+            live[0] -= 1
+            close()
+        t.close = closed
+        return t
+
+    monkeypatch.setattr(teacher_mod, "make_teacher", counted)
+    one = sequences(score(rollout, tmp_path / "one", both, teacher_at_a_time=True))
+    assert most[0] == 1 and live[0] == 0
+    for x, y in zip(one, resident):
+        assert torch.equal(x["teacher_route"], y["teacher_route"])
+        for k in ("teacher_logprob", "student_logprob", "rkl", "fkl", "jsd",
+                  "teacher_topk_logprobs"):
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6, msg=k)

@@ -18,6 +18,10 @@ where they do not; each teacher's own in ``summary.teachers``).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,11 +57,36 @@ class SeveralTeachers:
     why_not_whole = "is several teachers (--teacher NAME=MODEL)"
     collective = False
 
-    def __init__(self, teachers: dict[str, Any], field: str, pad_id: int):
+    def __init__(self, teachers: dict[str, Any], field: str, pad_id: int,
+                 make: dict[str, Callable[[], Any]] | None = None):
         self.teachers, self.field, self.pad_id = teachers, field, pad_id
         self.names = list(teachers)
         self.name = " ".join(f"{n}={t.name}" for n, t in teachers.items())
         self.route_of: list[int] | None = None
+        self.records: tuple | None = None
+        # one at a time (``make``: each teacher's loader): ``teachers`` hold what each was
+        # when first loaded, for the manifest; ``holding`` loads one for a shard's batches
+        self.make, self.held = make, None
+
+    @property
+    def one_at_a_time(self) -> bool:
+        return self.make is not None
+
+    @contextlib.contextmanager
+    def holding(self, index: int) -> Iterator[None]:
+        """Teacher ``index`` loaded while the block runs (one at a time), then freed."""
+        name = self.names[index]
+        teacher = self.make[name]()
+        if self.records is not None and hasattr(teacher, "use_prompts"):
+            teacher.use_prompts(*self.records)
+        self.held = (index, teacher)
+        try:
+            yield
+        finally:
+            self.held = None
+            teacher.close()
+            del teacher
+            gc.collect()
 
     @property
     def statistics(self) -> dict[str, str]:
@@ -80,6 +109,7 @@ class SeveralTeachers:
         """The records the rollout sampled from: their routes, and the records themselves
         for a teacher with another tokenizer."""
         self.route_of = routes(records, self.field, self.names, where)
+        self.records = (records, source)
         for t in self.teachers.values():
             if hasattr(t, "use_prompts"):
                 t.use_prompts(records, source)
@@ -92,22 +122,27 @@ class SeveralTeachers:
 
     def signals(self, batch: Batch, seqs, names, student, top_k: int,
                 chunk: int) -> dict[str, torch.Tensor]:
-        from tipcli.models.teacher import StudentSide
-
         route_N = [self.route(s, n) for s, n in zip(seqs, names)]
+        if self.make is not None:  # one at a time: the held teacher's sequences only
+            if self.held is None or set(route_N) != {self.held[0]}:
+                raise RuntimeError("one teacher at a time: score a batch of the held "
+                                   "teacher's sequences")
+            teachers = {self.held[0]: self.held[1]}
+        else:
+            teachers = dict(enumerate(self.teachers.values()))
         starts = [0]
         for n in batch.lengths:
             starts.append(starts[-1] + n)
         out: dict[str, torch.Tensor] = {}
-        for ti, teacher in enumerate(self.teachers.values()):
+        for ti, teacher in teachers.items():
             mine = [i for i, r in enumerate(route_N) if r == ti]
             if not mine:
                 continue
             pos = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
             sub = [seqs[i] for i in mine]
             part = teacher.signals(collate(sub, self.pad_id), sub, [names[i] for i in mine],
-                                   StudentSide(student.hidden_PH[pos.to(
-                                       student.hidden_PH.device)], student.logits),
+                                   dataclasses.replace(student, hidden_PH=student.hidden_PH[
+                                       pos.to(student.hidden_PH.device)]),
                                    top_k, chunk)
             for k, v in part.items():
                 if k not in out:
@@ -143,5 +178,6 @@ class SeveralTeachers:
             t.idle()
 
     def close(self) -> None:
-        for t in self.teachers.values():
-            t.close()
+        if self.make is None:
+            for t in self.teachers.values():
+                t.close()

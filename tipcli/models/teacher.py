@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import math
 from collections.abc import Callable, Iterator
@@ -344,20 +345,31 @@ def make_teacher(name: str, tok, runtime, procs, device, dtype, scoring=None,
     if several is not None:  # each made as it would be alone
         from tipcli.models.several import SeveralTeachers
 
-        made: dict[str, Teacher] = {}
         urls = teacher_urls(scoring.teacher_url) if scoring is not None else {}
+
+        def loader(n: str, m: str) -> Callable[[], Teacher]:
+            own = dataclasses.replace(scoring, teacher_url=urls.get(n, "")) \
+                if scoring is not None else None
+            return lambda: make_teacher(m, tok, runtime, procs, device, dtype, own,
+                                        temperature, student=student)
+
+        loaders = {n: loader(n, m) for n, m in several.items()}
+        at_a_time = scoring is not None and scoring.teacher_at_a_time
+        made: dict[str, Teacher] = {}
         try:
-            for n, m in several.items():
-                own = dataclasses.replace(scoring, teacher_url=urls.get(n, "")) \
-                    if scoring is not None else None
-                made[n] = make_teacher(m, tok, runtime, procs, device, dtype, own,
-                                       temperature, student=student)
+            for n, load in loaders.items():
+                made[n] = load()
+                if at_a_time:  # what it is, for the manifest; loaded again to score
+                    known = _Known(made[n])
+                    made[n].close()
+                    made[n] = known
+                    gc.collect()
         except BaseException:
             for t in made.values():
                 t.close()
             raise
         return SeveralTeachers(made, scoring.teacher_field if scoring is not None else
-                               "teacher", tok.pad_token_id)
+                               "teacher", tok.pad_token_id, loaders if at_a_time else None)
     vocab = real_vocab_size(tok)
     if scoring is not None:
         temperature = scoring.score_temperature
@@ -409,6 +421,28 @@ def _served(name: str, tok, scoring, runtime, mode: str) -> Teacher:
     from tipcli.models.cross import CrossTeacher
 
     return CrossTeacher(served, t_tok, tok)
+
+
+class _Known:
+    """What a teacher that was loaded and freed is (one teacher at a time): its name,
+    statistics, provenance and context, to state in the manifest."""
+
+    def __init__(self, teacher: Teacher):
+        self.name, self.statistics = teacher.name, teacher.statistics
+        self.in_process, self.collective = teacher.in_process, teacher.collective
+        self._ref, self._context = teacher.ref(), teacher.context()
+
+    def ref(self) -> dict[str, Any]:
+        return self._ref
+
+    def context(self) -> int | None:
+        return self._context
+
+    def idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _load(name: str, vocab: int, temperature: float, device, dtype, rt, procs

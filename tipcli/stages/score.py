@@ -13,6 +13,7 @@ NaN or infinite (NaN weights, float16 overflow) stops the run before its shard i
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -126,21 +127,35 @@ def score_batch(batch: RolloutBatch, shard: int, student, s_logits, s_dev, teach
     """A rollout batch scored ``sc.score_batch_size`` sequences at a time: the student's
     hidden states here, the rest from the teacher (``Teacher.signals``)."""
     seqs = batch.sequences()
-    parts: dict[str, list[torch.Tensor]] = {}
-    for a in range(0, len(seqs), sc.score_batch_size):
-        part = seqs[a:a + sc.score_batch_size]
-        collated = collate(part, tok.pad_token_id)
-        with torch.no_grad():
-            hs = response_hidden(student, collated, s_dev)
-        names = [f"shard {shard}, sequence {a + i}"
-                 + (f" (prompt {int(s['prompt_index'])})" if "prompt_index" in s else "")
-                 for i, s in enumerate(part)]
-        stats = teacher.signals(collated, part, names, StudentSide(hs, s_logits), top_k, chunk)
-        for k, v in stats.items():
-            parts.setdefault(k, []).append(v)
-        if advance:
-            advance(int(collated.tokens_P.numel()), tokens=int(collated.tokens_P.numel()))
-    return ScoredBatch.from_statistics(batch, {k: torch.cat(v) for k, v in parts.items()})
+    names = [f"shard {shard}, sequence {i}"
+             + (f" (prompt {int(s['prompt_index'])})" if "prompt_index" in s else "")
+             for i, s in enumerate(seqs)]
+    runs = [(None, list(range(len(seqs))))]
+    if getattr(teacher, "one_at_a_time", False):  # several teachers, one loaded at a time
+        route = [teacher.route(s, n) for s, n in zip(seqs, names)]
+        runs = [(t, [i for i in range(len(seqs)) if route[i] == t])
+                for t in range(len(teacher.names))]
+    per_seq: list[dict[str, torch.Tensor] | None] = [None] * len(seqs)
+    for held, order in runs:
+        if not order:
+            continue
+        with teacher.holding(held) if held is not None else contextlib.nullcontext():
+            for a in range(0, len(order), sc.score_batch_size):
+                at = order[a:a + sc.score_batch_size]
+                part = [seqs[i] for i in at]
+                collated = collate(part, tok.pad_token_id)
+                with torch.no_grad():
+                    hs = response_hidden(student, collated, s_dev)
+                stats = teacher.signals(collated, part, [names[i] for i in at],
+                                        StudentSide(hs, s_logits), top_k, chunk)
+                pieces = {k: v.split(collated.lengths) for k, v in stats.items()}
+                for j, i in enumerate(at):
+                    per_seq[i] = {k: v[j] for k, v in pieces.items()}
+                if advance:
+                    advance(int(collated.tokens_P.numel()), tokens=int(collated.tokens_P.numel()))
+    keys = per_seq[0].keys() if seqs else ()
+    return ScoredBatch.from_statistics(batch, {k: torch.cat([s[k] for s in per_seq])
+                                               for k in keys})
 
 
 def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
