@@ -18,6 +18,19 @@ def test_solve_worked_columns_with_carries():
     assert A.solve(10, 20) == "0+0+0=0 1+2+0=3 so 30"
 
 
+def test_subtraction_works_the_same_columns_with_borrows():
+    assert A.solve(487, 65, "-") == "7-5-0=2 8-6-0=2 4-0-0=4 so 422"
+    assert A.solve(503, 78, "-") == "3-8-0=5 0-7-1=2 5-0-1=4 so 425"
+    assert A.solve(100, 99, "-") == "0-9-0=1 0-9-1=0 1-0-1=0 so 1"
+    for r in A.make_prompts(300, seed=3, op="-"):
+        x, y = map(int, re.fullmatch(r"(\d{2,3})-(\d{2,3})=", r["prompt"]).groups())
+        assert x >= y and r["answer"] == str(x - y)
+        digits = "".join(step.split("=")[1] for step in r["solution"].split(" so ")[0].split())
+        assert int(digits[::-1]) == x - y  # the column digits, read back, are the result
+        assert last_number(r["solution"], r["answer"])
+    assert A.make_prompts(50, seed=3) == A.make_prompts(50, seed=3, op="+")
+
+
 def test_make_prompts_deterministic_distinct_and_correct():
     a, b = A.make_prompts(300, seed=3), A.make_prompts(300, seed=3)
     assert a == b and a != A.make_prompts(300, seed=4)

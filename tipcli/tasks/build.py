@@ -48,6 +48,7 @@ from tipcli.stages.evaluate import generate_responses
 from tipcli.store.files import atomic_dir, write_json_atomic
 from tipcli.tasks.arithmetic import (
     NUM_HELD_OUT,
+    OPS,
     TEST_SEED,
     VALID_SEED,
     make_problems,
@@ -157,10 +158,11 @@ def greedy_accuracy(model, tok, records: list[dict[str, str]], batch_size: int =
     return sum(last_number(s, r["answer"]) for s, r in zip(responses, records)) / len(records)
 
 
-def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[int, int]]
-          ) -> tuple[Any, dict[str, Any]]:
-    """Train a new model on fresh worked examples until it reaches ``spec.target`` greedy
-    accuracy on ``valid`` (checked every ``eval_every`` steps) or ``spec.max_steps``."""
+def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[int, int]],
+          ops: tuple[str, ...] = ("+",)) -> tuple[Any, dict[str, Any]]:
+    """Train a new model on fresh worked examples (of each of ``ops`` in turn) until it
+    reaches ``spec.target`` greedy accuracy on ``valid`` (checked every ``eval_every``
+    steps) or ``spec.max_steps``."""
     validate(spec)
     model, enc = new_model(tok, spec), Encoder(tok)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01,
@@ -170,7 +172,8 @@ def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[
     rng, acc, step, losses, window = random.Random(spec.seed), 0.0, 0, [], []
     with progress_task(spec.name, spec.max_steps) as advance:
         while step < spec.max_steps:
-            records = [record(*_fresh_pair(rng, exclude)) for _ in range(spec.batch_size)]
+            records = [record(*_fresh_pair(rng, exclude, op), op) for op in
+                       (ops[i % len(ops)] for i in range(spec.batch_size))]
             window.append(_sft_step(model, opt, schedule, sft_batch(enc, records)))
             step += 1
             if len(window) == LOSS_EVERY:
@@ -183,13 +186,15 @@ def train(tok, spec: TrainSpec, valid: list[dict[str, str]], exclude: set[tuple[
                 if acc >= spec.target:
                     break
         advance(0, total=step)
-    info = {"steps": step, "valid_accuracy": acc, "losses": losses, "spec": to_flat(spec)}
+    info = {"steps": step, "valid_accuracy": acc, "losses": losses, "spec": to_flat(spec),
+            **({"ops": list(ops)} if ops != ("+",) else {})}
     return model.eval(), info
 
 
-def _fresh_pair(rng: random.Random, exclude: set[tuple[int, int]]) -> tuple[int, int]:
+def _fresh_pair(rng: random.Random, exclude: set[tuple[int, int]], op: str = "+"
+                ) -> tuple[int, int]:
     while True:
-        pair = random_problem(rng)
+        pair = random_problem(rng, op)
         if pair not in exclude:
             return pair
 
@@ -269,6 +274,42 @@ def build_cross_teacher(out: str | Path, spec: TrainSpec = CROSS_TEACHER,
     return out / spec.name
 
 
+SUB_TEACHER = TrainSpec("teacher-sub", hidden=128, layers=4, heads=4, max_steps=1500,
+                        target=1.0, seed=4)
+BOTH_STUDENT = TrainSpec("student-both", hidden=64, layers=2, heads=4, max_steps=1500, lr=2e-3,
+                         eval_every=20, target=0.3, seed=5)
+
+
+def build_two_tasks(out: str | Path, teacher: TrainSpec = SUB_TEACHER,
+                    student: TrainSpec = BOTH_STUDENT, valid_size: int = 100) -> tuple[Path, Path]:
+    """The several-teachers example's models into ``out``: a subtraction teacher (the
+    addition one is the demo's) and a student of both tasks, trained to a weak start on
+    each (``student.target`` on a validation set half of each); returns (student_dir,
+    teacher_dir)."""
+    out = Path(out)
+    check_build_dir(out)
+    quiet_transformers()
+    tok = build_tokenizer()
+    held = {p for op in OPS for p in make_problems(NUM_HELD_OUT, TEST_SEED, op=op)}
+    valid = {op: [record(a, b, op) for a, b in make_problems(valid_size, VALID_SEED,
+                                                             exclude=held, op=op)]
+             for op in OPS}
+    exclude = held | {_pair(r) for rs in valid.values() for r in rs}
+    info: dict[str, Any] = {"valid_size": valid_size}
+    start = time.perf_counter()
+    for spec, ops in ((teacher, ("-",)), (student, OPS)):
+        model, info[spec.name] = train(tok, spec, [r for op in ops for r in valid[op]],
+                                       exclude, ops)
+        info[spec.name]["valid_accuracy_per_op"] = {
+            op: greedy_accuracy(model, tok, valid[op]) for op in ops}
+        with atomic_dir(out / spec.name) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / BUILD_RECORD, {**provenance(), **info})
+    return out / student.name, out / teacher.name
+
+
 def check_build_dir(out: Path) -> None:
     """Refuse to build into a folder that holds anything but an earlier build."""
     if out.exists() and not out.is_dir():
@@ -308,5 +349,5 @@ def cpu_name() -> str:
 
 
 def _pair(rec: dict[str, str]) -> tuple[int, int]:
-    a, b = rec["prompt"].rstrip("=").split("+")
+    a, b = rec["prompt"].rstrip("=").replace("-", "+").split("+")
     return int(a), int(b)
