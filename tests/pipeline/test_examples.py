@@ -196,3 +196,22 @@ def test_smollm2_divergence_split_matches_plain_numpy(tmp_path, capsys):
         assert f"kept share of the total {rkl[kept].sum() / rkl.sum():.1%}" in line
     with pytest.raises(SystemExit, match="no run of q3-0.1"):
         divergence.main(["--work", str(tmp_path), "--row", "q3-0.1"])
+
+
+def test_two_teachers_quick(tmp_path):
+    """The two-teacher example in its quick form, on its shipped models: three runs (both
+    teachers routed, each alone on its own task), each final student graded on both
+    tasks; the routed run's scores hold both teachers' tokens."""
+    out = tmp_path / "two.json"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "two_teachers" / "run.py"), "--quick",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["students"]) == ["start", "both", "add alone", "sub alone"]
+    for acc in data["students"].values():
+        assert set(acc) == {"add", "sub"} and all(a["n"] == 100 for a in acc.values())
+    score = _manifest(tmp_path / "work" / "quick" / "both" / "iter-000" / "score")
+    assert set(score["summary"]["teachers"]) == {"add", "sub"}
+    assert min(t["tokens"] for t in score["summary"]["teachers"].values()) > 0
+    assert "| both |" in proc.stdout
