@@ -215,20 +215,30 @@ def test_cross_tokenizer_faults_are_one_line(tiny_pair, tiny_rollout, prompts_fi
     r = runner.invoke(app, ["score", str(tiny_rollout), "-t", str(bpe_teacher),
                             "--cross-tokenizer", "off", "-o", str(tmp_path / "c")])
     assert_one_line_error(r, "differ at id")
-    # the prompts file changed since the rollout
-    rollout = StageDir.open(tiny_rollout)
-    changed = tmp_path / "changed-rollout"
+    # the prompt records are not those the rollout sampled: its own copy changed (with
+    # its checksum), or, for a rollout that keeps none, the prompts file it names
     import shutil
 
+    from tipcli.store.files import sha256_file
+
+    changed = tmp_path / "changed-rollout"
     shutil.copytree(tiny_rollout, changed)
-    moved = tmp_path / "p.jsonl"
-    moved.write_text(prompts_file.read_text().replace("Say hi.", "Say bye."))
+    copy = changed / "prompts.jsonl"
+    copy.write_text(copy.read_text().replace("Say hi.", "Say bye."))
     m = json.loads((changed / "manifest.json").read_text())
-    m["config"]["prompts"] = str(moved)
+    m["summary"]["prompt_records"]["sha256"] = sha256_file(copy)
     (changed / "manifest.json").write_text(json.dumps(m))
-    assert rollout.manifest["config"]["prompts"] != str(moved)
     r = runner.invoke(app, ["score", str(changed), "-t", str(bpe_teacher), "-o",
                             str(tmp_path / "d")])
+    assert_one_line_error(r, "are not those", "sample the rollout again")
+    moved = tmp_path / "p.jsonl"
+    moved.write_text(prompts_file.read_text().replace("Say hi.", "Say bye."))
+    copy.unlink()
+    del m["summary"]["prompt_records"]
+    m["config"]["prompts"] = str(moved)
+    (changed / "manifest.json").write_text(json.dumps(m))
+    r = runner.invoke(app, ["score", str(changed), "-t", str(bpe_teacher), "-o",
+                            str(tmp_path / "e")])
     assert_one_line_error(r, "are not those", "sample the rollout again")
 
 

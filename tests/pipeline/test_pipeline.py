@@ -40,12 +40,12 @@ def test_cli_rollout_then_score_files(tiny_pair, prompts_file, tmp_path):
     assert r.exit_code == 0, r.output
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "r")
     assert _files(tmp_path / "r") == {"manifest.json", "shard-00000.safetensors",
-                                      "shard-00001.safetensors"}
+                                      "shard-00001.safetensors", "prompts.jsonl"}
     s = _invoke(["score", tmp_path / "r", "--teacher", teacher, "-o", tmp_path / "s",
                  "--teacher-top-k", 4])
     assert s.exit_code == 0, s.output
     assert s.stdout.strip().splitlines()[-1] == str(tmp_path / "s")
-    assert _files(tmp_path / "s") == _files(tmp_path / "r")
+    assert _files(tmp_path / "s") == _files(tmp_path / "r") - {"prompts.jsonl"}
     d = StageDir.open(tmp_path / "s", stage="score")
     assert d.num_sequences == 12
     shard = d.load_shard(0)

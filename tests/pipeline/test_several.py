@@ -284,3 +284,26 @@ def test_one_teacher_at_a_time_gives_the_same_scores(tiny_pair, routed, bpe_teac
         for k in ("teacher_logprob", "student_logprob", "rkl", "fkl", "jsd",
                   "teacher_topk_logprobs"):
             torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_rollout_keeps_every_field_of_its_prompts(tiny_pair, routed, tmp_path):
+    """tip rollout keeps the records it sampled, every field, beside its shards: the
+    routes reach the score with the prompts file gone, and a changed copy is refused."""
+    from tipcli.stages.rollout import RolloutConfig, run_rollout
+
+    prompts, _, second = routed
+    mine = tmp_path / "p.jsonl"
+    mine.write_text(prompts.read_text())
+    rollout = run_rollout(resolve(RolloutConfig, student=str(tiny_pair[0]), prompts=str(mine),
+                                  output=str(tmp_path / "rollout"), num_samples=1,
+                                  max_new_tokens=6))
+    kept = [json.loads(line) for line in (rollout / "prompts.jsonl").read_text().splitlines()]
+    assert kept == [json.loads(line) for line in prompts.read_text().splitlines()]
+    mine.unlink()
+    got = score(rollout, tmp_path / "s", [f"a={tiny_pair[1]}", f"b={second}"])
+    assert set(StageDir.open(got).manifest["summary"]["teachers"]) == {"a", "b"}
+    (rollout / "prompts.jsonl").write_text(json.dumps({**kept[0], "teacher": "b"}) + "\n")
+    r = runner.invoke(app, ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t",
+                            f"b={second}", "-o", str(tmp_path / "x")])
+    assert_one_line_error(r, "does not match its checksum")
+    assert not (tmp_path / "x").exists()

@@ -3,8 +3,8 @@
     tip score runs/rollout --teacher math=M1 --teacher code=M2 -o runs/score
 
 Each prompt record names its teacher in a field (``--teacher-field``, default ``teacher``);
-the rollout keeps each response's ``prompt_index``, so the score reads the route from the
-prompts file the rollout sampled (checked against its ``prompts_sha256``). A batch is cut
+the rollout keeps every field of the records it sampled and each response's
+``prompt_index``, so the score reads the route from the rollout itself. A batch is cut
 into one sub-batch per teacher, each scored by that teacher alone (``Teacher.signals`` on
 its sequences and the student's hidden states at their positions), and the pieces put
 back in order: every statistic of a response is its teacher's, as if that teacher alone

@@ -33,7 +33,8 @@ from tipcli.models.loading import (
 from tipcli.models.prompts import encode_prompt, fit_context, load_prompts
 from tipcli.models.student import recorded_version
 from tipcli.progress import progress_task
-from tipcli.store.layout import ROLLOUT
+from tipcli.store.files import sha256_file
+from tipcli.store.layout import PROMPT_RECORDS, ROLLOUT
 from tipcli.store.stagedir import StageWriter
 
 
@@ -68,6 +69,9 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     shards = [seqs[a:a + cfg.shard_size] for a in range(0, len(seqs), cfg.shard_size)]
     if writer.complete:
         return writer.path
+    if procs.main:  # every field of each record, for the stages after (a route, metadata)
+        writer.write_file(PROMPT_RECORDS, "".join(
+            json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
     own = sampler is None
     sampler = sampler or make_sampler(cfg.student, tok, sampling, rt, procs, model)
     try:
@@ -75,8 +79,12 @@ def run_rollout(cfg: RolloutConfig, overwrite: bool = False, model=None, tokeniz
     finally:
         if own:
             sampler.close()
+    records_file = Path(writer.path) / PROMPT_RECORDS
     return writer.finish({"num_sequences": len(seqs), "num_prompts": len(prompt_ids),
-                          "policy_version": version}, num_shards=len(shards))
+                          "policy_version": version,
+                          "prompt_records": {"file": PROMPT_RECORDS, "sha256": sha256_file(
+                              records_file) if procs.main else None}},
+                         num_shards=len(shards))
 
 
 def _sample(cfg: RolloutConfig, sampler, writer, prompt_ids, shards, version: int,

@@ -14,6 +14,7 @@ NaN or infinite (NaN weights, float16 overflow) stops the run before its shard i
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ from tipcli.ops.forward import collate, head_logits, response_hidden
 from tipcli.ops.stats import auto_chunk
 from tipcli.progress import progress_task
 from tipcli.records import RolloutBatch, ScoredBatch
-from tipcli.store.layout import SCORE
+from tipcli.store.files import sha256_file
+from tipcli.store.layout import PROMPT_RECORDS, SCORE
 from tipcli.store.stagedir import StageDir, StageWriter
 
 
@@ -174,14 +176,29 @@ def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
     conf = rollout.manifest["config"]
     source = PromptSource(**{f.name: conf[f.name] for f in fields(PromptSource)
                              if f.name in conf})
-    records = load_prompts(conf["prompts"], source)
+    records, where = rollout_records(rollout), rollout.path / PROMPT_RECORDS
+    if records is None:  # a rollout of an earlier tip: the prompts file it names
+        records, where = load_prompts(conf["prompts"], source), conf["prompts"]
     if ids_sha256([encode_prompt(tok, r, source) for r in records]) != \
             rollout.manifest.get("inputs", {}).get("prompts_sha256"):
-        raise TipError(f"the prompts {conf['prompts']} are not those {rollout.path} was sampled "
+        raise TipError(f"the prompts {where} are not those {rollout.path} was sampled "
                        "from (changed since, or cut to fit the student's context): a teacher "
                        "with another tokenizer renders each prompt from its record, and several "
                        "teachers are routed by it; sample the rollout again from these prompts")
     teacher.use_prompts(records, source)
+
+
+def rollout_records(rollout: StageDir) -> list[dict] | None:
+    """The prompt records ``rollout`` sampled, every field, from its own copy (checked
+    against the manifest's checksum); None for a rollout that keeps none."""
+    kept = rollout.manifest.get("summary", {}).get("prompt_records")
+    path = rollout.path / PROMPT_RECORDS
+    if not kept or not path.is_file():
+        return None
+    if sha256_file(path) != kept["sha256"]:
+        raise TipError(f"{path} does not match its checksum in {rollout.path}/manifest.json "
+                       "(changed since tip rollout wrote it): sample the rollout again")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def check_finite(stats: dict[str, torch.Tensor], shard: int, output: str) -> None:

@@ -19,6 +19,7 @@ HIDDEN_TMP = ".*.tmp"                   # what an interrupted write leaves; remo
 PROGRESS = ".progress-{}.json"          # a process's finished shards (several processes)
 # rollout, score, select
 SHARD = "shard-{:05d}.safetensors"
+PROMPT_RECORDS = "prompts.jsonl"        # rollout: the prompt records it sampled, every field
 # train: a transformers checkpoint at the top, plus
 METRICS = "metrics.jsonl"               # one line per optimizer step
 CHECKPOINTS = "checkpoints"             # the latest resumable state (--save-every)
@@ -59,7 +60,8 @@ class Stage:
         return (*map(pattern, self.files), HIDDEN_TMP, pattern(PROGRESS))
 
 
-ROLLOUT = Stage("rollout", ("prompts", "student"), (MANIFEST, SHARD), sharded=True)
+ROLLOUT = Stage("rollout", ("prompts", "student"), (MANIFEST, SHARD, PROMPT_RECORDS),
+                sharded=True)
 SCORE = Stage("score", ("rollout", "teacher", "student"), (MANIFEST, SHARD), sharded=True)
 SELECT = Stage("select", ("score",), (MANIFEST, SHARD), sharded=True)
 TRAIN = Stage("train", ("input", "student", "teacher"),
