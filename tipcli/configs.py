@@ -12,6 +12,7 @@ imports this module and nothing heavy. The machinery is in ``tipcli.settings``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,10 @@ def _teachers_problems(teacher, scoring, runtime) -> list[str]:
                        "(--teacher-url math=http://HOST:PORT)")
         elif m and m.group(1) not in several:
             out.append(f"--teacher-url {u} names no teacher of --teacher ({', '.join(several)})")
+    served = [m for m in several.values() if m.startswith(("http://", "https://"))]
+    for m in served[:1]:  # NAME=URL in --teacher: what a served teacher needs
+        problem = _teacher_url_problem(m)
+        out += [problem] if problem else dataclasses.replace(scoring, teacher_url=m).rules()
     if runtime.shard_teacher:
         out.append("several teachers are each loaded whole; --shard-teacher is not supported "
                    "with several yet: drop it")

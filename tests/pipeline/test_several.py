@@ -224,6 +224,13 @@ def test_a_served_teacher_among_several_and_its_server_down(tiny_pair, routed, t
     try:
         r = runner.invoke(app, [*args, "-o", str(tmp_path / "whole")])
         assert r.exit_code == 0, r.output
+        # the same teacher named by its server alone (--teacher b=URL): the model it serves
+        by_url = ["score", str(rollout), "-t", f"a={tiny_pair[1]}", "-t", f"b={server.url}",
+                  "--teacher-top-k", "8", "--score-batch-size", "3", "--teacher-concurrency", "1"]
+        r = runner.invoke(app, [*by_url, "-o", str(tmp_path / "by-url")])
+        assert r.exit_code == 0, r.output
+        assert [s["sha256"] for s in StageDir.open(tmp_path / "by-url").shards] == \
+            [s["sha256"] for s in StageDir.open(tmp_path / "whole").shards]
         server.stop_after = server.completions + 1 + 3  # the top-k probe, then 3 of b's
         r = runner.invoke(app, [*args, "-o", str(tmp_path / "cut")])
         assert_one_line_error(r, server.url, "does not answer", "run the same command again")

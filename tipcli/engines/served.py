@@ -95,6 +95,19 @@ class ServedClient:
         self._check_tokenizer(tok, own)
         self._check_top_k()
 
+    @classmethod
+    def served_model(cls, url: str, timeout: float = TIMEOUT_SECONDS) -> str:
+        """The one model the server at ``url`` serves (``--teacher NAME=URL``), asked
+        before the client is made; one line where it serves none or several."""
+        probe = cls.__new__(cls)
+        probe.url, probe.name, probe.timeout = served_url(url), "(the served model)", timeout
+        served = probe._ask("/v1/models", None, _model_names)
+        if len(served) != 1:
+            raise TipError(f"the server at {probe.url} serves {len(served)} models "
+                           f"({', '.join(map(str, served))}): name the one to use with "
+                           "--teacher NAME=MODEL --teacher-url NAME=URL")
+        return str(served[0])
+
     # ------------------------------------------------------------------ HTTP
 
     def _ask(self, path: str, body: dict | None, check: Callable[[Any], Any], where: str = "",

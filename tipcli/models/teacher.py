@@ -348,8 +348,12 @@ def make_teacher(name: str, tok, runtime, procs, device, dtype, scoring=None,
         urls = teacher_urls(scoring.teacher_url) if scoring is not None else {}
 
         def loader(n: str, m: str) -> Callable[[], Teacher]:
-            own = dataclasses.replace(scoring, teacher_url=urls.get(n, "")) \
-                if scoring is not None else None
+            url = m if m.startswith(("http://", "https://")) else urls.get(n, "")
+            own = dataclasses.replace(scoring, teacher_url=url) if scoring is not None else None
+            if url and url == m:  # NAME=URL: the model the server serves
+                from tipcli.engines.served import ServedClient
+
+                m = ServedClient.served_model(url, scoring.teacher_timeout)
             return lambda: make_teacher(m, tok, runtime, procs, device, dtype, own,
                                         temperature, student=student)
 

@@ -107,6 +107,8 @@ def run_distill(cfg: DistillConfig, overwrite: bool = False) -> Path:
     tok = load_tokenizer(cfg.student, rt.trust_remote_code)
     several = named_teachers(cfg.teacher)
     urls = teacher_urls(cfg.scoring.teacher_url) if several else {"": cfg.scoring.teacher_url}
+    if several:  # NAME=URL: a served teacher named by its server alone
+        urls.update({n: m for n, m in several.items() if m.startswith(("http://", "https://"))})
     for key, name in (several or {"": cfg.teacher}).items():
         t_tok = _teacher_tokenizer(cfg, name, bool(urls.get(key)))
         if t_tok is not None:  # else served under a name only: the server checks it
