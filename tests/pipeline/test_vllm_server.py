@@ -199,3 +199,28 @@ def test_a_served_teacher_of_another_tokenizer_equals_the_in_process_one(unpadde
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-4, msg=name)
         assert (b["teacher_topk_ids"] == a["teacher_topk_ids"]).float().mean() > 0.99
         torch.testing.assert_close(b["student_entropy"], a["student_entropy"], rtol=0, atol=0)
+
+
+def test_a_served_teacher_among_several(unpadded_pair, rollout, prompts_file, server,
+                                        tmp_path):
+    """Two teachers, one served by `vllm serve` (--teacher-url b=URL), one in process,
+    prompts routed by their field: each served response's teacher log-probs equal
+    in-process scoring of that teacher (1e-4)."""
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({**json.loads(line), "teacher": "ab"[i % 2]}) + "\n"
+                              for i, line in enumerate(prompts_file.read_text().splitlines())))
+    r2 = tmp_path / "rollout"
+    tip("rollout", "-s", unpadded_pair[0], "-p", routed, "-o", r2, "--num-samples", 2,
+        "--max-new-tokens", 12, "--sample-batch-size", 2, "--shard-size", 4)
+    tip("score", r2, "-t", f"a={unpadded_pair[0]}", "-t", "b=teacher", "--teacher-url",
+        f"b={server.url}", "-o", tmp_path / "both", "--teacher-top-k", 8)
+    tip("score", r2, "-t", unpadded_pair[1], "-o", tmp_path / "b", "--teacher-top-k", 8)
+    both, alone = StageDir.open(tmp_path / "both"), StageDir.open(tmp_path / "b")
+    assert both.manifest["summary"]["teachers"]["b"]["statistics"]["rkl"] == "top-k estimate"
+    served = 0
+    for x, y in zip(both.iter_shards(), alone.iter_shards()):
+        b_T = x["teacher_route"] == 1
+        served += int(b_T.sum())
+        torch.testing.assert_close(x["teacher_logprob"][b_T], y["teacher_logprob"][b_T],
+                                   rtol=0, atol=1e-4)
+    assert served > 0
