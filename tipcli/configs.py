@@ -175,8 +175,9 @@ def named_teachers_or_none(teacher) -> dict[str, str] | None:
 
 
 def _teachers_problems(teacher, scoring, runtime) -> list[str]:
-    """Several teachers: each named once, each server named for one of them (NAME=URL);
-    not sharded (not yet). One teacher: one plain server address at most."""
+    """Several teachers: each named once, each server named for one of them (NAME=URL),
+    not sharded when one is held at a time. One teacher: one plain server address at
+    most."""
     try:
         several = named_teachers(teacher) if teacher else None
     except ValueError as exc:
@@ -203,9 +204,9 @@ def _teachers_problems(teacher, scoring, runtime) -> list[str]:
     for m in served[:1]:  # NAME=URL in --teacher: what a served teacher needs
         problem = _teacher_url_problem(m)
         out += [problem] if problem else dataclasses.replace(scoring, teacher_url=m).rules()
-    if runtime.shard_teacher:
-        out.append("several teachers are each loaded whole; --shard-teacher is not supported "
-                   "with several yet: drop it")
+    if runtime.shard_teacher and scoring.teacher_at_a_time:
+        out.append("--teacher-at-a-time loads each teacher for a shard on one process, but "
+                   "--shard-teacher shares every teacher out over all processes: choose one")
     return out
 
 

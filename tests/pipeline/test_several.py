@@ -128,6 +128,13 @@ def test_unknown_or_missing_teachers_are_refused_before_writing(tiny_pair, route
     r = runner.invoke(app, ["score", str(rollout), "--config", str(bad), "-o",
                             str(tmp_path / "z")])
     assert_one_line_error(r, "--teacher must be a string or a list of strings")
+    r = runner.invoke(app, ["score", str(rollout), *both, "--teacher-at-a-time",
+                            "--shard-teacher", "-o", str(tmp_path / "z")])
+    assert_one_line_error(r, "--teacher-at-a-time", "--shard-teacher", "choose one")
+    r = runner.invoke(app, ["score", str(rollout), *both, "--teacher-url",
+                            "d=http://127.0.0.1:9", "-o", str(tmp_path / "z")])
+    assert_one_line_error(r, "names no teacher of --teacher (a, c)")
+    assert not (tmp_path / "z").exists()
 
 
 def test_several_teachers_from_a_settings_file(tiny_pair, routed, tmp_path):

@@ -407,17 +407,21 @@ def test_cross_tokenizer_distill_on_two_processes_ends_where_one_does(tiny_pair,
             torch.testing.assert_close(x[name], y[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("extra", [(), ("--shard-teacher",)], ids=["whole", "shard-teacher"])
 def test_several_teachers_distill_on_two_processes_ends_where_one_does(tiny_pair, bpe_teacher,
-                                                                       many_prompts, tmp_path):
-    """Two teachers (one of another tokenizer), prompts routed by their field: 2 processes
-    end where 1 does at the same global batch (1e-4), the routed scores equal."""
+                                                                       many_prompts, tmp_path,
+                                                                       extra):
+    """Two teachers (one of another tokenizer), prompts routed by their field, each whole
+    on every process or sharded over them: 2 processes end where 1 does at the same global
+    batch (1e-4), the routed scores equal."""
     routed = tmp_path / "routed.jsonl"
-    routed.write_text("".join(json.dumps({**json.loads(line), "teacher": "ab"[i % 2]}) + "\n"
+    # in blocks: some shards, and so some processes' batches, hold one teacher's only
+    routed.write_text("".join(json.dumps({**json.loads(line), "teacher": "ab"[i >= 20]}) + "\n"
                               for i, line in enumerate(many_prompts.read_text().splitlines())))
     runs = {}
     for procs, batch in ((1, 4), (2, 2)):
         out = tmp_path / f"p{procs}"
-        args = distill_args(tiny_pair, routed, out, batch)
+        args = distill_args(tiny_pair, routed, out, batch, *(extra if procs > 1 else ()))
         at = args.index("-t")
         args[at:at + 2] = ["-t", f"a={tiny_pair[1]}", "-t", f"b={bpe_teacher}"]
         r = tip(args, procs=procs)

@@ -55,7 +55,6 @@ class SeveralTeachers:
 
     in_process = False
     why_not_whole = "is several teachers (--teacher NAME=MODEL)"
-    collective = False
 
     def __init__(self, teachers: dict[str, Any], field: str, pad_id: int,
                  make: dict[str, Callable[[], Any]] | None = None):
@@ -67,6 +66,8 @@ class SeveralTeachers:
         # one at a time (``make``: each teacher's loader): ``teachers`` hold what each was
         # when first loaded, for the manifest; ``holding`` loads one for a shard's batches
         self.make, self.held = make, None
+        # sharded teachers (--shard-teacher): each batch is a collective step of each
+        self.collective = any(t.collective for t in teachers.values())
 
     @property
     def one_at_a_time(self) -> bool:
@@ -137,6 +138,8 @@ class SeveralTeachers:
         for ti, teacher in teachers.items():
             mine = [i for i, r in enumerate(route_N) if r == ti]
             if not mine:
+                if teacher.collective:  # the other processes may score with it now
+                    teacher.idle()
                 continue
             pos = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine])
             sub = [seqs[i] for i in mine]
