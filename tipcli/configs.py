@@ -549,6 +549,8 @@ class EvalConfig:
     output: str = _output("Output directory for per-prompt results (empty = write nothing).",
                           required=False)
     grading: Grading = group(Grading)
+    group_field: str = setting("", "Also the accuracy per value of this prompt field (the "
+                               "teacher that routes each prompt, a task, a source).")
     sampling: Sampling = group(Sampling, temperature=0.0, sample_batch_size=32)
     seed: int = _seed("Random seed for sampling.")
     source: PromptSource = group(PromptSource)

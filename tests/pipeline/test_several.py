@@ -321,3 +321,22 @@ def test_the_rollout_keeps_every_field_of_its_prompts(tiny_pair, routed, tmp_pat
                             f"b={second}", "-o", str(tmp_path / "x")])
     assert_one_line_error(r, "does not match its checksum")
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_reports_the_accuracy_per_teacher(tiny_pair, routed, tmp_path):
+    """tip eval --group-field teacher: the accuracy on each teacher's prompts, adding up
+    to the whole, in the summary and its table."""
+    prompts, _, _ = routed
+    r = runner.invoke(app, ["eval", "-m", str(tiny_pair[0]), "-p", str(prompts),
+                            "--group-field", "teacher", "--num-samples", "2",
+                            "--temperature", "1", "--max-new-tokens", "8", "-o",
+                            str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "teacher = a" in r.output and "teacher = b" in r.output
+    s = json.loads((tmp_path / "e" / "manifest.json").read_text())["summary"]
+    assert {k: g["n"] for k, g in s["groups"].items()} == {"a": 6, "b": 6}
+    assert sum(g["correct"] for g in s["groups"].values()) == s["correct"]
+    rows = [json.loads(line) for line in (tmp_path / "e" / "results.jsonl").read_text()
+            .splitlines()]
+    assert s["groups"]["a"]["correct"] == sum(row["correct"] for row in rows
+                                              if row["prompt_index"] % 2 == 0)

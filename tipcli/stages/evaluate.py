@@ -56,10 +56,11 @@ class EvalResult:
     correct: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     output: Path | None = None
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)  # --group-field
 
     def summary(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "interval_95": list(self.interval), "n": self.n,
-                "correct": self.correct}
+                "correct": self.correct, **({"groups": self.groups} if self.groups else {})}
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -104,13 +105,28 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, show_progress: bool = 
             for (p, s), r in zip(items, responses)]
     correct = sum(r["correct"] for r in rows)
     result = EvalResult(correct / len(rows), wilson_interval(correct, len(rows)), len(rows),
-                        correct, rows)
+                        correct, rows, groups=by_group(records, rows, cfg.group_field))
     if writer is not None:
         if procs.main:
             writer.write_file(RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                for r in rows))
         result.output = writer.finish({**result.summary(), "num_prompts": len(records)})
     return result
+
+
+def by_group(records: list[dict[str, Any]], rows: list[dict[str, Any]], field_name: str
+             ) -> dict[str, dict[str, Any]]:
+    """{value of ``field_name``: accuracy, interval, n, correct} over the rows of the
+    prompts with that value (a prompt without the field: the value "none")."""
+    if not field_name:
+        return {}
+    out: dict[str, list[bool]] = {}
+    for r in rows:
+        value = records[r["prompt_index"]].get(field_name)
+        out.setdefault("none" if value is None else str(value), []).append(bool(r["correct"]))
+    return {k: {"accuracy": sum(v) / len(v), "interval_95": list(wilson_interval(sum(v),
+                                                                                 len(v))),
+                "n": len(v), "correct": sum(v)} for k, v in out.items()}
 
 
 def shared_responses(sampler, tok, prompt_ids: list[list[int]], items: list[tuple[int, int]],
@@ -142,7 +158,7 @@ def _read_back(writer) -> EvalResult:
     text = (writer.path / RESULTS).read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return EvalResult(s["accuracy"], tuple(s["interval_95"]), s["n"], s["correct"], rows,
-                      writer.path)
+                      writer.path, s.get("groups", {}))
 
 
 def _load_records(cfg: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
@@ -210,6 +226,10 @@ def render_summary(cfg: EvalConfig, result: EvalResult) -> None:
                        ("accuracy", f"{result.accuracy:.3f}"),
                        ("95% interval (Wilson)", f"[{lo:.3f}, {hi:.3f}]")):
         table.add_row(key, value)
+    for name, g in result.groups.items():
+        table.add_row(f"{cfg.group_field} = {name}",
+                      f"{g['accuracy']:.3f} ({g['correct']}/{g['n']}; 95% "
+                      f"[{g['interval_95'][0]:.3f}, {g['interval_95'][1]:.3f}])")
     console.print(table)
 
 
