@@ -223,16 +223,12 @@ def build_models(out: str | Path, student: TrainSpec = STUDENT, teacher: TrainSp
     check_build_dir(out)
     quiet_transformers()
     tok = build_tokenizer()
-    held = set(make_problems(NUM_HELD_OUT, TEST_SEED))
-    valid = [record(a, b) for a, b in make_problems(valid_size, VALID_SEED, exclude=held)]
-    exclude = held | {_pair(r) for r in valid}
+    valid, exclude = validation(valid_size)
     info: dict[str, Any] = {"valid_size": valid_size}
     start = time.perf_counter()
     for spec in (teacher, student):
-        model, info[spec.name] = train(tok, spec, valid, exclude)
-        with atomic_dir(out / spec.name) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        model, info[spec.name] = train(tok, spec, valid["+"], exclude)
+        save_model(model, tok, out / spec.name)
     info["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / BUILD_RECORD, {**provenance(), **info})
     return out / student.name, out / teacher.name
@@ -257,17 +253,13 @@ def build_cross_teacher(out: str | Path, spec: TrainSpec = CROSS_TEACHER,
     out = Path(out)
     check_build_dir(out)
     quiet_transformers()
-    held = set(make_problems(NUM_HELD_OUT, TEST_SEED))
-    valid = [record(a, b) for a, b in make_problems(valid_size, VALID_SEED, exclude=held)]
-    exclude = held | {_pair(r) for r in valid}
+    valid, exclude = validation(valid_size)
     tok = task_tokenizer(exclude=exclude)
     start = time.perf_counter()
-    model, info = train(tok, spec, valid, exclude)
-    with atomic_dir(out / spec.name) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    model, info = train(tok, spec, valid["+"], exclude)
+    save_model(model, tok, out / spec.name, half=True)
     info.update(seconds=round(time.perf_counter() - start, 1), tokenizer_size=len(tok),
-                **provenance())
+                weights="float16", **provenance())
     rec = out / BUILD_RECORD
     known = json.loads(rec.read_text()) if rec.is_file() else {}
     write_json_atomic(rec, {**known, spec.name: info})
@@ -290,11 +282,7 @@ def build_two_tasks(out: str | Path, teacher: TrainSpec = SUB_TEACHER,
     check_build_dir(out)
     quiet_transformers()
     tok = build_tokenizer()
-    held = {p for op in OPS for p in make_problems(NUM_HELD_OUT, TEST_SEED, op=op)}
-    valid = {op: [record(a, b, op) for a, b in make_problems(valid_size, VALID_SEED,
-                                                             exclude=held, op=op)]
-             for op in OPS}
-    exclude = held | {_pair(r) for rs in valid.values() for r in rs}
+    valid, exclude = validation(valid_size, OPS)
     info: dict[str, Any] = {"valid_size": valid_size}
     start = time.perf_counter()
     for spec, ops in ((teacher, ("-",)), (student, OPS)):
@@ -302,12 +290,33 @@ def build_two_tasks(out: str | Path, teacher: TrainSpec = SUB_TEACHER,
                                        exclude, ops)
         info[spec.name]["valid_accuracy_per_op"] = {
             op: greedy_accuracy(model, tok, valid[op]) for op in ops}
-        with atomic_dir(out / spec.name) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        save_model(model, tok, out / spec.name, half=spec is teacher)
+        if spec is teacher:
+            info[spec.name]["weights"] = "float16"
     info["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / BUILD_RECORD, {**provenance(), **info})
     return out / student.name, out / teacher.name
+
+
+def validation(size: int, ops: tuple[str, ...] = ("+",)
+               ) -> tuple[dict[str, list[dict[str, str]]], set[tuple[int, int]]]:
+    """Each op's validation records (``size``, none of the held-out test problems) and the
+    problems training must exclude (the test problems of every op and the validation
+    ones)."""
+    held = {p for op in ops for p in make_problems(NUM_HELD_OUT, TEST_SEED, op=op)}
+    valid = {op: [record(a, b, op) for a, b in make_problems(size, VALID_SEED, exclude=held,
+                                                             op=op)] for op in ops}
+    return valid, held | {_pair(r) for rs in valid.values() for r in rs}
+
+
+def save_model(model, tok, path: Path, half: bool = False) -> None:
+    """``model`` and ``tok`` into the new directory ``path``, atomically; with ``half`` the
+    weights are stored in float16 (half the bytes of a shipped teacher) and loaded back in
+    float32, the dtype its config keeps."""
+    with atomic_dir(path) as tmp:
+        state = {k: v.half() for k, v in model.state_dict().items()} if half else None
+        model.save_pretrained(tmp, state_dict=state)
+        tok.save_pretrained(tmp)
 
 
 def check_build_dir(out: Path) -> None:
