@@ -137,7 +137,8 @@ def score_batch(batch: RolloutBatch, shard: int, student, s_logits, s_dev, teach
         route = [teacher.route(s, n) for s, n in zip(seqs, names)]
         runs = [(t, [i for i in range(len(seqs)) if route[i] == t])
                 for t in range(len(teacher.names))]
-    per_seq: list[dict[str, torch.Tensor] | None] = [None] * len(seqs)
+    parts: dict[str, list[torch.Tensor]] = {}
+    scored: list[int] = []  # the sequences in the order scored
     for held, order in runs:
         if not order:
             continue
@@ -150,14 +151,18 @@ def score_batch(batch: RolloutBatch, shard: int, student, s_logits, s_dev, teach
                     hs = response_hidden(student, collated, s_dev)
                 stats = teacher.signals(collated, part, [names[i] for i in at],
                                         StudentSide(hs, s_logits), top_k, chunk)
-                pieces = {k: v.split(collated.lengths) for k, v in stats.items()}
-                for j, i in enumerate(at):
-                    per_seq[i] = {k: v[j] for k, v in pieces.items()}
+                for k, v in stats.items():
+                    parts.setdefault(k, []).append(v)
+                scored += at
                 if advance:
                     advance(int(collated.tokens_P.numel()), tokens=int(collated.tokens_P.numel()))
-    keys = per_seq[0].keys() if seqs else ()
-    return ScoredBatch.from_statistics(batch, {k: torch.cat([s[k] for s in per_seq])
-                                               for k in keys})
+    stats = {k: torch.cat(v) for k, v in parts.items()}
+    if scored != sorted(scored):  # teacher by teacher: back in the shard's order
+        lengths = [int(seqs[i]["response_ids"].numel()) for i in scored]
+        back = sorted(range(len(scored)), key=scored.__getitem__)
+        stats = {k: torch.cat([pieces[j] for j in back])
+                 for k, pieces in ((k, v.split(lengths)) for k, v in stats.items())}
+    return ScoredBatch.from_statistics(batch, stats)
 
 
 def give_prompts(teacher: Teacher, rollout: StageDir, tok) -> None:
