@@ -28,7 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from served_teacher import smollm2_pair, spearman, tip  # noqa: E402
+from served_teacher import (  # noqa: E402
+    estimate_stats,
+    smollm2_pair,
+    soft_or_overlap,
+    spearman,
+    tip,
+)
 
 
 def one_to_one(rollout: Path, student: str) -> list:
@@ -59,10 +65,7 @@ def compare(exact: Path, aligned: Path, work: Path, k: int, one_T) -> dict:
     out: dict = {"tokens": int(a["rkl"].numel()), "one_to_one_share": one_T.double().mean().item()}
     for f in ("rkl", "fkl", "jsd"):
         x, y = a[f].double(), b[f].double()
-        out[f] = {"exact_mean": x.mean().item(), "estimate_mean": y.mean().item(),
-                  "estimate_share": (y.sum() / x.sum()).item(),
-                  "mean_abs_error": (y - x).abs().mean().item(), "spearman": spearman(x, y),
-                  "spearman_one_to_one": spearman(x[one_T], y[one_T])}
+        out[f] = {**estimate_stats(x, y), "spearman_one_to_one": spearman(x[one_T], y[one_T])}
     diff = (b["teacher_logprob"] - a["teacher_logprob"]).double()
     out["teacher_logprob_one_to_one_max_abs_diff"] = diff[one_T].abs().max().item()
     lengths = [int(n) for n in torch.cat([s["response_offsets"].diff()
@@ -76,13 +79,7 @@ def compare(exact: Path, aligned: Path, work: Path, k: int, one_T) -> dict:
     out["canonical_responses"] = sum(whole) / len(whole)
     out["teacher_logprob_canonical_max_abs_diff"] = diff[canon].abs().max().item() \
         if canon.any() else None
-    masks = []
-    for name, d in (("exact", exact), ("aligned", aligned)):
-        sel = work / f"select-{name}-{k}"
-        tip("select", d, "--strategy", "soft-or", "--keep", 0.5, "-o", sel)
-        masks.append(torch.cat([s["selected"] for s in StageDir.open(sel).iter_shards()]).bool())
-    out["soft_or_0.5_overlap"] = (masks[0] & masks[1]).sum().item() / max(masks[0].sum().item(),
-                                                                          1)
+    out["soft_or_0.5_overlap"] = soft_or_overlap(exact, aligned, "aligned", work, k)
     return out
 
 

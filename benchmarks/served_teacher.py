@@ -126,23 +126,36 @@ def compare(exact: Path, served: Path, work: Path, k: int) -> dict:
            for name, d in (("exact", a), ("served", b))}
     out: dict = {"tokens": int(cat["exact"]["rkl"].numel())}
     for f in ("rkl", "fkl", "jsd"):
-        x, y = cat["exact"][f].double(), cat["served"][f].double()
-        out[f] = {"exact_mean": x.mean().item(), "estimate_mean": y.mean().item(),
-                  "estimate_share": (y.sum() / x.sum()).item(),
-                  "mean_abs_error": (y - x).abs().mean().item(),
-                  "max_abs_error": (y - x).abs().max().item(),
-                  "spearman": spearman(x, y)}
+        out[f] = estimate_stats(cat["exact"][f].double(), cat["served"][f].double())
     out["teacher_logprob_max_abs_diff"] = max(
         (cat["served"][f] - cat["exact"][f]).abs().max().item()
         for f in ("teacher_logprob", "teacher_topk_logprobs"))
+    out["soft_or_0.5_overlap"] = soft_or_overlap(exact, served, "served", work, k)
+    return out
+
+
+def estimate_stats(x, y) -> dict:
+    """An estimate ``y`` of the exact per-token values ``x``: means, their ratio of sums,
+    mean and max absolute error, Spearman rank correlation."""
+    return {"exact_mean": x.mean().item(), "estimate_mean": y.mean().item(),
+            "estimate_share": (y.sum() / x.sum()).item(),
+            "mean_abs_error": (y - x).abs().mean().item(),
+            "max_abs_error": (y - x).abs().max().item(), "spearman": spearman(x, y)}
+
+
+def soft_or_overlap(exact: Path, other: Path, name: str, work: Path, k: int) -> float:
+    """`tip select --strategy soft-or --keep 0.5` on both scores: the share of the exact
+    selection that the other keeps too."""
+    import torch
+
+    from tipcli.store.stagedir import StageDir
+
     masks = []
-    for name, d in (("exact", exact), ("served", served)):
-        sel = work / f"select-{name}-{k}"
+    for label, d in (("exact", exact), (name, other)):
+        sel = work / f"select-{label}-{k}"
         tip("select", d, "--strategy", "soft-or", "--keep", 0.5, "-o", sel)
         masks.append(torch.cat([s["selected"] for s in StageDir.open(sel).iter_shards()]).bool())
-    both = (masks[0] & masks[1]).sum().item()
-    out["soft_or_0.5_overlap"] = both / max(masks[0].sum().item(), 1)
-    return out
+    return (masks[0] & masks[1]).sum().item() / max(masks[0].sum().item(), 1)
 
 
 def spearman(x, y) -> float:
