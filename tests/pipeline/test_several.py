@@ -66,13 +66,19 @@ def check_routed(got, alone: dict[str, list], route_of: list[str], names: list[s
                 torch.testing.assert_close(seq[k], want[k], rtol=0, atol=1e-6, msg=k)
 
 
+def routed_and_alone(rollout, a, b, tmp_path):
+    """The score by teachers a and b routed, checked against each teacher's own score;
+    (that score, the scores alone)."""
+    got = score(rollout, tmp_path / "both", [f"a={a}", f"b={b}"])
+    alone = {"a": sequences(score(rollout, tmp_path / "a", str(a))),
+             "b": sequences(score(rollout, tmp_path / "b", str(b)))}
+    check_routed(sequences(got), alone, ["ab"[i % 2] for i in range(len(PROMPTS))], ["a", "b"])
+    return got, alone
+
+
 def test_each_response_is_scored_by_its_prompts_teacher(tiny_pair, routed, tmp_path):
     prompts, rollout, second = routed
-    got = score(rollout, tmp_path / "both", [f"a={tiny_pair[1]}", f"b={second}"])
-    alone = {"a": sequences(score(rollout, tmp_path / "a", str(tiny_pair[1]))),
-             "b": sequences(score(rollout, tmp_path / "b", str(second)))}
-    route_of = ["ab"[i % 2] for i in range(len(PROMPTS))]
-    check_routed(sequences(got), alone, route_of, ["a", "b"])
+    got, alone = routed_and_alone(rollout, tiny_pair[1], second, tmp_path)
     m = StageDir.open(got).manifest
     assert list(m["models"]["teacher"]["teachers"]) == ["a", "b"]
     assert m["models"]["teacher"]["field"] == "teacher"
@@ -92,11 +98,7 @@ def test_each_response_is_scored_by_its_prompts_teacher(tiny_pair, routed, tmp_p
 def test_a_teacher_of_another_tokenizer_among_several(tiny_pair, routed, bpe_teacher,
                                                       tmp_path):
     _, rollout, _ = routed
-    got = score(rollout, tmp_path / "both", [f"a={tiny_pair[1]}", f"b={bpe_teacher}"])
-    alone = {"a": sequences(score(rollout, tmp_path / "a", str(tiny_pair[1]))),
-             "b": sequences(score(rollout, tmp_path / "b", str(bpe_teacher)))}
-    route_of = ["ab"[i % 2] for i in range(len(PROMPTS))]
-    check_routed(sequences(got), alone, route_of, ["a", "b"])
+    got, _ = routed_and_alone(rollout, tiny_pair[1], bpe_teacher, tmp_path)
     m = StageDir.open(got).manifest
     assert m["summary"]["statistics"]["rkl"] == "mixed estimate"
     assert m["summary"]["statistics"]["teacher_entropy"] == "absent"
